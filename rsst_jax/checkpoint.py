@@ -1,0 +1,130 @@
+"""Orbax checkpoints of a run: atomic writes, restore against a template, run layout.
+
+Layout of ``save_dir``::
+
+    config.json             resolved configuration
+    init/                   W0 (params, batch_stats); also wherever --init points
+    checkpoints/<n>/        resume checkpoints, one per finished epoch (n = epochs done
+                            in the run); the newest two are kept, the older one is only
+                            deleted after the newer one is committed
+    round_<r>/final/<e>/    the round's final ticket
+    round_<r>/best/<e>/     the round's best-validation weights
+    log.jsonl               one line per epoch
+    summary.json / .csv     one row per round
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+from typing import Any, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+# Orbax logs every save at INFO/WARNING; a run prints its own progress.
+logging.getLogger("absl").setLevel(logging.ERROR)
+
+LAYOUT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, corrupt or from another run/layout."""
+
+
+def _abstract(tree):
+    return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def _retree(template, restored):
+    """Give ``restored`` the exact pytree types of ``template`` (orbax returns tuples/dicts)."""
+    leaves = jax.tree_util.tree_leaves(restored)
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template), leaves)
+
+
+def save(directory: str | os.PathLike, step: int, tree: Any, meta: Optional[dict] = None,
+         keep: int = 1) -> None:
+    """Write ``tree`` (arrays) and ``meta`` (JSON) as step ``step`` under ``directory``.
+
+    Orbax writes into a temporary folder and renames it when complete, so a killed
+    process never leaves a half-written checkpoint that looks finished; older steps
+    beyond ``keep`` are deleted only after the new one is committed.
+    """
+    directory = pathlib.Path(directory).absolute()
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=False)
+    with ocp.CheckpointManager(directory, options=options) as mgr:
+        meta = dict(meta or {}, layout_version=LAYOUT_VERSION)
+        mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
+                                               meta=ocp.args.JsonSave(meta)), force=True)
+        mgr.wait_until_finished()
+
+
+def steps(directory: str | os.PathLike) -> list[int]:
+    """Committed steps under ``directory`` (sorted); [] if none."""
+    directory = pathlib.Path(directory)
+    if not directory.is_dir():
+        return []
+    out = []
+    for child in directory.iterdir():
+        if child.name.isdigit() and child.is_dir() and (child / "meta").exists() \
+                and (child / "state").exists():
+            out.append(int(child.name))
+    return sorted(out)
+
+
+def latest_step(directory) -> Optional[int]:
+    s = steps(directory)
+    return s[-1] if s else None
+
+
+def read_meta(directory, step: Optional[int] = None) -> dict:
+    directory = pathlib.Path(directory)
+    step = latest_step(directory) if step is None else step
+    if step is None:
+        raise CheckpointError(f"no checkpoint in {directory}")
+    path = directory / str(step) / "meta" / "metadata"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint {directory / str(step)} is unreadable ({e}); "
+                              f"delete it to fall back to the previous one") from None
+
+
+def restore(directory, template: Any, step: Optional[int] = None) -> tuple[Any, dict]:
+    """Restore (tree, meta) of ``step`` (default newest) with the structure of ``template``."""
+    directory = pathlib.Path(directory).absolute()
+    step = latest_step(directory) if step is None else step
+    if step is None:
+        raise CheckpointError(f"no checkpoint in {directory}")
+    meta = read_meta(directory, step)
+    if meta.get("layout_version") != LAYOUT_VERSION:
+        raise CheckpointError(f"checkpoint {directory / str(step)} has layout version "
+                              f"{meta.get('layout_version')}, this rsst-jax reads {LAYOUT_VERSION}")
+    options = ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False)
+    try:
+        with ocp.CheckpointManager(directory, options=options) as mgr:
+            restored = mgr.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(_abstract(template))))
+    except Exception as e:  # orbax raises many types for corrupt/mismatched trees
+        raise CheckpointError(f"cannot restore {directory / str(step)}: "
+                              f"{e.__class__.__name__}: {str(e).splitlines()[0][:300]}") from None
+    return _retree(template, restored.state), meta
+
+
+def restore_raw(directory, step: Optional[int] = None) -> tuple[Any, dict]:
+    """Restore (tree, meta) without a template, as nested dicts of numpy arrays."""
+    directory = pathlib.Path(directory).absolute()
+    step = latest_step(directory) if step is None else step
+    if step is None:
+        raise CheckpointError(f"no checkpoint in {directory}")
+    meta = read_meta(directory, step)
+    ckptr = ocp.StandardCheckpointer()
+    try:
+        tree = ckptr.restore(directory / str(step) / "state")
+    except Exception as e:
+        raise CheckpointError(f"cannot restore {directory / str(step)}: "
+                              f"{e.__class__.__name__}: {str(e).splitlines()[0][:300]}") from None
+    return jax.tree_util.tree_map(np.asarray, tree), meta

@@ -1,0 +1,210 @@
+"""Training: train state, optimizer, the jit-compiled train and eval steps, epoch loops.
+
+The masks, the RSST penalty targets and the penalty scale are *arguments* of the
+compiled step, so one compiled program serves every round of a run.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from rsst_jax import data as data_lib
+from rsst_jax import masks as masks_lib
+from rsst_jax import regularizers
+
+Array = jax.Array
+PyTree = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training; a value, never aliased."""
+    step: Array          # int32 scalar, optimizer steps taken this round
+    params: PyTree
+    batch_stats: PyTree
+    opt_state: PyTree
+    rng: Array           # uint32[2] raw key: augmentation keys are fold_in(rng, step)
+
+    @property
+    def variables(self):
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Static (hashable) settings of the compiled step."""
+    flip: bool
+    mean: tuple
+    std: tuple
+    nan_skip: bool = False
+    pad: int = 4
+
+
+def lr_schedule(base_lr: float, steps_per_epoch: int, warmup_epochs: int,
+                milestones: tuple[int, ...], gamma: float = 0.1) -> optax.Schedule:
+    """Linear per-step warm-up over ``warmup_epochs``, then x``gamma`` at each milestone epoch."""
+    warmup_steps = warmup_epochs * steps_per_epoch
+    boundaries = np.asarray([m * steps_per_epoch for m in milestones], np.int32)
+
+    def schedule(step):
+        step = jnp.asarray(step)
+        decays = jnp.sum(step >= boundaries) if len(boundaries) else 0
+        lr = base_lr * gamma ** decays
+        if warmup_steps > 0:
+            lr = jnp.where(step < warmup_steps, base_lr * (step + 1) / warmup_steps, lr)
+        return lr
+    return schedule
+
+
+def make_optimizer(*, optimizer: str, lr: optax.Schedule, momentum: float, weight_decay: float,
+                   reg_schedule: Optional[Callable] = None,
+                   block_loss_grad: bool = False) -> optax.GradientTransformationExtraArgs:
+    """penalty -> weight decay -> keep pruned -> optimizer -> keep pruned.
+
+    Weight decay is coupled for sgd/adam (added to the gradient, as PyTorch does) and
+    decoupled for adamw. Masking the gradient before the optimizer keeps momentum of
+    pruned entries at zero; masking again after makes the zero update exact.
+    """
+    reg_schedule = reg_schedule or (lambda step: jnp.zeros((), jnp.float32))
+    parts = [regularizers.rsst_penalty(reg_schedule, block_loss_grad=block_loss_grad)]
+    if optimizer in ("sgd", "adam") and weight_decay > 0:
+        parts.append(optax.add_decayed_weights(weight_decay))
+    parts.append(masks_lib.keep_pruned())
+    if optimizer == "sgd":
+        parts.append(optax.sgd(lr, momentum=momentum or None))
+    elif optimizer == "adam":
+        parts.append(optax.adam(lr))
+    elif optimizer == "adamw":
+        parts.append(optax.adamw(lr, weight_decay=weight_decay))
+    else:
+        raise ValueError(f"unknown optimizer {optimizer!r}")
+    parts.append(masks_lib.keep_pruned())
+    return optax.chain(*parts)
+
+
+def create_train_state(model, tx, key: Array, sample_shape: tuple) -> TrainState:
+    """Initialize variables from ``key`` (a raw uint32[2] key) and the optimizer state."""
+    init_key, rng = jax.random.split(key)
+    variables = model.init({"params": init_key}, jnp.zeros((1, *sample_shape), jnp.float32),
+                           train=False)
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get("batch_stats", {}),
+                      opt_state=tx.init(params), rng=rng)
+
+
+def reset_optimizer(state: TrainState, tx) -> TrainState:
+    """New round: fresh optimizer state and step counter (the LR schedule restarts)."""
+    return state.replace(step=jnp.zeros((), jnp.int32), opt_state=tx.init(state.params))
+
+
+def cross_entropy(logits, labels):
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
+
+
+def make_train_step(model, tx, cfg: StepConfig):
+    """Returns ``train_step(state, data_x, data_y, idx, masks, targets, reg_scale)``.
+
+    ``data_x`` (uint8, NHWC) and ``data_y`` are the whole training split on the device;
+    ``idx`` [B] picks the batch, so no data crosses the host per step.
+    Returns (new_state, metrics) with metrics = dict(loss, correct, finite).
+    """
+
+    def train_step(state: TrainState, data_x, data_y, idx, masks, targets, reg_scale):
+        key = jax.random.fold_in(state.rng, state.step)
+        x = data_lib.augment(key, data_x[idx], flip=cfg.flip, pad=cfg.pad)
+        x = data_lib.normalize(x, cfg.mean, cfg.std)
+        y = data_y[idx]
+
+        def loss_fn(params):
+            logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats},
+                                          x, train=True, mutable=["batch_stats"])
+            return cross_entropy(logits, y), (logits, updates["batch_stats"])
+
+        (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, new_opt = tx.update(grads, state.opt_state, state.params, masks=masks,
+                                     reg_targets=targets, reg_scale=reg_scale)
+        new_params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(loss)
+        new_state = state.replace(step=state.step + 1, params=new_params,
+                                  batch_stats=new_stats, opt_state=new_opt)
+        if cfg.nan_skip:
+            # Skip the whole update on a non-finite loss; the step counter still moves on.
+            new_state = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new_state,
+                                               state.replace(step=state.step + 1))
+        correct = jnp.sum(jnp.argmax(logits, -1) == y)
+        return new_state, {"loss": loss, "correct": correct, "finite": finite}
+
+    return train_step
+
+
+def make_epoch_fn(train_step):
+    """One epoch as a ``lax.scan`` over the rows of ``perm`` [num_batches, B]."""
+
+    def train_epoch(state, data_x, data_y, perm, masks, targets, reg_scale):
+        def body(s, idx):
+            return train_step(s, data_x, data_y, idx, masks, targets, reg_scale)
+        return jax.lax.scan(body, state, perm)
+
+    return train_epoch
+
+
+def make_eval_step(model, cfg: StepConfig):
+    """``eval_step(variables, x_uint8, y, valid) -> (sum loss, correct)`` over valid rows."""
+
+    def eval_step(variables, x, y, valid):
+        x = data_lib.normalize(x, cfg.mean, cfg.std)
+        logits = model.apply(variables, x, train=False)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y)
+        correct = (jnp.argmax(logits, -1) == y) & valid
+        return jnp.sum(jnp.where(valid, loss, 0.0)), jnp.sum(correct)
+
+    return eval_step
+
+
+def evaluate(eval_step, variables, x: Array, y: Array, batch_size: int) -> dict:
+    """Accuracy (%) and mean loss over all of (x, y); the last batch is padded, not recompiled."""
+    n = int(x.shape[0])
+    bs = min(batch_size, n)
+    total_loss, total_correct = 0.0, 0
+    for start in range(0, n, bs):
+        stop = min(start + bs, n)
+        xb, yb = x[start:stop], y[start:stop]
+        valid = jnp.arange(bs) < (stop - start)
+        if stop - start < bs:
+            pad = bs - (stop - start)
+            xb = jnp.concatenate([xb, jnp.zeros((pad, *xb.shape[1:]), xb.dtype)])
+            yb = jnp.concatenate([yb, jnp.zeros((pad,), yb.dtype)])
+        loss, correct = eval_step(variables, xb, yb, valid)
+        total_loss += float(loss)
+        total_correct += int(correct)
+    return {"acc": 100.0 * total_correct / n, "loss": total_loss / n}
+
+
+def steps_per_epoch(n_train: int, batch_size: int) -> int:
+    return max(1, n_train // batch_size) if n_train >= batch_size else 1
+
+
+def epoch_permutation(key: Array, n: int, batch_size: int) -> Array:
+    """[num_batches, B] indices of one epoch (drop_last; a set smaller than B repeats)."""
+    nb = steps_per_epoch(n, batch_size)
+    if n >= batch_size:
+        return jax.random.permutation(key, n)[: nb * batch_size].reshape(nb, batch_size)
+    return jax.random.choice(key, n, (1, batch_size), replace=True)
+
+
+def tree_is_finite(tree) -> bool:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+              if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)]
+    return bool(jnp.all(jnp.stack(leaves))) if leaves else True
+
+
+__all__ = ["TrainState", "StepConfig", "lr_schedule", "make_optimizer", "create_train_state",
+           "reset_optimizer", "make_train_step", "make_epoch_fn", "make_eval_step", "evaluate",
+           "steps_per_epoch", "epoch_permutation", "cross_entropy"]
