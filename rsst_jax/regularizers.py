@@ -1,0 +1,294 @@
+"""RSST penalty: the lambda schedules and the optax transformation that applies them.
+
+A schedule is a pure function of the optimizer step ``t`` (0-based, the number of
+updates already applied in the round), returning a float32 scalar, usable like an
+optax schedule and safe to call with a traced step inside ``jax.jit``.
+
+Notation (SPEC section 2): ``g = granularity``, ``T = total_steps`` (optimizer steps
+in the round), progress ``p = (t+1)/T`` in (0, 1], and ``u = floor((t+1)/interval)``
+the number of regularization updates so far (one per ``update_interval`` steps).
+
+| name                   | lambda(t)                                  |
+|------------------------|--------------------------------------------|
+| ``x``                  | ``g*u``                                    |
+| ``x^2``                | ``(g*u)**2``                               |
+| ``x^3``                | ``(g*u)**3``                               |
+| ``exp``                | ``exp(g*u)``                               |
+| ``exp_custom``         | ``g/(e-1) * (exp(p) - 1)``                 |
+| ``exp_custom_exponents``| ``g/(e-1) * (exp(p**exponents) - 1)``     |
+
+Every schedule is capped at ``upper_limit`` when it is set. ``exp_custom*`` reach
+exactly ``g`` at the last step of the round (``t = T-1``).
+
+The penalty ``lambda * w`` with SGD is stable only while
+``lr * lambda < 2 * (1 + momentum)``; :func:`first_unstable_step` finds the first step
+of a round that crosses that line, so the CLI can warn before training.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+SCHEDULES = ("x", "x^2", "x^3", "exp", "exp_custom", "exp_custom_exponents")
+PROGRESS = ("round", "epoch")
+
+# Schedules driven by the update count u; the others by the progress p.
+_COUNT_SCHEDULES = ("x", "x^2", "x^3", "exp")
+
+
+@dataclasses.dataclass(frozen=True)
+class LambdaSchedule:
+    """lambda(t) for one round; call it with the step (int, array or traced int).
+
+    Built by :func:`lambda_schedule`, which validates the fields. Frozen and hashable,
+    so it can be closed over or passed as a static argument of a jitted function.
+    Steps outside ``[0, T-1]`` are clipped: past the round lambda holds its last value.
+    """
+
+    name: str
+    total_steps: int
+    granularity: float
+    exponents: float
+    update_interval: int
+    upper_limit: Optional[float]
+    progress: str
+    steps_per_epoch: Optional[int]
+
+    def __call__(self, step) -> jnp.ndarray:
+        """Return lambda at ``step`` as float32 with the shape of ``step``."""
+        t = jnp.clip(jnp.asarray(step, jnp.int32), 0, self.total_steps - 1)
+        g = jnp.float32(self.granularity)
+        if self.name in _COUNT_SCHEDULES:
+            u = ((t + 1) // self.update_interval).astype(jnp.float32)
+            gu = g * u
+            lam = {"x": lambda: gu, "x^2": lambda: gu * gu, "x^3": lambda: gu * gu * gu,
+                   "exp": lambda: jnp.exp(gu)}[self.name]()
+        else:
+            # 'epoch' is the reference's ramp: progress restarts every epoch.
+            period = self.steps_per_epoch if self.progress == "epoch" else self.total_steps
+            done = (t % period) + 1  # steps of the ramp done, 1 .. period
+            p = done.astype(jnp.float32) / jnp.float32(period)
+            q = p if self.name == "exp_custom" else p ** jnp.float32(self.exponents)
+            ramp = g * (jnp.expm1(q) / jnp.float32(math.e - 1.0))
+            # Exactly g at the end of the ramp: XLA may divide by multiplying with the
+            # reciprocal, so p itself can land one ulp below 1.
+            lam = jnp.where(done == period, g, ramp)
+        if self.upper_limit is not None:
+            lam = jnp.minimum(lam, jnp.float32(self.upper_limit))
+        return lam.astype(jnp.float32)
+
+
+def lambda_schedule(
+    name: str,
+    *,
+    total_steps: int,
+    granularity: float = 1.0,
+    exponents: float = 4.0,
+    update_interval: Optional[int] = None,
+    upper_limit: Optional[float] = None,
+    progress: str = "round",
+    steps_per_epoch: Optional[int] = None,
+) -> LambdaSchedule:
+    """Build the lambda schedule ``name`` (one of :data:`SCHEDULES`) for a round.
+
+    Args:
+      name: schedule name, see the module docstring.
+      total_steps: ``T``, optimizer steps in the round (>= 1).
+      granularity: ``g``, the schedule's scale (``--reg_granularity_prune``).
+      exponents: exponent of ``p`` for ``exp_custom_exponents``.
+      update_interval: steps per regularization update for the ``u``-driven schedules
+        (``x``, ``x^2``, ``x^3``, ``exp``); defaults to ``steps_per_epoch`` when given,
+        else to ``total_steps``.
+      upper_limit: cap on lambda (``--reg_upper_limit``); ``None`` means no cap.
+      progress: ``'round'`` (default): ``p = (t+1)/T`` runs once over the round, so
+        ``exp_custom*`` reach ``g`` once, at the last step. ``'epoch'``: the
+        reference's per-epoch ramp, offered deliberately: ``p`` is recomputed within
+        each epoch from the batch index, ``p = ((t mod steps_per_epoch)+1) /
+        steps_per_epoch``, so ``exp_custom*`` climb to ``g`` in every epoch and fall
+        back at the next. Only the ``p``-driven schedules depend on it.
+      steps_per_epoch: optimizer steps per epoch; required for ``progress='epoch'``.
+
+    Returns:
+      A callable ``schedule(step) -> float32`` (a :class:`LambdaSchedule`).
+
+    Raises:
+      ValueError: on an unknown name or progress, or a non-positive step count.
+    """
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown lambda schedule {name!r}; choices: {', '.join(SCHEDULES)}")
+    if progress not in PROGRESS:
+        raise ValueError(f"unknown progress {progress!r}; choices: {', '.join(PROGRESS)}")
+    if int(total_steps) < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    if steps_per_epoch is not None and int(steps_per_epoch) < 1:
+        raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+    if progress == "epoch" and steps_per_epoch is None:
+        raise ValueError("progress='epoch' needs steps_per_epoch")
+    if update_interval is None:
+        update_interval = steps_per_epoch if steps_per_epoch is not None else total_steps
+    if int(update_interval) < 1:
+        raise ValueError(f"update_interval must be >= 1, got {update_interval}")
+    if not float(exponents) > 0:
+        raise ValueError(f"exponents must be > 0, got {exponents}")
+    return LambdaSchedule(
+        name=name,
+        total_steps=int(total_steps),
+        granularity=float(granularity),
+        exponents=float(exponents),
+        update_interval=int(update_interval),
+        upper_limit=None if upper_limit is None else float(upper_limit),
+        progress=progress,
+        steps_per_epoch=None if steps_per_epoch is None else int(steps_per_epoch),
+    )
+
+
+def _schedule_values(schedule: Callable, total_steps: int) -> np.ndarray:
+    """``schedule`` at steps ``0 .. total_steps-1`` as a float64 host array ``[T]``."""
+    steps = jnp.arange(int(total_steps), dtype=jnp.int32)
+    values = jax.vmap(lambda s: jnp.asarray(schedule(s), jnp.float32))(steps)
+    return np.asarray(values, np.float64)
+
+
+def max_lambda(schedule: Callable, total_steps: int) -> float:
+    """Largest lambda the schedule takes over steps ``0 .. total_steps-1`` (host side)."""
+    if int(total_steps) < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    return float(np.max(_schedule_values(schedule, total_steps)))
+
+
+def stability_limit(lr: float, momentum: float = 0.0) -> float:
+    """Largest stable lambda for SGD with heavy-ball momentum: ``2*(1+momentum)/lr``.
+
+    The penalty ``lambda*w`` alone is a quadratic of curvature ``lambda``; SGD on it
+    diverges once ``lr*lambda >= 2*(1+momentum)``. Returns ``inf`` for ``lr <= 0``.
+    """
+    if lr <= 0:
+        return math.inf
+    return 2.0 * (1.0 + momentum) / lr
+
+
+def first_unstable_step(
+    schedule: Callable,
+    lrs_or_lr_fn: Union[float, np.ndarray, Callable],
+    momentum: float,
+    total_steps: int,
+) -> Optional[int]:
+    """First step ``t < total_steps`` where ``lr(t)*lambda(t) >= 2*(1+momentum)``.
+
+    Args:
+      schedule: a lambda schedule.
+      lrs_or_lr_fn: the learning rate: a constant, an array with one value per step
+        (at least ``total_steps`` long), or an optax-style schedule ``lr(step)``.
+      momentum: SGD momentum (0 for plain SGD).
+      total_steps: steps in the round.
+
+    Returns:
+      The step as an int, or ``None`` when the round stays stable. Host side.
+    """
+    lam = _schedule_values(schedule, total_steps)
+    if callable(lrs_or_lr_fn):
+        lr = _schedule_values(lrs_or_lr_fn, total_steps)
+    else:
+        lr = np.asarray(lrs_or_lr_fn, np.float64)
+        if lr.ndim == 0:
+            lr = np.full(int(total_steps), float(lr))
+        elif lr.shape[0] < int(total_steps):
+            raise ValueError(f"need {total_steps} learning rates, got {lr.shape[0]}")
+        lr = lr[: int(total_steps)]
+    with np.errstate(invalid="ignore"):  # 0 * inf for lr = 0 at an overflowed lambda
+        unstable = np.nan_to_num(lr * lam, nan=0.0) >= 2.0 * (1.0 + momentum)
+    hits = np.flatnonzero(unstable)
+    return int(hits[0]) if hits.size else None
+
+
+class RSSTState(NamedTuple):
+    """State of :func:`rsst_penalty`: ``count`` = updates applied this round (int32 [])."""
+
+    count: jnp.ndarray
+
+
+def rsst_penalty(
+    schedule: Callable, *, block_loss_grad: bool = False
+) -> optax.GradientTransformationExtraArgs:
+    """Add ``lambda(t) * reg_scale * w`` to the gradient of every targeted weight.
+
+    The reference's ``apply_reg`` (``grad += reg * w``); with ``block_loss_grad`` the
+    loss gradient of targeted weights is dropped and only the penalty acts. Chain it
+    before the optimizer so the penalty passes through momentum like a gradient:
+    ``optax.chain(rsst_penalty(s), keep_pruned(), optax.sgd(lr, momentum))``.
+
+    ``update(updates, state, params, *, reg_targets=None, reg_scale=1.0, **extra)``:
+      reg_targets: pytree with the structure of ``params``: a bool array of the leaf's
+        shape (True = penalize) for prunable leaves, ``None`` elsewhere. ``None`` as a
+        whole means no penalty (the step count still advances). A traced argument: one
+        compiled step serves every target content.
+      reg_scale: float multiplier on lambda (e.g. :func:`adaptive_scale`), may be traced.
+    lambda uses the step ``state.count`` (0 at the first update of a round).
+    """
+
+    def init_fn(params):
+        del params
+        return RSSTState(count=jnp.zeros([], jnp.int32))
+
+    def update_fn(updates, state, params=None, *, reg_targets=None, reg_scale=1.0, **extra):
+        del extra
+        new_state = RSSTState(count=optax.safe_int32_increment(state.count))
+        if reg_targets is None:
+            return updates, new_state
+        if params is None:
+            raise ValueError("rsst_penalty needs params when reg_targets is given")
+        lam = schedule(state.count) * jnp.asarray(reg_scale, jnp.float32)
+
+        def penalize(target, grad, weight):
+            if target is None:
+                return grad
+            if target.shape != grad.shape or target.dtype != jnp.bool_:
+                raise ValueError(
+                    f"reg target must be bool{grad.shape}, got {target.dtype}{target.shape}")
+            base = jnp.zeros_like(grad) if block_loss_grad else grad
+            return jnp.where(target, base + (lam * weight).astype(grad.dtype), grad)
+
+        # Map over the targets first: their None leaves are empty subtrees for JAX.
+        new_updates = jax.tree_util.tree_map(
+            penalize, reg_targets, updates, params, is_leaf=lambda x: x is None)
+        return new_updates, new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _find_rsst_state(opt_state: Any) -> RSSTState:
+    """The one :class:`RSSTState` inside an optimizer state (e.g. an optax.chain's)."""
+    found = [s for s in jax.tree_util.tree_leaves(
+        opt_state, is_leaf=lambda x: isinstance(x, RSSTState)) if isinstance(s, RSSTState)]
+    if len(found) != 1:
+        raise ValueError(f"expected exactly one RSSTState in the optimizer state, found {len(found)}")
+    return found[0]
+
+
+def current_lambda(state: Any, schedule: Callable, reg_scale: float = 1.0) -> jnp.ndarray:
+    """lambda (times ``reg_scale``) used by the most recent update; 0 before the first.
+
+    ``state`` is an :class:`RSSTState` or any optimizer state holding exactly one (such
+    as the state of an ``optax.chain``). For logging; returns a float32 scalar.
+    """
+    count = _find_rsst_state(state).count
+    last = schedule(jnp.maximum(count - 1, 0)) * jnp.asarray(reg_scale, jnp.float32)
+    return jnp.where(count > 0, last, jnp.float32(0.0))
+
+
+def adaptive_scale(last_val_acc: Optional[float], target_acc: float) -> float:
+    """``--reg_adaptive``: 0.5 while the last validation accuracy is below ``target_acc``.
+
+    Host side; pass the result as ``reg_scale``. Before any validation
+    (``last_val_acc is None``) there is nothing below the target, so the scale is 1.
+    Accuracies must share units (both fractions or both percentages).
+    """
+    if last_val_acc is None:
+        return 1.0
+    return 0.5 if float(last_val_acc) < float(target_acc) else 1.0
