@@ -305,7 +305,7 @@ def validate(cfg: Config) -> Config:
          f"already channel-wise; use --struct none")
     need(cfg.criteria_batches >= 1, f"--criteria_batches must be >= 1, got {cfg.criteria_batches}")
     need(cfg.hessian_samples >= 1, f"--hessian_samples must be >= 1, got {cfg.hessian_samples}")
-    need(cfg.reg_granularity_prune >= 0, f"--reg_granularity_prune must be >= 0")
+    need(cfg.reg_granularity_prune >= 0, "--reg_granularity_prune must be >= 0")
     need(cfg.reg_upper_limit is None or cfg.reg_upper_limit > 0, "--reg_upper_limit must be > 0")
     need(cfg.update_reg_interval is None or cfg.update_reg_interval >= 1,
          "--update_reg_interval must be >= 1 step")

@@ -29,7 +29,8 @@ from rsst_jax import train as train_lib
 
 SUMMARY_FIELDS = ("round", "remaining_weight_pct", "channel_sparsity_pct", "best_val_acc",
                   "best_val_epoch", "test_acc_at_best_val", "final_val_acc", "final_test_acc",
-                  "rsst_acc_before", "rsst_acc_after", "final_lambda", "epochs", "wall_time_s")
+                  "rsst_acc_before", "rsst_acc_after", "final_lambda", "epochs", "round_time_s",
+                  "wall_time_s")
 
 
 class TrainingDiverged(RuntimeError):
@@ -67,8 +68,13 @@ def check_same_shapes(template, tree, what: str):
                            f"shape {np.shape(b)} vs {np.shape(a)}")
 
 
-def _masks_to_host(masks):
-    return _tree_where(masks, lambda m: None if m is None else np.asarray(m))
+def _copy(tree):
+    """An independent copy: the train step donates its input buffers."""
+    return jax.tree_util.tree_map(jnp.copy, tree)
+
+
+def _snapshot(state):
+    return _copy({"params": state.params, "batch_stats": state.batch_stats})
 
 
 @dataclasses.dataclass
@@ -210,53 +216,238 @@ class LotteryRun:
         return train_lib.evaluate(self.eval_step, variables, self.dev[f"{split}_x"],
                                   self.dev[f"{split}_y"], self.cfg.eval_batch_size)
 
+    # ------------------------------------------------------------------ the rounds
+    def run(self) -> list[dict]:
+        """Run (or resume) all rounds; returns the summary rows."""
+        cfg = self.cfg
+        self.dir.mkdir(parents=True, exist_ok=True)
+        template_state = self._fresh_state()
+        template_masks = masks_lib.init_masks(template_state.params, conv1=cfg.conv1,
+                                              fc=cfg.prune_dense)
+        if cfg.resume:
+            state, plan, rewind, prog = self._restore(template_state, template_masks)
+            self.log(f"resuming {self.dir} at round {prog.round}, epoch {prog.epoch}")
+            self._rewrite_log(prog.history)
+        else:
+            if ckpt.latest_step(self.ckpt_dir) is not None:
+                raise RunError(f"--save_dir {self.dir} already holds a run; pass --resume to "
+                               f"continue it, or choose another --save_dir")
+            state = self.load_or_make_init(template_state)
+            plan = RoundPlan(masks=template_masks, targets=no_targets(template_masks))
+            rewind = _snapshot(state)
+            state = self._start_round(state, 0)
+            prog = Progress()
+            (self.dir / "log.jsonl").write_text("")
+        self._write_config()
+        if cfg.struct == "rsst" and cfg.optimizer == "sgd" and cfg.pruning_times > 1:
+            self._warn_stability()
 
-def summary_rows_to_files(save_dir: pathlib.Path, rows: list[dict]) -> None:
-    """Write summary.json and summary.csv atomically (temp file + rename)."""
-    tmp = save_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(rows, indent=1))
-    os.replace(tmp, save_dir / "summary.json")
-    tmp = save_dir / "summary.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
-        w.writeheader()
-        for row in rows:
-            w.writerow(row)
-    os.replace(tmp, save_dir / "summary.csv")
+        self._saved = 0
+        while prog.round < cfg.pruning_times:
+            state, plan, rewind = self._run_round(state, plan, rewind, prog)
+        return prog.rows
+
+    def _run_round(self, state, plan: RoundPlan, rewind, prog: "Progress"):
+        cfg, r = self.cfg, prog.round
+        if prog.epoch == 0:
+            prog.best = {"val_acc": -1.0, "epoch": -1, "test_acc": None}
+            prog.round_start = prog.elapsed
+            prog.target_norm0 = (_target_stats(state.params, plan.targets)[0]
+                                 if plan.channel_masks is not None else None)
+        for epoch in range(prog.epoch, cfg.epochs):
+            t0 = time.time()
+            reg_scale = (regularizers.adaptive_scale(prog.last_val_acc, cfg.target_acc)
+                         if cfg.reg_adaptive else 1.0)
+            state, train_metrics = self._train_epoch(state, plan, r, epoch, reg_scale)
+            val = self.evaluate(state.variables, "val")
+            test = self.evaluate(state.variables, "test")
+            prog.last_val_acc = val["acc"]
+            row = {"round": r, "epoch": epoch, **train_metrics, "val_acc": val["acc"],
+                   "val_loss": val["loss"], "test_acc": test["acc"], "test_loss": test["loss"],
+                   "lr": float(self.lr_fn(int(state.step) - 1))}
+            if plan.channel_masks is not None:
+                norm, small, count = _target_stats(state.params, plan.targets)
+                row.update(reg_lambda=float(self.reg_schedule(int(state.step) - 1)) * reg_scale,
+                           reg_scale=reg_scale, target_count=count, target_small_frac=small,
+                           target_norm_rel=norm / prog.target_norm0 if prog.target_norm0 else 0.0)
+            if val["acc"] > prog.best["val_acc"]:
+                prog.best = {"val_acc": val["acc"], "epoch": epoch, "test_acc": test["acc"]}
+                ckpt.save(self.dir / f"round_{r}" / "best", epoch,
+                          {"params": state.params, "batch_stats": state.batch_stats,
+                           "masks": plan.masks},
+                          {"round": r, "epoch": epoch, "val_acc": val["acc"],
+                           "test_acc": test["acc"]})
+            if r == 0 and cfg.prune_type == "rewind_lt" and epoch + 1 == cfg.rewind_epoch:
+                rewind = _snapshot(state)
+            row["time_s"] = time.time() - t0
+            prog.history.append(row)
+            with open(self.dir / "log.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            prog.epoch = epoch + 1
+            prog.elapsed += time.time() - t0
+            self._save(state, plan, rewind, prog)
+
+        # End of the round: apply S (RSST), record, prune, rewind.
+        t1 = time.time()
+        last = prog.history[-1]
+        row = {"round": r, "best_val_acc": prog.best["val_acc"],
+               "best_val_epoch": prog.best["epoch"],
+               "test_acc_at_best_val": prog.best["test_acc"], "epochs": cfg.epochs,
+               "final_val_acc": last["val_acc"], "final_test_acc": last["test_acc"]}
+        if plan.channel_masks is not None:
+            row.update(rsst_acc_before=last["test_acc"], final_lambda=last.get("reg_lambda"))
+            plan = RoundPlan(masks=plan.channel_masks, targets=no_targets(plan.channel_masks))
+            state = state.replace(params=masks_lib.apply_masks(state.params, plan.masks))
+            row["final_val_acc"] = self.evaluate(state.variables, "val")["acc"]
+            row["final_test_acc"] = row["rsst_acc_after"] = self.evaluate(state.variables,
+                                                                          "test")["acc"]
+        row.update(remaining_weight_pct=100.0 * masks_lib.density(plan.masks),
+                   channel_sparsity_pct=100.0 * masks_lib.channel_sparsity(plan.masks))
+        ckpt.save(self.dir / f"round_{r}" / "final", cfg.epochs,
+                  {"params": state.params, "batch_stats": state.batch_stats, "masks": plan.masks},
+                  {"round": r, "summary": row, "arch": cfg.arch, "dataset": cfg.dataset,
+                   "num_classes": self.ds.num_classes})
+        if r + 1 < cfg.pruning_times:
+            plan = self.prune_and_plan(state.variables, plan.masks, r)
+            rewound = _copy(rewind)
+            state = self._start_round(state.replace(
+                params=masks_lib.apply_masks(rewound["params"], plan.masks),
+                batch_stats=rewound["batch_stats"]), r + 1)
+        prog.elapsed += time.time() - t1
+        row.update(round_time_s=round(prog.elapsed - prog.round_start, 2),
+                   wall_time_s=round(prog.elapsed, 2))
+        prog.rows.append(row)
+        summary_rows_to_files(self.dir, prog.rows)
+        self.log(_round_line(row))
+        prog.round, prog.epoch = r + 1, 0
+        self._save(state, plan, rewind, prog)
+        return state, plan, rewind
+
+    def _start_round(self, state, round_idx: int):
+        """Fresh optimizer state, LR schedule and augmentation stream for a round."""
+        state = train_lib.reset_optimizer(state, self.tx)
+        return state.replace(rng=jax.random.fold_in(jax.random.fold_in(self.base_key, 1),
+                                                    round_idx))
+
+    def _train_epoch(self, state, plan: RoundPlan, r: int, epoch: int, reg_scale: float):
+        cfg = self.cfg
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(self.base_key, 2), r),
+                                 epoch)
+        perm = train_lib.epoch_permutation(key, self.ds.train_x.shape[0], cfg.batch_size)
+        nb = int(perm.shape[0])
+        scale = jnp.float32(reg_scale)
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=nb, leave=False, dynamic_ncols=True,
+                       desc=f"round {r}/{cfg.pruning_times - 1} epoch {epoch + 1}/{cfg.epochs}")
+        metrics = []
+        for b in range(nb):
+            state, m = self.train_step(state, self.dev["train_x"], self.dev["train_y"], perm[b],
+                                       plan.masks, plan.targets, scale)
+            metrics.append(m)
+            if bar is not None and ((b + 1) % cfg.print_freq == 0 or b + 1 == nb):
+                seen = (b + 1) * cfg.batch_size
+                post = {"loss": f"{float(m['loss']):.3f}",
+                        "acc": f"{100.0 * sum(int(x['correct']) for x in metrics) / seen:.1f}"}
+                if plan.channel_masks is not None:
+                    lam = float(self.reg_schedule(int(state.step) - 1)) * reg_scale
+                    post["lambda"] = f"{lam:.3g}"
+                bar.set_postfix(post, refresh=False)
+                bar.update((b + 1) - bar.n)
+        if bar is not None:
+            bar.close()
+        loss = np.asarray(jnp.stack([m["loss"] for m in metrics]))
+        correct = np.asarray(jnp.stack([m["correct"] for m in metrics]))
+        finite = np.asarray(jnp.stack([m["finite"] for m in metrics])).astype(bool)
+        if not finite.all():
+            first = int(np.argmin(finite))
+            where = f"round {r}, epoch {epoch}, step {first} of the epoch"
+            if cfg.nan_policy == "stop":
+                raise TrainingDiverged(
+                    f"the loss became {loss[first]} at {where}; the last good checkpoint is "
+                    f"kept. Lower --lr, cap the penalty with --reg_upper_limit, or pass "
+                    f"--nan_policy skip")
+            self.log(f"skipped {int((~finite).sum())} batches with a non-finite loss "
+                     f"(first at {where})")
+        if not train_lib.tree_is_finite(state.params):
+            raise TrainingDiverged(f"parameters became NaN/Inf in round {r}, epoch {epoch}; the "
+                                   f"last good checkpoint is kept. Lower --lr or set "
+                                   f"--reg_upper_limit")
+        return state, {"train_loss": float(loss[finite].mean()) if finite.any() else float("nan"),
+                       "train_acc": 100.0 * float(correct[finite].sum())
+                       / max(1, int(finite.sum()) * cfg.batch_size)}
+
+    # ------------------------------------------------------------------ persistence
+    @property
+    def ckpt_dir(self) -> pathlib.Path:
+        return self.dir / "checkpoints"
+
+    def _save(self, state, plan: RoundPlan, rewind, prog: "Progress"):
+        meta = dict(dataclasses.asdict(prog), has_channel_masks=plan.channel_masks is not None,
+                    config=self.cfg.to_dict())
+        ckpt.save(self.ckpt_dir, prog.round * (self.cfg.epochs + 1) + prog.epoch,
+                  _checkpoint_tree(state, plan, rewind), meta, keep=2)
+        self._saved += 1
+        stop_after = os.environ.get("RSST_JAX_STOP_AFTER")
+        if stop_after and self._saved >= int(stop_after):
+            raise Interrupted(75)
+
+    def _restore(self, template_state, template_masks):
+        cfg = self.cfg
+        source = pathlib.Path(cfg.checkpoint) if cfg.checkpoint else self.ckpt_dir
+        if ckpt.latest_step(source) is None:
+            raise RunError(f"--resume: no checkpoint in {source}; start without --resume, or "
+                           f"point --save_dir/--checkpoint at an existing run")
+        saved = ckpt.read_meta(source).get("config", {})
+        diffs = [k for k, v in cfg.to_dict().items()
+                 if k not in config_lib.NON_SEMANTIC and k in saved and saved[k] != v]
+        if diffs:
+            listed = ", ".join(f"--{k} {saved[k]!r} (now {getattr(cfg, k)!r})" for k in diffs[:5])
+            raise RunError(f"--resume: {source} was made with a different configuration: "
+                           f"{listed}; resume with the same flags, or start a new --save_dir")
+        plan_t = RoundPlan(masks=template_masks, targets=no_targets(template_masks))
+        tree, meta = ckpt.restore(source, _checkpoint_tree(template_state, plan_t,
+                                                           _snapshot(template_state)))
+        plan = RoundPlan(masks=tree["masks"], targets=tree["targets"],
+                         channel_masks=tree["channel_masks"] if meta["has_channel_masks"] else None)
+        fields = {f.name for f in dataclasses.fields(Progress)}
+        prog = Progress(**{k: v for k, v in meta.items() if k in fields})
+        return tree["state"], plan, tree["rewind"], prog
+
+    def _rewrite_log(self, history):
+        _atomic_write(self.dir / "log.jsonl", "".join(json.dumps(row) + "\n" for row in history))
+
+    def _write_config(self):
+        resolved = dict(self.cfg.to_dict(), seed=self.seed, resume=False, checkpoint=None)
+        _atomic_write(self.dir / "config.json", json.dumps(resolved, indent=1))
+
+    def _warn_stability(self):
+        step = regularizers.first_unstable_step(self.reg_schedule, self.lr_fn, self.cfg.momentum,
+                                                self.total_steps)
+        if step is not None:
+            self.log(f"warning: lr * lambda crosses 2 * (1 + momentum) at step {step} of "
+                     f"{self.total_steps} in each RSST round; SGD will diverge there. Set "
+                     f"--reg_upper_limit or a smaller --reg_granularity_prune")
 
 
-# --------------------------------------------------------------------------- the loop
 
-def _stop_after_hook():
-    """Tests interrupt a run after N epoch checkpoints (RSST_JAX_STOP_AFTER=N)."""
-    value = os.environ.get("RSST_JAX_STOP_AFTER")
-    return int(value) if value else None
+@dataclasses.dataclass
+class Progress:
+    """Where a run stands; saved as JSON with every checkpoint."""
+    round: int = 0
+    epoch: int = 0                 # epochs finished in this round
+    history: list = dataclasses.field(default_factory=list)   # one row per epoch, all rounds
+    rows: list = dataclasses.field(default_factory=list)      # one summary row per round
+    best: Optional[dict] = None
+    elapsed: float = 0.0           # training wall time so far, seconds
+    round_start: float = 0.0
+    last_val_acc: Optional[float] = None
+    target_norm0: Optional[float] = None
 
 
 class Interrupted(SystemExit):
-    pass
-
-
-def _target_stats(params, targets, norm0=None):
-    """(L2 norm of targeted weights, fraction of them below 1e-3) over all targeted leaves."""
-    sq, small, count = 0.0, 0, 0
-    for w, t in zip(jax.tree_util.tree_leaves(params),
-                    jax.tree_util.tree_leaves(_tree_where(targets, lambda m: m), is_leaf=lambda x: x is None)):
-        if t is None:
-            continue
-        w = np.asarray(w)
-        t = np.asarray(t)
-        sq += float(np.sum((w * t) ** 2))
-        small += int(np.sum((np.abs(w) < 1e-3) & t))
-        count += int(t.sum())
-    norm = float(np.sqrt(sq))
-    return norm, (small / count if count else 0.0), count
-
-
-def _leaf_pairs(params, masks):
-    """Yield (param leaf, mask leaf or None) in flatten order of params."""
-    flat_m = jax.tree_util.tree_leaves(masks, is_leaf=lambda x: x is None)
-    return zip(jax.tree_util.tree_leaves(params), flat_m)
+    """Raised by the RSST_JAX_STOP_AFTER test hook to stop a run between checkpoints."""
 
 
 def run(cfg: config_lib.Config, *, progress: bool = True, log: Callable[[str], None] = print
@@ -265,243 +456,49 @@ def run(cfg: config_lib.Config, *, progress: bool = True, log: Callable[[str], N
     return LotteryRun(cfg, progress=progress, log=log).run()
 
 
-def _fmt(x, nd=2):
-    return "-" if x is None else f"{x:.{nd}f}"
-
-
-def _run(self: LotteryRun) -> list[dict]:
-    cfg = self.cfg
-    R, E = cfg.pruning_times, cfg.epochs
-    self.dir.mkdir(parents=True, exist_ok=True)
-    ckpt_dir = self.dir / "checkpoints"
-    template_state = self._fresh_state()
-    template_masks = masks_lib.init_masks(template_state.params, conv1=cfg.conv1, fc=cfg.prune_dense)
-
-    if cfg.resume:
-        state, plan, rewind, meta = self._restore(template_state, template_masks, ckpt_dir)
-        r, e = meta["round"], meta["epoch"]
-        history, rows = meta["history"], meta["rows"]
-        best, elapsed = meta["best"], meta["elapsed"]
-        last_val, norm0 = meta["last_val_acc"], meta["target_norm0"]
-        self.log(f"resuming {self.dir} at round {r}, epoch {e}")
-        self._rewrite_log(history)
-    else:
-        if ckpt.latest_step(ckpt_dir) is not None:
-            raise RunError(f"--save_dir {self.dir} already holds a run; pass --resume to continue "
-                           f"it, or choose another --save_dir")
-        state = self.load_or_make_init(template_state)
-        masks = template_masks
-        plan = RoundPlan(masks=masks, targets=no_targets(masks))
-        rewind = {"params": state.params, "batch_stats": state.batch_stats}
-        state = self._start_round(state, 0)
-        r, e, history, rows, best, elapsed, last_val = 0, 0, [], [], None, 0.0, None
-        norm0 = None
-        (self.dir / "log.jsonl").write_text("")
-    self._write_config()
-    if cfg.struct == "rsst" and cfg.optimizer == "sgd" and R > 1:
-        self._warn_stability()
-
-    stop_after = _stop_after_hook()
-    saved = 0
-    while r < R:
-        t_round = time.time()
-        if e == 0:
-            best = {"val_acc": -1.0, "epoch": -1, "test_acc": None}
-            norm0 = _target_stats(state.params, plan.targets)[0] if plan.channel_masks is not None else None
-        for epoch in range(e, E):
-            reg_scale = (regularizers.adaptive_scale(last_val, cfg.target_acc)
-                         if cfg.reg_adaptive and last_val is not None else 1.0)
-            t0 = time.time()
-            state, train_metrics = self._train_epoch(state, plan, r, epoch, reg_scale)
-            variables = state.variables
-            val = self.evaluate(variables, "val")
-            test = self.evaluate(variables, "test")
-            last_val = val["acc"]
-            row = {"round": r, "epoch": epoch, **train_metrics, "val_acc": val["acc"],
-                   "val_loss": val["loss"], "test_acc": test["acc"], "test_loss": test["loss"],
-                   "lr": float(self.lr_fn(int(state.step) - 1)), "time_s": time.time() - t0}
-            if plan.channel_masks is not None:
-                lam = float(self.reg_schedule(int(state.step) - 1)) * reg_scale
-                norm, small, count = _target_stats(state.params, plan.targets)
-                row.update(reg_lambda=lam, reg_scale=reg_scale,
-                           target_norm_rel=norm / norm0 if norm0 else 0.0,
-                           target_small_frac=small, target_count=count)
-            history.append(row)
-            with open(self.dir / "log.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-            if val["acc"] > best["val_acc"]:
-                best = {"val_acc": val["acc"], "epoch": epoch, "test_acc": test["acc"]}
-                ckpt.save(self.dir / f"round_{r}" / "best", epoch,
-                          {"params": state.params, "batch_stats": state.batch_stats,
-                           "masks": plan.masks},
-                          {"round": r, "epoch": epoch, "val_acc": val["acc"], "test_acc": test["acc"]})
-            if r == 0 and cfg.prune_type == "rewind_lt" and epoch + 1 == cfg.rewind_epoch:
-                rewind = {"params": state.params, "batch_stats": state.batch_stats}
-            elapsed += time.time() - t0
-            self._save(ckpt_dir, state, plan, rewind, r, epoch + 1, history, rows, best, elapsed,
-                       last_val, norm0)
-            saved += 1
-            if stop_after is not None and saved >= stop_after:
-                raise Interrupted(75)
-
-        # ---- end of round
-        t1 = time.time()
-        variables = state.variables
-        final_val = history[-1]["val_acc"]
-        final_test = history[-1]["test_acc"]
-        row = {"round": r, "best_val_acc": best["val_acc"], "best_val_epoch": best["epoch"],
-               "test_acc_at_best_val": best["test_acc"], "epochs": E}
-        if plan.channel_masks is not None:
-            row["rsst_acc_before"] = final_test
-            row["final_lambda"] = history[-1].get("reg_lambda")
-            plan = RoundPlan(masks=plan.channel_masks, targets=no_targets(plan.channel_masks))
-            state = state.replace(params=masks_lib.apply_masks(state.params, plan.masks))
-            variables = state.variables
-            final_val = self.evaluate(variables, "val")["acc"]
-            final_test = self.evaluate(variables, "test")["acc"]
-            row["rsst_acc_after"] = final_test
-        row.update(remaining_weight_pct=100.0 * masks_lib.density(plan.masks),
-                   channel_sparsity_pct=100.0 * masks_lib.channel_sparsity(plan.masks),
-                   final_val_acc=final_val, final_test_acc=final_test)
-        ckpt.save(self.dir / f"round_{r}" / "final", E,
-                  {"params": state.params, "batch_stats": state.batch_stats, "masks": plan.masks},
-                  {"round": r, "summary": row, "arch": cfg.arch, "dataset": cfg.dataset,
-                   "num_classes": self.ds.num_classes})
-        if r + 1 < R:
-            plan = self.prune_and_plan(variables, plan.masks, r)
-            params = masks_lib.apply_masks(rewind["params"], plan.masks)
-            state = self._start_round(state.replace(params=params,
-                                                    batch_stats=rewind["batch_stats"]), r + 1)
-        elapsed += time.time() - t1
-        row["wall_time_s"] = round(elapsed, 2)
-        rows.append(row)
-        summary_rows_to_files(self.dir, rows)
-        self.log(f"round {r}: remaining {row['remaining_weight_pct']:.2f}% weights, "
-                 f"channel sparsity {row['channel_sparsity_pct']:.2f}%, best val "
-                 f"{row['best_val_acc']:.2f}% (epoch {row['best_val_epoch']}), test at best val "
-                 f"{_fmt(row['test_acc_at_best_val'])}%, final test {row['final_test_acc']:.2f}%"
-                 + (f", RSST before/after S {row['rsst_acc_before']:.2f}/{row['rsst_acc_after']:.2f}%"
-                    if "rsst_acc_after" in row else ""))
-        r, e = r + 1, 0
-        elapsed_before_next = elapsed
-        self._save(ckpt_dir, state, plan, rewind, r, 0, history, rows, None, elapsed_before_next,
-                   last_val, None)
-    return rows
-
-
-LotteryRun.run = _run
-
-
-def _start_round(self: LotteryRun, state, round_idx: int):
-    """Fresh optimizer state, LR schedule and augmentation stream for a round."""
-    state = train_lib.reset_optimizer(state, self.tx)
-    return state.replace(rng=jax.random.fold_in(jax.random.fold_in(self.base_key, 1), round_idx))
-
-
-def _train_epoch(self: LotteryRun, state, plan: RoundPlan, r: int, epoch: int, reg_scale: float):
-    cfg = self.cfg
-    key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(self.base_key, 2), r), epoch)
-    perm = train_lib.epoch_permutation(key, self.ds.train_x.shape[0], cfg.batch_size)
-    nb = int(perm.shape[0])
-    scale = jnp.float32(reg_scale)
-    bar = None
-    if self.progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=nb, desc=f"round {r}/{cfg.pruning_times - 1} epoch {epoch + 1}/{cfg.epochs}",
-                   leave=False, dynamic_ncols=True)
-    losses, corrects, finites = [], [], []
-    for b in range(nb):
-        state, m = self.train_step(state, self.dev["train_x"], self.dev["train_y"], perm[b],
-                                   plan.masks, plan.targets, scale)
-        losses.append(m["loss"]); corrects.append(m["correct"]); finites.append(m["finite"])
-        if bar is not None and ((b + 1) % cfg.print_freq == 0 or b + 1 == nb):
-            post = {"loss": f"{float(m['loss']):.3f}",
-                    "acc": f"{100.0 * float(jnp.sum(jnp.stack(corrects))) / ((b + 1) * cfg.batch_size):.1f}"}
-            if plan.channel_masks is not None:
-                post["lambda"] = f"{float(self.reg_schedule(int(state.step) - 1)) * reg_scale:.3g}"
-            bar.set_postfix(post, refresh=False)
-            bar.update((b + 1) - bar.n)
-    if bar is not None:
-        bar.close()
-    finite = np.asarray(jnp.stack(finites))
-    loss = np.asarray(jnp.stack(losses))
-    if not finite.all():
-        first = int(np.argmin(finite))
-        where = f"round {r}, epoch {epoch}, step {first} of the epoch"
-        if cfg.nan_policy == "stop":
-            raise TrainingDiverged(
-                f"the loss became {loss[first]} at {where}; the last good checkpoint is kept. "
-                f"Lower --lr, cap the penalty with --reg_upper_limit, or pass --nan_policy skip")
-        self.log(f"skipped {int((~finite).sum())} batches with a non-finite loss ({where} first)")
-    if not train_lib.tree_is_finite(state.params):
-        raise TrainingDiverged(f"parameters became NaN/Inf in round {r}, epoch {epoch}; the last "
-                               f"good checkpoint is kept. Lower --lr or cap --reg_upper_limit")
-    ok = finite.astype(bool)
-    return state, {"train_loss": float(loss[ok].mean()) if ok.any() else float("nan"),
-                   "train_acc": 100.0 * float(np.asarray(jnp.stack(corrects))[ok].sum())
-                   / max(1, int(ok.sum()) * cfg.batch_size)}
-
-
 def _checkpoint_tree(state, plan: RoundPlan, rewind):
     channel = plan.channel_masks if plan.channel_masks is not None else plan.masks
     return {"state": state, "masks": plan.masks, "targets": plan.targets,
             "channel_masks": channel, "rewind": rewind}
 
 
-def _save(self: LotteryRun, ckpt_dir, state, plan, rewind, r, e, history, rows, best, elapsed,
-          last_val, norm0):
-    meta = {"round": r, "epoch": e, "history": history, "rows": rows, "best": best,
-            "elapsed": elapsed, "last_val_acc": last_val, "target_norm0": norm0,
-            "has_channel_masks": plan.channel_masks is not None,
-            "config": self.cfg.to_dict()}
-    ckpt.save(ckpt_dir, r * (self.cfg.epochs + 1) + e, _checkpoint_tree(state, plan, rewind), meta,
-              keep=2)
+def _target_stats(params, targets):
+    """(L2 norm of targeted weights, fraction of them below 1e-3, count)."""
+    sq, small, count = 0.0, 0, 0
+    flat_t = jax.tree_util.tree_leaves(targets, is_leaf=lambda x: x is None)
+    for w, t in zip(jax.tree_util.tree_leaves(params), flat_t):
+        if t is None:
+            continue
+        w, t = np.asarray(w), np.asarray(t)
+        sq += float(np.sum((w * t) ** 2))
+        small += int(np.sum((np.abs(w) < 1e-3) & t))
+        count += int(t.sum())
+    return float(np.sqrt(sq)), (small / count if count else 0.0), count
 
 
-def _restore(self: LotteryRun, template_state, template_masks, ckpt_dir):
-    cfg = self.cfg
-    source = pathlib.Path(cfg.checkpoint) if cfg.checkpoint else ckpt_dir
-    if ckpt.latest_step(source) is None:
-        raise RunError(f"--resume: no checkpoint in {source}; start without --resume, or point "
-                       f"--save_dir/--checkpoint at an existing run")
-    meta = ckpt.read_meta(source)
-    saved = meta.get("config", {})
-    diffs = [k for k, v in cfg.to_dict().items()
-             if k not in config_lib.NON_SEMANTIC and k in saved and saved[k] != v]
-    if diffs:
-        listed = ", ".join(f"--{k} {saved[k]!r} (now {getattr(cfg, k)!r})" for k in diffs[:5])
-        raise RunError(f"--resume: {source} was made with a different configuration: {listed}; "
-                       f"resume with the same flags, or start a new --save_dir")
-    rewind_t = {"params": template_state.params, "batch_stats": template_state.batch_stats}
-    plan_t = RoundPlan(masks=template_masks, targets=no_targets(template_masks))
-    tree, meta = ckpt.restore(source, _checkpoint_tree(template_state, plan_t, rewind_t))
-    plan = RoundPlan(masks=tree["masks"], targets=tree["targets"],
-                     channel_masks=tree["channel_masks"] if meta["has_channel_masks"] else None)
-    return tree["state"], plan, tree["rewind"], meta
+def _round_line(row) -> str:
+    text = (f"round {row['round']}: remaining {row['remaining_weight_pct']:.2f}% weights, "
+            f"channel sparsity {row['channel_sparsity_pct']:.2f}%, best val "
+            f"{row['best_val_acc']:.2f}% (epoch {row['best_val_epoch']}), test at best val "
+            f"{row['test_acc_at_best_val']:.2f}%, final test {row['final_test_acc']:.2f}%")
+    if "rsst_acc_after" in row:
+        text += f", RSST before/after S {row['rsst_acc_before']:.2f}/{row['rsst_acc_after']:.2f}%"
+    return text + f" ({row['round_time_s']:.0f} s)"
 
 
-def _rewrite_log(self: LotteryRun, history):
-    tmp = self.dir / "log.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
-    os.replace(tmp, self.dir / "log.jsonl")
+def _atomic_write(path: pathlib.Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
-def _write_config(self: LotteryRun):
-    resolved = dict(self.cfg.to_dict(), seed=self.seed, resume=False, checkpoint=None)
-    tmp = self.dir / "config.json.tmp"
-    tmp.write_text(json.dumps(resolved, indent=1))
-    os.replace(tmp, self.dir / "config.json")
-
-
-def _warn_stability(self: LotteryRun):
-    step = regularizers.first_unstable_step(self.reg_schedule, self.lr_fn, self.cfg.momentum,
-                                            self.total_steps)
-    if step is not None:
-        self.log(f"warning: lr * lambda crosses 2 * (1 + momentum) at step {step} of "
-                 f"{self.total_steps} in each RSST round; SGD will diverge there. Set "
-                 f"--reg_upper_limit or a smaller --reg_granularity_prune")
-
-
-for _fn in (_start_round, _train_epoch, _save, _restore, _rewrite_log, _write_config,
-            _warn_stability):
-    setattr(LotteryRun, _fn.__name__, _fn)
+def summary_rows_to_files(save_dir: pathlib.Path, rows: list[dict]) -> None:
+    """Write summary.json and summary.csv atomically (temp file + rename)."""
+    _atomic_write(save_dir / "summary.json", json.dumps(rows, indent=1))
+    tmp = save_dir / "summary.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for row in rows:
+            w.writerow(row)
+    os.replace(tmp, save_dir / "summary.csv")
