@@ -1,0 +1,199 @@
+"""The iterative procedure end to end on a tiny network: IMP, Refill, RSST, rewinding, resume."""
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from rsst_jax import checkpoint as ckpt
+from rsst_jax import lottery
+from rsst_jax import masks as masks_lib
+
+from tiny import tiny_config, use_tiny_data
+
+pytestmark = pytest.mark.slow
+
+
+def _final(save_dir, r):
+    tree, meta = ckpt.restore_raw(save_dir / f"round_{r}" / "final")
+    return tree, meta
+
+
+def _np_masks(masks):
+    return jax.tree_util.tree_map(lambda m: None if m is None else np.asarray(m, bool), masks,
+                                  is_leaf=lambda x: x is None)
+
+
+def _mask_leaves(masks):
+    return [np.asarray(m, bool) for m in jax.tree_util.tree_leaves(masks)]
+
+
+def _kernels_and_masks(tree):
+    """(path, kernel, mask) for every prunable leaf of a restored checkpoint tree."""
+    out = []
+    flat_p = dict(zip(masks_lib.tree_paths(tree["params"]), jax.tree_util.tree_leaves(tree["params"])))
+    masks = tree["masks"]
+    for path, m in zip(masks_lib.tree_paths(masks),
+                       jax.tree_util.tree_leaves(masks, is_leaf=lambda x: x is None)):
+        if m is not None and np.ndim(m) > 0:
+            out.append((path, np.asarray(flat_p[path]), np.asarray(m, bool)))
+    return out
+
+
+def test_imp_density_follows_rate_and_pruned_weights_stay_zero(tmp_path, monkeypatch):
+    use_tiny_data(monkeypatch)
+    cfg = tiny_config(tmp_path / "imp", struct="none", pruning_times=4, rate=0.2)
+    run = lottery.LotteryRun(cfg, progress=False, log=lambda s: None)
+    rows = run.run()
+    total = sum(m.size for m in _mask_leaves(masks_lib.init_masks(
+        run._fresh_state().params)))
+    kept = total
+    for r, row in enumerate(rows):
+        tree, _ = _final(tmp_path / "imp", r)
+        leaves = _kernels_and_masks(tree)
+        n_kept = sum(int(m.sum()) for _, _, m in leaves)
+        assert n_kept == kept, f"round {r}: {n_kept} kept, expected {kept}"
+        assert row["remaining_weight_pct"] == pytest.approx(100.0 * kept / total)
+        assert abs(kept / total - 0.8 ** r) <= r / total
+        for path, w, m in leaves:  # masked weights are exactly 0 after training
+            assert np.all(w[~m] == 0.0), path
+        kept -= int(np.round(0.2 * kept))
+    # one compiled train step served every round
+    assert run.train_step._cache_size() == 1
+
+
+def test_refill_rounds_are_channelwise_with_spec_k(tmp_path, monkeypatch):
+    use_tiny_data(monkeypatch)
+    cfg = tiny_config(tmp_path / "refill", struct="refill", criteria="l1", pruning_times=3,
+                      rate=0.3, fillback_rate=0.25)
+    run = lottery.LotteryRun(cfg, progress=False, log=lambda s: None)
+    run.run()
+    for r in (1, 2):
+        tree, _ = _final(tmp_path / "refill", r)
+        for path, w, m in _kernels_and_masks(tree):
+            per_channel = m.reshape(-1, m.shape[-1])
+            assert np.all(per_channel.all(0) | ~per_channel.any(0)), path
+            assert np.all(w[~m] == 0.0)
+    # k per layer: recompute the plan from round 1's trained weights with the run's functions
+    tree, _ = _final(tmp_path / "refill", 1)
+    variables = {"params": tree["params"], "batch_stats": tree["batch_stats"]}
+    masks = _np_masks(tree["masks"])
+    pruned = masks_lib.magnitude_prune(variables["params"], masks, 0.3)
+    plan = run.prune_and_plan(variables, masks, 1)
+    for (path, _, m_imp), (_, _, m_s) in zip(
+            _kernels_and_masks({"params": variables["params"], "masks": pruned}),
+            _kernels_and_masks({"params": variables["params"], "masks": plan.masks})):
+        c = m_imp.shape[-1]
+        f = m_imp.size // c
+        n = m_imp.sum() / f
+        k = max(1, int(n + (c - n) * 0.25))
+        assert int(m_s.reshape(-1, c).all(0).sum()) == k, path
+
+
+def test_rsst_penalty_shrinks_targets_and_applies_channel_mask(tmp_path, monkeypatch):
+    use_tiny_data(monkeypatch)
+    cfg = tiny_config(tmp_path / "rsst", struct="rsst", criteria="magnitude", pruning_times=2,
+                      rate=0.5, epochs=3, RST_schedule="x", reg_granularity_prune=1.0,
+                      update_reg_interval=1)
+    run = lottery.LotteryRun(cfg, progress=False, log=lambda s: None)
+    rows = run.run()
+    log = [json.loads(line) for line in (tmp_path / "rsst" / "log.jsonl").read_text().splitlines()]
+    round1 = [row for row in log if row["round"] == 1]
+    assert len(round1) == 3 and round1[0]["target_count"] > 0
+    assert round1[-1]["target_norm_rel"] <= 0.1
+    assert round1[-1]["reg_lambda"] == pytest.approx(3 * run.steps_per_epoch)
+    assert "rsst_acc_before" in rows[1] and "rsst_acc_after" in rows[1]
+    tree, _ = _final(tmp_path / "rsst", 1)
+    for path, w, m in _kernels_and_masks(tree):  # S applied: channel-wise and zero outside
+        per_channel = m.reshape(-1, m.shape[-1])
+        assert np.all(per_channel.all(0) | ~per_channel.any(0)), path
+        assert np.all(w[~m] == 0.0)
+    assert rows[1]["channel_sparsity_pct"] > 0
+
+
+def test_rsst_targets_untouched_by_penalty_when_lambda_is_zero(tmp_path, monkeypatch):
+    """Same seed, g=0: the RSST round must equal plain IMP training with the same mask."""
+    use_tiny_data(monkeypatch)
+    a = tiny_config(tmp_path / "a", struct="rsst", criteria="magnitude", pruning_times=2,
+                    reg_granularity_prune=0.0)
+    lottery.LotteryRun(a, progress=False, log=lambda s: None).run()
+    log = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert all(row["reg_lambda"] == 0.0 for row in log if row["round"] == 1)
+    assert log[-1]["target_norm_rel"] > 0.5
+
+
+@pytest.mark.parametrize("prune_type", ["lt", "rewind_lt"])
+def test_rewinding_restores_saved_weights_bit_for_bit(tmp_path, monkeypatch, prune_type):
+    use_tiny_data(monkeypatch)
+    save = tmp_path / prune_type
+    cfg = tiny_config(save, struct="none", pruning_times=2, prune_type=prune_type,
+                      rewind_epoch=1, epochs=2)
+    monkeypatch.setenv("RSST_JAX_STOP_AFTER", "1")
+    with pytest.raises(SystemExit):
+        lottery.LotteryRun(cfg, progress=False, log=lambda s: None).run()
+    after_epoch1, _ = ckpt.restore_raw(save / "checkpoints")
+    # Resume and stop again right after the checkpoint that opens round 1.
+    monkeypatch.setenv("RSST_JAX_STOP_AFTER", "2")
+    with pytest.raises(SystemExit):
+        lottery.LotteryRun(cfg.replace(resume=True), progress=False, log=lambda s: None).run()
+    if prune_type == "lt":
+        expected, _ = ckpt.restore_raw(save / "init")
+    else:
+        expected = {"params": after_epoch1["state"]["params"],
+                    "batch_stats": after_epoch1["state"]["batch_stats"]}
+    # The checkpoint written at the start of round 1 holds the rewound state.
+    start_r1, meta = ckpt.restore_raw(save / "checkpoints", step=1 * (cfg.epochs + 1) + 0)
+    assert meta["round"] == 1 and meta["epoch"] == 0
+    masks = start_r1["masks"]
+    for a, b in zip(jax.tree_util.tree_leaves(start_r1["rewind"]),
+                    jax.tree_util.tree_leaves(expected)):
+        np.testing.assert_array_equal(a, b)
+    want = masks_lib.apply_masks(expected["params"], _np_masks(masks))
+    for a, b in zip(jax.tree_util.tree_leaves(start_r1["state"]["params"]),
+                    jax.tree_util.tree_leaves(want)):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    for a, b in zip(jax.tree_util.tree_leaves(start_r1["state"]["batch_stats"]),
+                    jax.tree_util.tree_leaves(expected["batch_stats"])):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("stop_after", [2, 4])
+def test_resume_reproduces_uninterrupted_summary(tmp_path, monkeypatch, stop_after):
+    use_tiny_data(monkeypatch)
+    kw = dict(struct="rsst", criteria="l1", pruning_times=3, epochs=2)
+    full = tiny_config(tmp_path / "full", **kw)
+    lottery.LotteryRun(full, progress=False, log=lambda s: None).run()
+    part = tiny_config(tmp_path / "part", **kw)
+    monkeypatch.setenv("RSST_JAX_STOP_AFTER", str(stop_after))
+    with pytest.raises(SystemExit):
+        lottery.LotteryRun(part, progress=False, log=lambda s: None).run()
+    monkeypatch.delenv("RSST_JAX_STOP_AFTER")
+    lottery.LotteryRun(part.replace(resume=True), progress=False, log=lambda s: None).run()
+
+    def strip(rows):
+        return [{k: v for k, v in row.items() if "time" not in k} for row in rows]
+
+    a = json.loads((tmp_path / "full" / "summary.json").read_text())
+    b = json.loads((tmp_path / "part" / "summary.json").read_text())
+    assert len(a) == 3 and strip(a) == strip(b)
+    la = [json.loads(x) for x in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
+    lb = [json.loads(x) for x in (tmp_path / "part" / "log.jsonl").read_text().splitlines()]
+    assert strip(la) == strip(lb)
+
+
+def test_resume_refuses_other_config_and_fresh_run_refuses_existing_dir(tmp_path, monkeypatch):
+    use_tiny_data(monkeypatch)
+    cfg = tiny_config(tmp_path / "r", pruning_times=1, epochs=1)
+    lottery.LotteryRun(cfg, progress=False, log=lambda s: None).run()
+    before = sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir())
+    with pytest.raises(lottery.RunError, match="already holds a run"):
+        lottery.LotteryRun(cfg, progress=False, log=lambda s: None).run()
+    with pytest.raises(lottery.RunError, match="--lr 0.1 .now 0.05"):
+        lottery.LotteryRun(cfg.replace(resume=True, lr=0.05), progress=False,
+                           log=lambda s: None).run()
+    assert sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir()) == before
+    # A finished run resumes to the same rows without training again.
+    rows = lottery.LotteryRun(cfg.replace(resume=True), progress=False, log=lambda s: None).run()
+    assert len(rows) == 1
