@@ -32,9 +32,9 @@ def main(argv=None) -> int:
             import json
             import jax
             import numpy as np
-            from rsst_jax import masks as masks_lib, nets
+            from rsst_jax import lottery, masks as masks_lib
             ds = data_lib.load_dataset(cfg.dataset, cfg.data, seed=cfg.resolved_seed)
-            model = nets.get_net(cfg.arch, ds.num_classes)
+            model = lottery.build_model(cfg, ds.num_classes)
             shapes = jax.eval_shape(lambda: model.init(
                 jax.random.PRNGKey(0), np.zeros((1, *ds.image_shape), np.float32), train=False))
             params = shapes["params"]

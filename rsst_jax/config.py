@@ -275,6 +275,8 @@ def validate(cfg: Config) -> Config:
          f"unknown --dataset {cfg.dataset!r}; choose one of: {', '.join(data_lib.DATASETS)}")
     need(cfg.arch in nets.available_nets(),
          f"unknown --arch {cfg.arch!r}; choose one of: {', '.join(nets.available_nets())}")
+    need(cfg.shortcut == "A" or "shortcut" in nets.net_options(cfg.arch),
+         f"--shortcut applies to the CIFAR ResNets (res20s ... res110s), not to {cfg.arch}")
     need(0.0 <= cfg.rate < 1.0, f"--rate must be in [0, 1), got {cfg.rate}")
     need(0.0 <= cfg.fillback_rate <= 1.0, f"--fillback_rate must be in [0, 1], got {cfg.fillback_rate}")
     need(cfg.batch_size >= 1, f"--batch_size must be >= 1, got {cfg.batch_size}")

@@ -68,6 +68,13 @@ def check_same_shapes(template, tree, what: str):
                            f"shape {np.shape(b)} vs {np.shape(a)}")
 
 
+def build_model(cfg: config_lib.Config, num_classes: int, **kwargs):
+    """The network of ``cfg``; ``--shortcut`` goes to the nets that have that option."""
+    if cfg.shortcut != "A" and "shortcut" in nets.net_options(cfg.arch):
+        kwargs["shortcut"] = cfg.shortcut
+    return nets.get_net(cfg.arch, num_classes, **kwargs)
+
+
 def _copy(tree):
     """An independent copy: the train step donates its input buffers."""
     return jax.tree_util.tree_map(jnp.copy, tree)
@@ -101,9 +108,7 @@ class LotteryRun:
 
         self.ds = data_lib.load_dataset(cfg.dataset, cfg.data, seed=self.seed)
         self.dev = data_lib.to_device(self.ds)
-        self.model = nets.get_net(cfg.arch, self.ds.num_classes,
-                                  **({"shortcut": cfg.shortcut} if cfg.arch.endswith("s")
-                                     and cfg.arch.startswith("res") else {}))
+        self.model = build_model(cfg, self.ds.num_classes)
         n_train = self.ds.train_x.shape[0]
         self.steps_per_epoch = train_lib.steps_per_epoch(n_train, cfg.batch_size)
         self.total_steps = self.steps_per_epoch * cfg.epochs

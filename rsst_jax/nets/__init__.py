@@ -29,6 +29,15 @@ def get_net(name: str, num_classes: int, **kwargs) -> nn.Module:
     return _REGISTRY[name](num_classes, **kwargs)
 
 
+def net_options(name: str) -> List[str]:
+    """Keyword options the factory of ``name`` accepts besides ``num_classes``."""
+    import inspect
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown arch {name!r}; choose one of: {', '.join(available_nets())}")
+    params = inspect.signature(_REGISTRY[name]).parameters
+    return [p for p in params if p != "num_classes"]
+
+
 def available_nets() -> List[str]:
     """Sorted names of the registered networks."""
     return sorted(_REGISTRY)
@@ -41,5 +50,5 @@ from rsst_jax.nets.resnet import ResNet  # noqa: E402,F401
 from rsst_jax.nets.resnet_cifar import ResNetCifar  # noqa: E402,F401
 from rsst_jax.nets.vgg import VGG  # noqa: E402,F401
 
-__all__ = ["register_net", "get_net", "available_nets",
+__all__ = ["register_net", "get_net", "available_nets", "net_options",
            "ResNetCifar", "ResNet", "VGG", "MobileNet"]
