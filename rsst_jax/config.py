@@ -334,3 +334,14 @@ def check_save_dir(path: str) -> None:
     except OSError as e:
         raise ConfigError(f"--save_dir {path} is not writable ({e.strerror}); "
                           f"choose another directory with --save_dir") from None
+
+
+def flags_markdown() -> str:
+    """The flag table of README.md (a test keeps the two in step)."""
+    lines = ["| flag | default | meaning |", "|---|---|---|"]
+    for field in dataclasses.fields(Config):
+        text = field.metadata["help"].replace("|", "\\|")
+        if field.metadata.get("choices"):
+            text += " (" + ", ".join(field.metadata["choices"]) + ")"
+        lines.append(f"| `--{field.name}` | `{field.default}` | {text} |")
+    return "\n".join(lines)
