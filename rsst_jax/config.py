@@ -206,7 +206,7 @@ def build_parser(prog: str = "python -m experiments.run") -> argparse.ArgumentPa
                     "Quick start: --dataset digits.")
     for field in dataclasses.fields(Config):
         meta = dict(field.metadata)
-        help_text = meta.pop("help")
+        help_text = meta.pop("help").replace("%", "%%")  # argparse formats help with %
         if field.type in ("bool", "Optional[bool]"):
             _bool_flag(parser, field.name, field.default, help_text)
             continue
