@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import sys
 import time
 from typing import Any, Callable, Optional
 
@@ -286,6 +287,11 @@ class LotteryRun:
                 rewind = _snapshot(state)
             row["time_s"] = time.time() - t0
             prog.history.append(row)
+            if self.progress and not sys.stderr.isatty():  # no live bar: one line per epoch
+                self.log(f"round {r} epoch {epoch + 1}/{cfg.epochs}: loss "
+                         f"{row['train_loss']:.4f}, train {row['train_acc']:.2f}%, val "
+                         f"{row['val_acc']:.2f}%, test {row['test_acc']:.2f}%"
+                         + (f", lambda {row['reg_lambda']:.3g}" if "reg_lambda" in row else ""))
             with open(self.dir / "log.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
             prog.epoch = epoch + 1
@@ -344,7 +350,7 @@ class LotteryRun:
         bar = None
         if self.progress:
             from tqdm.auto import tqdm
-            bar = tqdm(total=nb, leave=False, dynamic_ncols=True,
+            bar = tqdm(total=nb, leave=False, dynamic_ncols=True, disable=None,
                        desc=f"round {r}/{cfg.pruning_times - 1} epoch {epoch + 1}/{cfg.epochs}")
         metrics = []
         for b in range(nb):
