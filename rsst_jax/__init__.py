@@ -1,1 +1,23 @@
-"""rsst-jax: structurally sparse lottery tickets (IMP, Refill, RSST) in JAX/Flax/Optax."""
+"""rsst-jax: structurally sparse lottery tickets (IMP, Refill, RSST) in JAX/Flax/Optax.
+
+The functional API, all pure functions on pytrees:
+
+- ``rsst_jax.masks``: mask pytrees; ``init_masks``, ``apply_masks``, ``magnitude_prune``,
+  ``random_prune``, ``filter_prune``, ``refill``, ``rsst_targets``, ``density``,
+  ``channel_sparsity``, ``report``, and the optax transformation ``keep_pruned``.
+- ``rsst_jax.criteria``: ``channel_scores`` and the criterion registry.
+- ``rsst_jax.regularizers``: lambda schedules and the optax transformation ``rsst_penalty``.
+- ``rsst_jax.nets``: the network registry (``get_net``, ``register_net``).
+- ``rsst_jax.data``: offline data sets and in-jit augmentation.
+- ``rsst_jax.train``: train state, optimizer, jit-compiled train and eval steps.
+- ``rsst_jax.lottery``: the iterative procedure behind ``python -m experiments.run``.
+"""
+from rsst_jax import checkpoint, config, criteria, data, masks, nets, regularizers, train  # noqa: F401
+from rsst_jax.criteria import channel_scores, register_criterion  # noqa: F401
+from rsst_jax.masks import (  # noqa: F401
+    apply_masks, channel_sparsity, density, filter_prune, init_masks, keep_pruned,
+    magnitude_prune, prunable, random_prune, refill, report, rsst_targets)
+from rsst_jax.nets import get_net, register_net  # noqa: F401
+from rsst_jax.regularizers import lambda_schedule, rsst_penalty  # noqa: F401
+
+__version__ = "0.1.0"
