@@ -124,7 +124,8 @@ class LotteryRun:
             weight_decay=cfg.weight_decay, reg_schedule=self.reg_schedule,
             block_loss_grad=cfg.block_loss_grad)
         step_cfg = train_lib.StepConfig(flip=self.ds.flip, mean=tuple(self.ds.mean),
-                                        std=tuple(self.ds.std), nan_skip=cfg.nan_policy == "skip")
+                                        std=tuple(self.ds.std), nan_skip=cfg.nan_policy == "skip",
+                                        distill=cfg.distill, kd_temperature=cfg.kd_temperature)
         self.train_step = jax.jit(train_lib.make_train_step(self.model, self.tx, step_cfg),
                                   donate_argnums=(0,))
         self.eval_step = jax.jit(train_lib.make_eval_step(self.model, step_cfg))
@@ -249,6 +250,7 @@ class LotteryRun:
             self._warn_stability()
 
         self._saved = 0
+        self.teacher = self.load_teacher()
         while prog.round < cfg.pruning_times:
             state, plan, rewind = self._run_round(state, plan, rewind, prog)
         return prog.rows
@@ -318,6 +320,8 @@ class LotteryRun:
                   {"params": state.params, "batch_stats": state.batch_stats, "masks": plan.masks},
                   {"round": r, "summary": row, "arch": cfg.arch, "dataset": cfg.dataset,
                    "num_classes": self.ds.num_classes})
+        if r == 0 and cfg.distill:
+            self.teacher = self.load_teacher()
         if r + 1 < cfg.pruning_times:
             plan = self.prune_and_plan(state.variables, plan.masks, r)
             rewound = _copy(rewind)
@@ -333,6 +337,25 @@ class LotteryRun:
         prog.round, prog.epoch = r + 1, 0
         self._save(state, plan, rewind, prog)
         return state, plan, rewind
+
+    def step_extras(self, state, round_idx: int) -> tuple:
+        """Extra train-step arguments: (teacher variables, kd_alpha) with --distill."""
+        if not self.cfg.distill:
+            return ()
+        if round_idx == 0 or self.teacher is None:
+            return state.variables, jnp.float32(0.0)  # round 0 trains the teacher itself
+        return self.teacher, jnp.float32(self.cfg.kd_alpha)
+
+    def load_teacher(self):
+        """The dense round-0 network (round_0/final), teacher of later rounds with --distill."""
+        if not self.cfg.distill or ckpt.latest_step(self.dir / "round_0" / "final") is None:
+            return None
+        template = self._fresh_state()
+        tree, _ = ckpt.restore(self.dir / "round_0" / "final",
+                               {"params": template.params, "batch_stats": template.batch_stats,
+                                "masks": masks_lib.init_masks(template.params, conv1=self.cfg.conv1,
+                                                              fc=self.cfg.prune_dense)})
+        return {"params": tree["params"], "batch_stats": tree["batch_stats"]}
 
     def _start_round(self, state, round_idx: int):
         """Fresh optimizer state, LR schedule and augmentation stream for a round."""
@@ -355,7 +378,7 @@ class LotteryRun:
         metrics = []
         for b in range(nb):
             state, m = self.train_step(state, self.dev["train_x"], self.dev["train_y"], perm[b],
-                                       plan.masks, plan.targets, scale)
+                                       plan.masks, plan.targets, scale, *self.step_extras(state, r))
             metrics.append(m)
             if bar is not None and ((b + 1) % cfg.print_freq == 0 or b + 1 == nb):
                 seen = (b + 1) * cfg.batch_size

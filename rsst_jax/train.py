@@ -44,6 +44,8 @@ class StepConfig:
     std: tuple
     nan_skip: bool = False
     pad: int = 4
+    distill: bool = False          # the step takes (teacher_variables, kd_alpha) as well
+    kd_temperature: float = 4.0
 
 
 def lr_schedule(base_lr: float, steps_per_epoch: int, warmup_epochs: int,
@@ -108,24 +110,40 @@ def cross_entropy(logits, labels):
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
 
 
+def distillation_loss(student_logits, teacher_logits, temperature: float):
+    """KL(teacher || student) of the softened distributions, scaled by T^2 (Hinton et al.)."""
+    t = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature)
+    s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature)
+    return temperature ** 2 * jnp.mean(jnp.sum(jnp.exp(t) * (t - s), axis=-1))
+
+
 def make_train_step(model, tx, cfg: StepConfig):
     """Returns ``train_step(state, data_x, data_y, idx, masks, targets, reg_scale)``.
 
     ``data_x`` (uint8, NHWC) and ``data_y`` are the whole training split on the device;
     ``idx`` [B] picks the batch, so no data crosses the host per step.
+    With ``cfg.distill`` it also takes the teacher's variables and ``kd_alpha`` (traced,
+    so round 0 passes 0 and the same program serves every round).
     Returns (new_state, metrics) with metrics = dict(loss, correct, finite).
     """
 
-    def train_step(state: TrainState, data_x, data_y, idx, masks, targets, reg_scale):
+    def train_step(state: TrainState, data_x, data_y, idx, masks, targets, reg_scale,
+                   teacher=None, kd_alpha=0.0):
         key = jax.random.fold_in(state.rng, state.step)
         x = data_lib.augment(key, data_x[idx], flip=cfg.flip, pad=cfg.pad)
         x = data_lib.normalize(x, cfg.mean, cfg.std)
         y = data_y[idx]
+        if cfg.distill:
+            teacher_logits = jax.lax.stop_gradient(model.apply(teacher, x, train=False))
 
         def loss_fn(params):
             logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats},
                                           x, train=True, mutable=["batch_stats"])
-            return cross_entropy(logits, y), (logits, updates["batch_stats"])
+            loss = cross_entropy(logits, y)
+            if cfg.distill:
+                kd = distillation_loss(logits, teacher_logits, cfg.kd_temperature)
+                loss = (1.0 - kd_alpha) * loss + kd_alpha * kd
+            return loss, (logits, updates["batch_stats"])
 
         (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, new_opt = tx.update(grads, state.opt_state, state.params, masks=masks,
