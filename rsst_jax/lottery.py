@@ -99,9 +99,9 @@ class LotteryRun:
     """One run of ``pruning_times`` rounds in ``cfg.save_dir``."""
 
     def __init__(self, cfg: config_lib.Config, *, progress: bool = True,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = None):
         self.cfg = cfg
-        self.log = log
+        self.log = log or _print
         self.progress = progress
         self.dir = pathlib.Path(cfg.save_dir)
         self.seed = cfg.resolved_seed
@@ -343,7 +343,11 @@ class LotteryRun:
         if not self.cfg.distill:
             return ()
         if round_idx == 0 or self.teacher is None:
-            return state.variables, jnp.float32(0.0)  # round 0 trains the teacher itself
+            # Round 0 trains the teacher itself: alpha 0 and any finite stand-in (not the
+            # state's own buffers, which the step donates).
+            if getattr(self, "_stand_in_teacher", None) is None:
+                self._stand_in_teacher = _copy(state.variables)
+            return self._stand_in_teacher, jnp.float32(0.0)
         return self.teacher, jnp.float32(self.cfg.kd_alpha)
 
     def load_teacher(self):
@@ -484,7 +488,11 @@ class Interrupted(SystemExit):
     """Raised by the RSST_JAX_STOP_AFTER test hook to stop a run between checkpoints."""
 
 
-def run(cfg: config_lib.Config, *, progress: bool = True, log: Callable[[str], None] = print
+def _print(message: str) -> None:
+    print(message, flush=True)  # flushed: runs are often followed through a log file
+
+
+def run(cfg: config_lib.Config, *, progress: bool = True, log: Callable[[str], None] = None
         ) -> list[dict]:
     """Run (or resume) the rounds of ``cfg``; returns the summary rows."""
     return LotteryRun(cfg, progress=progress, log=log).run()
