@@ -1,9 +1,11 @@
 """ResNet-18/50 with the CIFAR stem (3x3 conv, stride 1, no max-pool), as kuangliu/pytorch-cifar.
 
 Four stages of widths 64/128/256/512 (times 4 at the output of a bottleneck);
-projection shortcuts (1x1 conv + BN) wherever the shape changes.
+projection shortcuts (1x1 conv + BN) wherever the shape changes. The optional per-layer
+widths (``stem_features``, ``block_widths``) describe a compacted network
+(``rsst_jax.compact``); left at None they give the standard one.
 """
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -14,48 +16,75 @@ from rsst_jax.nets.resnet_cifar import BasicBlock
 
 
 class Bottleneck(nn.Module):
-    """1x1 reduce, 3x3 (carrying the stride), 1x1 expand to ``4 * features``, each + BN."""
+    """1x1 reduce, 3x3 (carrying the stride), 1x1 expand to ``4 * features``, each + BN.
+
+    Compacted networks override the widths: ``widths = (conv1, conv2, conv3)``, and
+    ``downsample`` (default: where the stride or the width changes) says whether the
+    shortcut projects.
+    """
     features: int
     strides: int = 1
     dtype: Any = jnp.float32
+    widths: Optional[Tuple[int, int, int]] = None
+    downsample: Optional[bool] = None
     expansion = 4
 
     @nn.compact
     def __call__(self, x, train: bool):
-        out_features = self.expansion * self.features
-        y = conv(self.features, 1, name="conv1", dtype=self.dtype)(x)
+        w1, w2, out_features = (self.features, self.features, self.expansion * self.features) \
+            if self.widths is None else self.widths
+        y = conv(w1, 1, name="conv1", dtype=self.dtype)(x)
         y = nn.relu(batch_norm(train, name="bn1", dtype=self.dtype)(y))
-        y = conv(self.features, 3, self.strides, name="conv2", dtype=self.dtype)(y)
+        y = conv(w2, 3, self.strides, name="conv2", dtype=self.dtype)(y)
         y = nn.relu(batch_norm(train, name="bn2", dtype=self.dtype)(y))
         y = conv(out_features, 1, name="conv3", dtype=self.dtype)(y)
         y = batch_norm(train, name="bn3", dtype=self.dtype)(y)
-        if self.strides != 1 or x.shape[-1] != out_features:
+        downsample = self.downsample
+        if downsample is None:
+            downsample = self.strides != 1 or x.shape[-1] != out_features
+        if downsample:
             x = conv(out_features, 1, self.strides, name="shortcut_conv", dtype=self.dtype)(x)
             x = batch_norm(train, name="shortcut_bn", dtype=self.dtype)(x)
         return nn.relu(y + x)
 
 
 class ResNet(nn.Module):
-    """``(N, H, W, C)`` images -> ``(N, num_classes)`` float32 logits."""
+    """``(N, H, W, C)`` images -> ``(N, num_classes)`` float32 logits.
+
+    ``widths`` are the nominal stage widths. Compacted networks override the actual
+    widths: ``stem_features`` for ``conv1`` and ``block_widths[i]`` for the convs of block
+    ``i`` in call order (``(conv1, conv2)``, or ``(conv1, conv2, conv3)`` for bottlenecks).
+    """
     num_blocks: Sequence[int]
     bottleneck: bool = False
     num_classes: int = 10
     widths: Sequence[int] = (64, 128, 256, 512)
     dtype: Any = jnp.float32
+    stem_features: Optional[int] = None
+    block_widths: Optional[Tuple[Tuple[int, ...], ...]] = None
 
     @nn.compact
     def __call__(self, x, train: bool):
-        x = conv(self.widths[0], 3, name="conv1", dtype=self.dtype)(x)
+        stem = self.widths[0] if self.stem_features is None else self.stem_features
+        x = conv(stem, 3, name="conv1", dtype=self.dtype)(x)
         x = nn.relu(batch_norm(train, name="bn1", dtype=self.dtype)(x))
+        cin, i = self.widths[0], 0
         for s, (width, n) in enumerate(zip(self.widths, self.num_blocks), start=1):
             for b in range(n):
                 strides = 2 if s > 1 and b == 0 else 1
                 name = f"layer{s}_{b}"
+                widths = None if self.block_widths is None else tuple(self.block_widths[i])
                 if self.bottleneck:
-                    block = Bottleneck(width, strides, self.dtype, name=name)
+                    cout = Bottleneck.expansion * width
+                    block = Bottleneck(width, strides, self.dtype, widths=widths,
+                                       downsample=strides != 1 or cin != cout, name=name)
                 else:
-                    block = BasicBlock(width, strides, "B", self.dtype, name=name)
+                    cout = width
+                    mid, out = (width, width) if widths is None else widths
+                    block = BasicBlock(out, strides, "B", self.dtype, mid_features=mid,
+                                       downsample=strides != 1 or cin != cout, name=name)
                 x = block(x, train)
+                cin, i = cout, i + 1
         x = dense(self.num_classes, name="fc", dtype=self.dtype)(global_avg_pool(x))
         return x.astype(jnp.float32)
 

@@ -3,12 +3,17 @@
 ``shortcut='A'`` (default, as in the paper and akamaster/pytorch_resnet_cifar10) is
 parameter-free: subsample by the stride and zero-pad the new channels.
 ``shortcut='B'`` projects with a 1x1 conv + BN wherever the shape changes.
+
+The optional per-layer widths (``stem_features``, ``block_widths``, ``shortcut_maps``)
+describe a network whose pruned channels were physically removed (``rsst_jax.compact``);
+left at None they give the standard network, with the same parameter paths either way.
 """
 import functools
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from rsst_jax.nets import register_net
 from rsst_jax.nets.layers import batch_norm, conv, dense, global_avg_pool
@@ -24,23 +29,51 @@ def pad_shortcut(x: jnp.ndarray, features: int, strides: int) -> jnp.ndarray:
     return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (before, extra - before)))
 
 
+def mapped_shortcut(x: jnp.ndarray, channel_map: Sequence[int], strides: int) -> jnp.ndarray:
+    """Option A with explicit channels: output channel j is ``x[..., channel_map[j]]``
+    (subsampled by the stride), or zero where ``channel_map[j]`` is -1.
+
+    A compacted network keeps only some channels on each side of the zero-padding
+    shortcut, so the symmetric padding becomes this index map.
+    """
+    x = x[:, ::strides, ::strides, :]
+    idx = np.asarray(channel_map, np.int32)
+    x = jnp.concatenate([x, jnp.zeros_like(x[..., :1])], axis=-1)  # index C is the zero channel
+    return jnp.take(x, np.where(idx < 0, x.shape[-1] - 1, idx), axis=-1)
+
+
 class BasicBlock(nn.Module):
-    """Two 3x3 conv + BN layers and a residual connection; stride on the first conv."""
+    """Two 3x3 conv + BN layers and a residual connection; stride on the first conv.
+
+    ``features`` is the output width; ``mid_features`` (default ``features``) the width of
+    ``conv1``. ``downsample`` says whether the shortcut pads/projects (default: where the
+    stride or the width changes). ``shortcut_map`` replaces option A's symmetric padding
+    by an explicit channel map (see ``mapped_shortcut``).
+    """
     features: int
     strides: int = 1
     shortcut: str = "A"
     dtype: Any = jnp.float32
+    mid_features: Optional[int] = None
+    downsample: Optional[bool] = None
+    shortcut_map: Optional[Tuple[int, ...]] = None
 
     @nn.compact
     def __call__(self, x, train: bool):
         if self.shortcut not in SHORTCUTS:
             raise ValueError(f"shortcut must be one of {SHORTCUTS}, got {self.shortcut!r}")
-        y = conv(self.features, 3, self.strides, name="conv1", dtype=self.dtype)(x)
+        mid = self.features if self.mid_features is None else self.mid_features
+        y = conv(mid, 3, self.strides, name="conv1", dtype=self.dtype)(x)
         y = nn.relu(batch_norm(train, name="bn1", dtype=self.dtype)(y))
         y = conv(self.features, 3, name="conv2", dtype=self.dtype)(y)
         y = batch_norm(train, name="bn2", dtype=self.dtype)(y)
-        if self.strides != 1 or x.shape[-1] != self.features:
-            if self.shortcut == "A":
+        downsample = self.downsample
+        if downsample is None:
+            downsample = self.strides != 1 or x.shape[-1] != self.features
+        if downsample:
+            if self.shortcut == "A" and self.shortcut_map is not None:
+                x = mapped_shortcut(x, self.shortcut_map, self.strides)
+            elif self.shortcut == "A":
                 x = pad_shortcut(x, self.features, self.strides)
             else:
                 x = conv(self.features, 1, self.strides, name="shortcut_conv", dtype=self.dtype)(x)
@@ -49,22 +82,38 @@ class BasicBlock(nn.Module):
 
 
 class ResNetCifar(nn.Module):
-    """CIFAR ResNet: ``(N, H, W, C)`` images -> ``(N, num_classes)`` float32 logits."""
+    """CIFAR ResNet: ``(N, H, W, C)`` images -> ``(N, num_classes)`` float32 logits.
+
+    ``widths`` are the nominal stage widths (they decide where shortcuts change shape).
+    Compacted networks override the actual widths: ``stem_features`` for ``conv1``,
+    ``block_widths[i] = (conv1, conv2)`` for block ``i`` in call order, and
+    ``shortcut_maps[i]`` (option A) the channel map of block ``i``'s shortcut.
+    """
     num_blocks: Sequence[int]
     num_classes: int = 10
     widths: Sequence[int] = (16, 32, 64)
     shortcut: str = "A"
     dtype: Any = jnp.float32
+    stem_features: Optional[int] = None
+    block_widths: Optional[Tuple[Tuple[int, int], ...]] = None
+    shortcut_maps: Optional[Tuple[Optional[Tuple[int, ...]], ...]] = None
 
     @nn.compact
     def __call__(self, x, train: bool):
-        x = conv(self.widths[0], 3, name="conv1", dtype=self.dtype)(x)
+        stem = self.widths[0] if self.stem_features is None else self.stem_features
+        x = conv(stem, 3, name="conv1", dtype=self.dtype)(x)
         x = nn.relu(batch_norm(train, name="bn1", dtype=self.dtype)(x))
+        cin, i = self.widths[0], 0
         for s, (width, n) in enumerate(zip(self.widths, self.num_blocks), start=1):
             for b in range(n):
                 strides = 2 if s > 1 and b == 0 else 1
-                x = BasicBlock(width, strides, self.shortcut, self.dtype,
+                mid, out = (width, width) if self.block_widths is None else self.block_widths[i]
+                x = BasicBlock(out, strides, self.shortcut, self.dtype, mid_features=mid,
+                               downsample=strides != 1 or cin != width,
+                               shortcut_map=None if self.shortcut_maps is None
+                               else self.shortcut_maps[i],
                                name=f"layer{s}_{b}")(x, train)
+                cin, i = width, i + 1
         x = dense(self.num_classes, name="fc", dtype=self.dtype)(global_avg_pool(x))
         return x.astype(jnp.float32)
 
