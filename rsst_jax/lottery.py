@@ -20,12 +20,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from rsst_jax import checkpoint as ckpt
+from rsst_jax import compact as compact_lib
 from rsst_jax import config as config_lib
 from rsst_jax import criteria as criteria_lib
 from rsst_jax import data as data_lib
 from rsst_jax import masks as masks_lib
 from rsst_jax import nets
 from rsst_jax import regularizers
+from rsst_jax import runlock
 from rsst_jax import train as train_lib
 
 SUMMARY_FIELDS = ("round", "remaining_weight_pct", "channel_sparsity_pct", "best_val_acc",
@@ -87,10 +89,17 @@ def _snapshot(state):
 
 @dataclasses.dataclass
 class RoundPlan:
-    """What a round trains with: weight mask, RSST targets and the channel mask to apply."""
+    """What a round trains with.
+
+    ``masks`` are the kernel masks M; ``channel_masks`` is S in RSST rounds (applied at
+    the round's end); ``train_masks`` is M extended to the BatchNorms of dead channels
+    with --mask_bn, and ``targets`` the RSST penalty targets in that same structure
+    (all False outside RSST rounds), so every round feeds the step the same pytree shapes.
+    """
     masks: Any
+    train_masks: Any
     targets: Any
-    channel_masks: Any = None  # S for RSST rounds, applied at the round's end
+    channel_masks: Any = None
 
 
 # --------------------------------------------------------------------------- the run
@@ -126,6 +135,7 @@ class LotteryRun:
         step_cfg = train_lib.StepConfig(flip=self.ds.flip, mean=tuple(self.ds.mean),
                                         std=tuple(self.ds.std), nan_skip=cfg.nan_policy == "skip",
                                         distill=cfg.distill, kd_temperature=cfg.kd_temperature)
+        self._param_shapes = jax.eval_shape(self._fresh_state).params
         self.train_step = jax.jit(train_lib.make_train_step(self.model, self.tx, step_cfg),
                                   donate_argnums=(0,))
         self.eval_step = jax.jit(train_lib.make_eval_step(self.model, step_cfg))
@@ -197,13 +207,36 @@ class LotteryRun:
         else:
             new = masks_lib.filter_prune(params, masks, rate)
         if cfg.struct == "none":
-            return RoundPlan(masks=new, targets=no_targets(new))
+            return self.make_plan(new)
         scores = self.channel_scores(variables, new, round_idx)
         channel = masks_lib.refill(new, scores, cfg.fillback_rate)
         if cfg.struct == "refill":
-            return RoundPlan(masks=channel, targets=no_targets(channel))
-        return RoundPlan(masks=new, targets=masks_lib.rsst_targets(new, channel),
-                         channel_masks=channel)
+            return self.make_plan(channel)
+        return self.make_plan(new, channel)
+
+    def extend_masks(self, masks):
+        """Kernel masks plus, with --mask_bn, masks of the BatchNorm scale/bias that follow
+        each conv (False for channels whose kernel slice is all pruned)."""
+        if not self.cfg.use_mask_bn:
+            return masks
+        bn = compact_lib.bn_masks(self.model, self._param_shapes, masks, self.ds.image_shape)
+        return compact_lib.merge_masks(masks, bn)
+
+    def make_plan(self, masks, channel_masks=None) -> RoundPlan:
+        """The round's plan from M (and S for RSST): train masks and penalty targets.
+
+        RSST targets are the weights kept by M and removed by S; with --mask_bn also the
+        BatchNorm scale and bias of the channels S removes, because BatchNorm undoes any
+        shrinking of a conv channel's weights until they reach zero.
+        """
+        train_masks = self.extend_masks(masks)
+        if channel_masks is None:
+            return RoundPlan(masks, train_masks, no_targets(train_masks))
+        alive_m, alive_s = train_masks, self.extend_masks(channel_masks)
+        targets = jax.tree_util.tree_map(
+            lambda m, s: None if m is None else jnp.logical_and(m, jnp.logical_not(s)),
+            alive_m, alive_s, is_leaf=lambda x: x is None)
+        return RoundPlan(masks, train_masks, targets, channel_masks)
 
     def channel_scores(self, variables, masks, round_idx):
         cfg = self.cfg
@@ -225,13 +258,26 @@ class LotteryRun:
 
     # ------------------------------------------------------------------ the rounds
     def run(self) -> list[dict]:
-        """Run (or resume) all rounds; returns the summary rows."""
-        cfg = self.cfg
+        """Run (or resume) all rounds; returns the summary rows.
+
+        Holds ``save_dir/run.lock`` throughout (see ``runlock``): a second run on the same
+        ``--save_dir`` refuses to start, and a killed run leaves nothing stuck.
+        """
         self.dir.mkdir(parents=True, exist_ok=True)
+        with runlock.RunLock(self.dir, log=self.log):
+            return self._run_locked()
+
+    def _run_locked(self) -> list[dict]:
+        cfg = self.cfg
         template_state = self._fresh_state()
         template_masks = masks_lib.init_masks(template_state.params, conv1=cfg.conv1,
                                               fc=cfg.prune_dense)
-        if cfg.resume:
+        resume = cfg.resume
+        if resume and cfg.checkpoint is None and ckpt.latest_step(self.ckpt_dir) is None:
+            # Killed before its first checkpoint: resuming is starting (W0 comes from init/).
+            self.log(f"--resume: {self.ckpt_dir} holds no checkpoint yet; starting the run")
+            resume = False
+        if resume:
             state, plan, rewind, prog = self._restore(template_state, template_masks)
             self.log(f"resuming {self.dir} at round {prog.round}, epoch {prog.epoch}")
             self._rewrite_log(prog.history)
@@ -240,7 +286,8 @@ class LotteryRun:
                 raise RunError(f"--save_dir {self.dir} already holds a run; pass --resume to "
                                f"continue it, or choose another --save_dir")
             state = self.load_or_make_init(template_state)
-            plan = RoundPlan(masks=template_masks, targets=no_targets(template_masks))
+            plan = self.make_plan(template_masks)
+            state = state.replace(params=masks_lib.apply_masks(state.params, plan.train_masks))
             rewind = _snapshot(state)
             state = self._start_round(state, 0)
             prog = Progress()
@@ -309,8 +356,8 @@ class LotteryRun:
                "final_val_acc": last["val_acc"], "final_test_acc": last["test_acc"]}
         if plan.channel_masks is not None:
             row.update(rsst_acc_before=last["test_acc"], final_lambda=last.get("reg_lambda"))
-            plan = RoundPlan(masks=plan.channel_masks, targets=no_targets(plan.channel_masks))
-            state = state.replace(params=masks_lib.apply_masks(state.params, plan.masks))
+            plan = self.make_plan(plan.channel_masks)
+            state = state.replace(params=masks_lib.apply_masks(state.params, plan.train_masks))
             row["final_val_acc"] = self.evaluate(state.variables, "val")["acc"]
             row["final_test_acc"] = row["rsst_acc_after"] = self.evaluate(state.variables,
                                                                           "test")["acc"]
@@ -326,7 +373,7 @@ class LotteryRun:
             plan = self.prune_and_plan(state.variables, plan.masks, r)
             rewound = _copy(rewind)
             state = self._start_round(state.replace(
-                params=masks_lib.apply_masks(rewound["params"], plan.masks),
+                params=masks_lib.apply_masks(rewound["params"], plan.train_masks),
                 batch_stats=rewound["batch_stats"]), r + 1)
         prog.elapsed += time.time() - t1
         row.update(round_time_s=round(prog.elapsed - prog.round_start, 2),
@@ -382,7 +429,8 @@ class LotteryRun:
         metrics = []
         for b in range(nb):
             state, m = self.train_step(state, self.dev["train_x"], self.dev["train_y"], perm[b],
-                                       plan.masks, plan.targets, scale, *self.step_extras(state, r))
+                                       plan.train_masks, plan.targets, scale,
+                                       *self.step_extras(state, r))
             metrics.append(m)
             if bar is not None and ((b + 1) % cfg.print_freq == 0 or b + 1 == nb):
                 seen = (b + 1) * cfg.batch_size
@@ -444,11 +492,11 @@ class LotteryRun:
             listed = ", ".join(f"--{k} {saved[k]!r} (now {getattr(cfg, k)!r})" for k in diffs[:5])
             raise RunError(f"--resume: {source} was made with a different configuration: "
                            f"{listed}; resume with the same flags, or start a new --save_dir")
-        plan_t = RoundPlan(masks=template_masks, targets=no_targets(template_masks))
+        plan_t = RoundPlan(template_masks, None, None)
         tree, meta = ckpt.restore(source, _checkpoint_tree(template_state, plan_t,
                                                            _snapshot(template_state)))
-        plan = RoundPlan(masks=tree["masks"], targets=tree["targets"],
-                         channel_masks=tree["channel_masks"] if meta["has_channel_masks"] else None)
+        plan = self.make_plan(tree["masks"],
+                              tree["channel_masks"] if meta["has_channel_masks"] else None)
         fields = {f.name for f in dataclasses.fields(Progress)}
         prog = Progress(**{k: v for k, v in meta.items() if k in fields})
         return tree["state"], plan, tree["rewind"], prog
@@ -500,8 +548,7 @@ def run(cfg: config_lib.Config, *, progress: bool = True, log: Callable[[str], N
 
 def _checkpoint_tree(state, plan: RoundPlan, rewind):
     channel = plan.channel_masks if plan.channel_masks is not None else plan.masks
-    return {"state": state, "masks": plan.masks, "targets": plan.targets,
-            "channel_masks": channel, "rewind": rewind}
+    return {"state": state, "masks": plan.masks, "channel_masks": channel, "rewind": rewind}
 
 
 def _target_stats(params, targets):

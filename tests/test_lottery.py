@@ -111,6 +111,28 @@ def test_rsst_penalty_shrinks_targets_and_applies_channel_mask(tmp_path, monkeyp
         assert np.all(per_channel.all(0) | ~per_channel.any(0)), path
         assert np.all(w[~m] == 0.0)
     assert rows[1]["channel_sparsity_pct"] > 0
+    # --mask_bn (default for rsst): a removed channel's BatchNorm scale and bias are exactly 0,
+    # so the channel outputs exactly 0; and they were penalized with the kernel weights.
+    dead_total = 0
+    for i in (2, 3):
+        m = np.asarray(tree["masks"][f"conv{i}"]["kernel"], bool)
+        dead = ~m.reshape(-1, m.shape[-1]).any(0)
+        dead_total += int(dead.sum())
+        for leaf in ("scale", "bias"):
+            assert np.all(np.asarray(tree["params"][f"bn{i}"][leaf])[dead] == 0.0)
+    assert dead_total > 0
+    # The plan's targets: kernel entries kept by M and removed by S, plus the BatchNorm
+    # entries of the channels S removes.
+    params = run._fresh_state().params
+    m = masks_lib.init_masks(params)
+    s = jax.tree_util.tree_map(lambda x: x, m, is_leaf=lambda x: x is None)
+    s["conv2"]["kernel"] = s["conv2"]["kernel"].at[..., 3].set(False)
+    plan = run.make_plan(m, s)
+    t = plan.targets
+    assert np.asarray(t["conv2"]["kernel"]).sum() == 3 * 3 * 8
+    assert np.flatnonzero(np.asarray(t["bn2"]["scale"])).tolist() == [3]
+    assert np.flatnonzero(np.asarray(t["bn2"]["bias"])).tolist() == [3]
+    assert not np.asarray(t["bn3"]["scale"]).any() and t["fc"]["kernel"] is None
 
 
 def test_rsst_targets_untouched_by_penalty_when_lambda_is_zero(tmp_path, monkeypatch):
