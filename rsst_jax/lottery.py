@@ -26,6 +26,7 @@ from rsst_jax import criteria as criteria_lib
 from rsst_jax import data as data_lib
 from rsst_jax import masks as masks_lib
 from rsst_jax import nets
+from rsst_jax import pretrained as pretrained_lib
 from rsst_jax import regularizers
 from rsst_jax import runlock
 from rsst_jax import train as train_lib
@@ -165,31 +166,17 @@ class LotteryRun:
         return state.replace(params=w0["params"], batch_stats=w0["batch_stats"])
 
     def _merge_pretrained(self, w0):
-        """Pretrained weights everywhere except the classifier (and the stem unless shapes fit)."""
-        raw, _ = ckpt.restore_raw(self.cfg.pretrained)
-        src = {"params": raw.get("params", raw), "batch_stats": raw.get("batch_stats", {})}
-        flat_dst = {jax.tree_util.keystr(p): v for p, v in
-                    jax.tree_util.tree_flatten_with_path(w0)[0]}
-        flat_src = {jax.tree_util.keystr(p): v for p, v in
-                    jax.tree_util.tree_flatten_with_path(src)[0]}
-        missing = [k for k in flat_dst if k not in flat_src]
-        if len(missing) == len(flat_dst):
-            raise RunError(f"--pretrained {self.cfg.pretrained}: no parameter names in common "
-                           f"with {self.cfg.arch}")
-        mismatched = [k for k, v in flat_dst.items() if k in flat_src
-                      and np.shape(flat_src[k]) != np.shape(v)]
-        classifier = [k for k in mismatched if np.ndim(flat_dst[k]) <= 2]
-        bad = [k for k in mismatched if k not in classifier]
-        if bad:
-            raise RunError(f"--pretrained {self.cfg.pretrained} does not match {self.cfg.arch}: "
-                           f"{bad[0]} has shape {np.shape(flat_src[bad[0]])}, "
-                           f"expected {np.shape(flat_dst[bad[0]])}")
-        leaves = []
-        for path, v in jax.tree_util.tree_flatten_with_path(w0)[0]:
-            k = jax.tree_util.keystr(path)
-            keep_fresh = k not in flat_src or k in classifier
-            leaves.append(v if keep_fresh else jnp.asarray(flat_src[k], v.dtype))
-        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(w0), leaves)
+        """Pretrained weights where names and shapes fit; the classifier (and a stem of
+        another input size) stays freshly initialized."""
+        try:
+            variables, report = pretrained_lib.load_pretrained(self.cfg.pretrained, w0,
+                                                               with_report=True)
+        except pretrained_lib.PretrainedError as e:
+            raise RunError(str(e)) from None
+        self.log(f"--pretrained {self.cfg.pretrained}: loaded {len(report.loaded)} arrays, "
+                 f"kept {len(report.fresh)} freshly initialized"
+                 + (f" ({', '.join(p for p, _ in report.fresh[:4])})" if report.fresh else ""))
+        return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
 
     # ------------------------------------------------------------------ pruning
     def prune_and_plan(self, variables, masks, round_idx: int) -> RoundPlan:

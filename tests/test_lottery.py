@@ -219,3 +219,24 @@ def test_resume_refuses_other_config_and_fresh_run_refuses_existing_dir(tmp_path
     # A finished run resumes to the same rows without training again.
     rows = lottery.LotteryRun(cfg.replace(resume=True), progress=False, log=lambda s: None).run()
     assert len(rows) == 1
+
+
+def test_pt_rewinds_to_pretrained_weights_and_rejects_mismatched_files(tmp_path, monkeypatch):
+    use_tiny_data(monkeypatch)
+    donor = tiny_config(tmp_path / "donor", pruning_times=1, epochs=1)
+    lottery.LotteryRun(donor, progress=False, log=lambda s: None).run()
+    cfg = tiny_config(tmp_path / "pt", prune_type="pt", pretrained=str(tmp_path / "donor"),
+                      pruning_times=2, epochs=1)
+    lottery.LotteryRun(cfg, progress=False, log=lambda s: None).run()
+    w_pre, _ = ckpt.restore_raw(tmp_path / "donor" / "round_0" / "final")
+    last, _ = ckpt.restore_raw(tmp_path / "pt" / "checkpoints")
+    for a, b in zip(jax.tree_util.tree_leaves(last["rewind"]["params"]),
+                    jax.tree_util.tree_leaves(w_pre["params"])):
+        np.testing.assert_array_equal(a, b)
+    # A checkpoint of another architecture stops with a message naming the layer.
+    from tiny import tiny_digits  # noqa: F401  (same data, another network)
+    other = tiny_config(tmp_path / "other", arch="res20s", pruning_times=1, epochs=1,
+                        batch_size=32)
+    with pytest.raises(lottery.RunError):
+        lottery.LotteryRun(other.replace(prune_type="pt", pretrained=str(tmp_path / "donor")),
+                           progress=False, log=lambda s: None).run()
