@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import pathlib
+import shutil
 from typing import Any, Optional
 
 import jax
@@ -48,31 +49,69 @@ def save(directory: str | os.PathLike, step: int, tree: Any, meta: Optional[dict
          keep: int = 1) -> None:
     """Write ``tree`` (arrays) and ``meta`` (JSON) as step ``step`` under ``directory``.
 
-    Orbax writes into a temporary folder and renames it when complete, so a killed
-    process never leaves a half-written checkpoint that looks finished; older steps
-    beyond ``keep`` are deleted only after the new one is committed.
+    Orbax writes into ``<step>.orbax-checkpoint-tmp`` and renames it to ``<step>`` once
+    complete (with ``commit_success.txt`` inside), so a killed process never leaves a
+    half-written checkpoint that ``steps()`` counts. Older steps are deleted only after
+    the new one is committed (the new step and the ``keep - 1`` newest others stay), each
+    renamed out of the step namespace first, so a kill during a deletion cannot leave a
+    half-deleted step either. A step that already exists (a run killed after writing it
+    and resumed from an earlier checkpoint recomputes the same step) is replaced.
     """
     directory = pathlib.Path(directory).absolute()
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+    _remove_trash(directory)
+    if (directory / str(step)).exists():
+        _discard(directory / str(step))
+    options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True,
                                            enable_async_checkpointing=False)
     with ocp.CheckpointManager(directory, options=options) as mgr:
         meta = dict(meta or {}, layout_version=LAYOUT_VERSION)
         mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
                                                meta=ocp.args.JsonSave(meta)), force=True)
         mgr.wait_until_finished()
+    if not is_committed(directory / str(step)):
+        raise CheckpointError(f"checkpoint {directory / str(step)} was not committed")
+    others = [s for s in steps(directory) if s != step]  # newest last
+    for old in others[:max(0, len(others) - (keep - 1))]:
+        _discard(directory / str(old))
+
+
+_TRASH_PREFIX = ".deleting-"
+
+
+def _discard(path: pathlib.Path) -> None:
+    """Delete a step directory: an atomic rename out of the step namespace, then rmtree."""
+    trash = path.with_name(f"{_TRASH_PREFIX}{path.name}-{os.getpid()}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _remove_trash(directory: pathlib.Path) -> None:
+    """Finish deletions that a killed process left behind."""
+    if directory.is_dir():
+        for child in directory.iterdir():
+            if child.name.startswith(_TRASH_PREFIX):
+                shutil.rmtree(child, ignore_errors=True)
+
+
+def is_committed(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a complete step: a plain number with ``meta`` and ``state``
+    inside, committed (orbax writes ``commit_success.txt`` at commit; a step without
+    orbax's ``_CHECKPOINT_METADATA`` comes from an older writer and counts as is)."""
+    path = pathlib.Path(path)
+    if not (path.name.isdigit() and path.is_dir() and (path / "meta").is_dir()
+            and (path / "state").is_dir()):
+        return False
+    return (path / "commit_success.txt").exists() or not (path / "_CHECKPOINT_METADATA").exists()
 
 
 def steps(directory: str | os.PathLike) -> list[int]:
-    """Committed steps under ``directory`` (sorted); [] if none."""
+    """Committed steps under ``directory`` (sorted); [] if none. Temporary
+    (``*.orbax-checkpoint-tmp``), uncommitted and half-deleted directories never count."""
     directory = pathlib.Path(directory)
     if not directory.is_dir():
         return []
-    out = []
-    for child in directory.iterdir():
-        if child.name.isdigit() and child.is_dir() and (child / "meta").exists() \
-                and (child / "state").exists():
-            out.append(int(child.name))
-    return sorted(out)
+    return sorted(int(child.name) for child in directory.iterdir() if is_committed(child))
 
 
 def latest_step(directory) -> Optional[int]:
