@@ -26,6 +26,7 @@ from rsst_jax import criteria as criteria_lib
 from rsst_jax import data as data_lib
 from rsst_jax import masks as masks_lib
 from rsst_jax import nets
+from rsst_jax import parallel
 from rsst_jax import pretrained as pretrained_lib
 from rsst_jax import regularizers
 from rsst_jax import runlock
@@ -118,8 +119,17 @@ class LotteryRun:
         self.base_key = jax.random.PRNGKey(self.seed)
 
         self.ds = data_lib.load_dataset(cfg.dataset, cfg.data, seed=self.seed)
-        self.dev = data_lib.to_device(self.ds)
-        self.model = build_model(cfg, self.ds.num_classes)
+        # Several devices: batches split over a data-parallel mesh, all else replicated.
+        self.mesh = parallel.data_mesh()
+        n_dev = 1 if self.mesh is None else self.mesh.size
+        if cfg.batch_size % (n_dev * cfg.accum_steps):
+            raise RunError(f"--batch_size {cfg.batch_size} must be a multiple of {n_dev} devices "
+                           f"x --accum_steps {cfg.accum_steps}; choose another batch size, or "
+                           f"fewer devices with CUDA_VISIBLE_DEVICES")
+        self.dev = parallel.replicate(data_lib.to_device(self.ds), self.mesh)
+        # bf16: compute dtype only; params, optimizer state and BatchNorm statistics stay fp32.
+        self.model = build_model(cfg, self.ds.num_classes, dtype=train_lib.compute_dtype(
+            cfg.precision))
         n_train = self.ds.train_x.shape[0]
         self.steps_per_epoch = train_lib.steps_per_epoch(n_train, cfg.batch_size)
         self.total_steps = self.steps_per_epoch * cfg.epochs
@@ -135,11 +145,21 @@ class LotteryRun:
             block_loss_grad=cfg.block_loss_grad)
         step_cfg = train_lib.StepConfig(flip=self.ds.flip, mean=tuple(self.ds.mean),
                                         std=tuple(self.ds.std), nan_skip=cfg.nan_policy == "skip",
-                                        distill=cfg.distill, kd_temperature=cfg.kd_temperature)
+                                        distill=cfg.distill, kd_temperature=cfg.kd_temperature,
+                                        accum_steps=cfg.accum_steps)
         self._param_shapes = jax.eval_shape(self._fresh_state).params
-        self.train_step = jax.jit(train_lib.make_train_step(self.model, self.tx, step_cfg),
-                                  donate_argnums=(0,))
-        self.eval_step = jax.jit(train_lib.make_eval_step(self.model, step_cfg))
+        step = train_lib.make_train_step(
+            self.model, self.tx, step_cfg,
+            batch_sharding=None if self.mesh is None else parallel.batch_sharding(self.mesh))
+        n_extra = 2 if cfg.distill else 0  # (teacher, kd_alpha)
+        self.train_step = parallel.jit_step(step, self.mesh, n_extra)
+        # --fused: chunks of steps as one lax.scan (at most two programs: k and the remainder).
+        self.fused = train_lib.use_fused(cfg.fused)
+        self.fused_steps = cfg.fused_steps or cfg.print_freq
+        self.train_chunk = parallel.jit_chunk(train_lib.make_epoch_fn(step), self.mesh, n_extra)
+        self.eval_step = parallel.jit_eval(train_lib.make_eval_step(self.model, step_cfg),
+                                           self.mesh, min(cfg.eval_batch_size,
+                                                          len(self.ds.val_y), len(self.ds.test_y)))
 
     # ------------------------------------------------------------------ init / rewind
     def _fresh_state(self) -> train_lib.TrainState:
@@ -407,32 +427,49 @@ class LotteryRun:
                                  epoch)
         perm = train_lib.epoch_permutation(key, self.ds.train_x.shape[0], cfg.batch_size)
         nb = int(perm.shape[0])
+        perm = np.asarray(perm)
         scale = jnp.float32(reg_scale)
+        # On a mesh: state, masks and targets replicated (a no-op once they are), batches split.
+        state, masks, targets = parallel.replicate((state, plan.train_masks, plan.targets),
+                                                   self.mesh)
         bar = None
         if self.progress:
             from tqdm.auto import tqdm
             bar = tqdm(total=nb, leave=False, dynamic_ncols=True, disable=None,
                        desc=f"round {r}/{cfg.pruning_times - 1} epoch {epoch + 1}/{cfg.epochs}")
-        metrics = []
-        for b in range(nb):
-            state, m = self.train_step(state, self.dev["train_x"], self.dev["train_y"], perm[b],
-                                       plan.train_masks, plan.targets, scale,
-                                       *self.step_extras(state, r))
+        metrics, done, counted, correct_so_far = [], 0, 0, 0
+        while done < nb:
+            extras = parallel.replicate(self.step_extras(state, r), self.mesh)
+            if self.fused:  # one compiled scan per chunk; the bar advances per chunk
+                n = min(self.fused_steps, nb - done)
+                state, m = self.train_chunk(state, self.dev["train_x"], self.dev["train_y"],
+                                            parallel.shard_batch(perm[done:done + n], self.mesh, 1),
+                                            masks, targets, scale, *extras)
+                last_loss = lambda: m["loss"][-1]  # noqa: E731
+            else:
+                n = 1
+                state, m = self.train_step(state, self.dev["train_x"], self.dev["train_y"],
+                                           parallel.shard_batch(perm[done], self.mesh, 0),
+                                           masks, targets, scale, *extras)
+                last_loss = lambda: m["loss"]  # noqa: E731
             metrics.append(m)
-            if bar is not None and ((b + 1) % cfg.print_freq == 0 or b + 1 == nb):
-                seen = (b + 1) * cfg.batch_size
-                post = {"loss": f"{float(m['loss']):.3f}",
-                        "acc": f"{100.0 * sum(int(x['correct']) for x in metrics) / seen:.1f}"}
+            done += n
+            if bar is not None and (self.fused or done % cfg.print_freq == 0 or done == nb):
+                correct_so_far += sum(int(np.sum(x["correct"])) for x in metrics[counted:])
+                counted = len(metrics)
+                post = {"loss": f"{float(last_loss()):.3f}",
+                        "acc": f"{100.0 * correct_so_far / (done * cfg.batch_size):.1f}"}
                 if plan.channel_masks is not None:
                     lam = float(self.reg_schedule(int(state.step) - 1)) * reg_scale
                     post["lambda"] = f"{lam:.3g}"
                 bar.set_postfix(post, refresh=False)
-                bar.update((b + 1) - bar.n)
+                bar.update(done - bar.n)
         if bar is not None:
             bar.close()
-        loss = np.asarray(jnp.stack([m["loss"] for m in metrics]))
-        correct = np.asarray(jnp.stack([m["correct"] for m in metrics]))
-        finite = np.asarray(jnp.stack([m["finite"] for m in metrics])).astype(bool)
+        join = jnp.concatenate if self.fused else jnp.stack  # [n] per chunk, or scalars
+        loss = np.asarray(join([m["loss"] for m in metrics]))
+        correct = np.asarray(join([m["correct"] for m in metrics]))
+        finite = np.asarray(join([m["finite"] for m in metrics])).astype(bool)
         if not finite.all():
             first = int(np.argmin(finite))
             where = f"round {r}, epoch {epoch}, step {first} of the epoch"

@@ -44,6 +44,7 @@ class StepConfig:
     std: tuple
     nan_skip: bool = False
     pad: int = 4
+    accum_steps: int = 1  # micro-batches per step; the batch size must be a multiple
     distill: bool = False          # the step takes (teacher_variables, kd_alpha) as well
     kd_temperature: float = 4.0
 
@@ -66,18 +67,22 @@ def lr_schedule(base_lr: float, steps_per_epoch: int, warmup_epochs: int,
 
 def make_optimizer(*, optimizer: str, lr: optax.Schedule, momentum: float, weight_decay: float,
                    reg_schedule: Optional[Callable] = None,
-                   block_loss_grad: bool = False) -> optax.GradientTransformationExtraArgs:
+                   block_loss_grad: bool = False,
+                   masked: bool = True) -> optax.GradientTransformationExtraArgs:
     """penalty -> weight decay -> keep pruned -> optimizer -> keep pruned.
 
     Weight decay is coupled for sgd/adam (added to the gradient, as PyTorch does) and
     decoupled for adamw. Masking the gradient before the optimizer keeps momentum of
     pruned entries at zero; masking again after makes the zero update exact.
+    ``masked=False`` leaves out the penalty and both masks: the plain dense optimizer
+    the benchmark compares against.
     """
     reg_schedule = reg_schedule or (lambda step: jnp.zeros((), jnp.float32))
-    parts = [regularizers.rsst_penalty(reg_schedule, block_loss_grad=block_loss_grad)]
+    parts = [regularizers.rsst_penalty(reg_schedule, block_loss_grad=block_loss_grad)] if masked else []
     if optimizer in ("sgd", "adam") and weight_decay > 0:
         parts.append(optax.add_decayed_weights(weight_decay))
-    parts.append(masks_lib.keep_pruned())
+    if masked:
+        parts.append(masks_lib.keep_pruned())
     if optimizer == "sgd":
         parts.append(optax.sgd(lr, momentum=momentum or None))
     elif optimizer == "adam":
@@ -86,8 +91,28 @@ def make_optimizer(*, optimizer: str, lr: optax.Schedule, momentum: float, weigh
         parts.append(optax.adamw(lr, weight_decay=weight_decay))
     else:
         raise ValueError(f"unknown optimizer {optimizer!r}")
-    parts.append(masks_lib.keep_pruned())
+    if masked:
+        parts.append(masks_lib.keep_pruned())
     return optax.chain(*parts)
+
+
+def compute_dtype(precision: str):
+    """``--precision`` -> the networks' compute dtype (parameters always stay float32)."""
+    return {"fp32": jnp.float32, "bf16": jnp.bfloat16}[precision]
+
+
+def use_fused(setting: str, platform: Optional[str] = None) -> bool:
+    """``--fused``: on/off, or auto = on for accelerators and off on CPU.
+
+    On CPU, XLA (0.10) leaves the weight-gradient convolutions inside a ``lax.scan``
+    body in a form its fast convolution library does not take, and the chunk runs
+    tens of times slower than the same steps one by one (docs/performance.md).
+    """
+    if setting in ("on", "off"):
+        return setting == "on"
+    if setting != "auto":
+        raise ValueError(f"--fused must be auto, on or off, got {setting!r}")
+    return (platform or jax.default_backend()) != "cpu"
 
 
 def create_train_state(model, tx, key: Array, sample_shape: tuple) -> TrainState:
@@ -117,7 +142,7 @@ def distillation_loss(student_logits, teacher_logits, temperature: float):
     return temperature ** 2 * jnp.mean(jnp.sum(jnp.exp(t) * (t - s), axis=-1))
 
 
-def make_train_step(model, tx, cfg: StepConfig):
+def make_train_step(model, tx, cfg: StepConfig, *, batch_sharding=None):
     """Returns ``train_step(state, data_x, data_y, idx, masks, targets, reg_scale)``.
 
     ``data_x`` (uint8, NHWC) and ``data_y`` are the whole training split on the device;
@@ -125,19 +150,24 @@ def make_train_step(model, tx, cfg: StepConfig):
     With ``cfg.distill`` it also takes the teacher's variables and ``kd_alpha`` (traced,
     so round 0 passes 0 and the same program serves every round).
     Returns (new_state, metrics) with metrics = dict(loss, correct, finite).
-    """
 
-    def train_step(state: TrainState, data_x, data_y, idx, masks, targets, reg_scale,
-                   teacher=None, kd_alpha=0.0):
-        key = jax.random.fold_in(state.rng, state.step)
-        x = data_lib.augment(key, data_x[idx], flip=cfg.flip, pad=cfg.pad)
-        x = data_lib.normalize(x, cfg.mean, cfg.std)
-        y = data_y[idx]
+    With ``cfg.accum_steps = N > 1`` the augmented batch is split into N micro-batches
+    (rows ``m, m+N, ...``) scanned in order: BatchNorm statistics update per micro-batch,
+    gradients and loss are averaged, and the optimizer makes one update. For a network
+    without BatchNorm that equals the step on the whole batch up to float rounding.
+    ``batch_sharding`` (a ``jax.sharding.Sharding`` of a [B] array, see ``parallel``)
+    pins the batch axis of the gathered images to the data-parallel mesh.
+    """
+    n_micro = int(cfg.accum_steps)
+
+    def loss_and_grads(params, batch_stats, x_uint8, y, teacher, kd_alpha):
+        """(loss, correct count, new batch_stats, grads) of one (micro-)batch."""
+        x = data_lib.normalize(x_uint8, cfg.mean, cfg.std)
         if cfg.distill:
             teacher_logits = jax.lax.stop_gradient(model.apply(teacher, x, train=False))
 
-        def loss_fn(params):
-            logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats},
+        def loss_fn(p):
+            logits, updates = model.apply({"params": p, "batch_stats": batch_stats},
                                           x, train=True, mutable=["batch_stats"])
             loss = cross_entropy(logits, y)
             if cfg.distill:
@@ -145,7 +175,36 @@ def make_train_step(model, tx, cfg: StepConfig):
                 loss = (1.0 - kd_alpha) * loss + kd_alpha * kd
             return loss, (logits, updates["batch_stats"])
 
-        (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return loss, jnp.sum(jnp.argmax(logits, -1) == y), new_stats, grads
+
+    def accumulated(params, batch_stats, x_uint8, y, teacher, kd_alpha):
+        b = x_uint8.shape[0] // n_micro
+        # Micro-batch m takes rows m, m+N, ...: on a mesh each one spans every device.
+        split = lambda a: jnp.swapaxes(a.reshape(b, n_micro, *a.shape[1:]), 0, 1)  # noqa: E731
+
+        def body(carry, xy):
+            stats, gsum, lsum, csum = carry
+            loss, correct, stats, grads = loss_and_grads(params, stats, *xy, teacher, kd_alpha)
+            gsum = jax.tree_util.tree_map(jnp.add, gsum, grads)
+            return (stats, gsum, lsum + loss, csum + correct), None
+
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+        init = (batch_stats, zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+        (stats, gsum, lsum, csum), _ = jax.lax.scan(body, init, (split(x_uint8), split(y)))
+        grads = jax.tree_util.tree_map(lambda g: g / n_micro, gsum)
+        return lsum / n_micro, csum, stats, grads
+
+    def train_step(state: TrainState, data_x, data_y, idx, masks, targets, reg_scale,
+                   teacher=None, kd_alpha=0.0):
+        key = jax.random.fold_in(state.rng, state.step)
+        x = data_lib.augment(key, data_x[idx], flip=cfg.flip, pad=cfg.pad)
+        y = data_y[idx]
+        if batch_sharding is not None:
+            x = jax.lax.with_sharding_constraint(x, batch_sharding)
+        grad_fn = loss_and_grads if n_micro == 1 else accumulated
+        loss, correct, new_stats, grads = grad_fn(state.params, state.batch_stats, x, y,
+                                                  teacher, kd_alpha)
         updates, new_opt = tx.update(grads, state.opt_state, state.params, masks=masks,
                                      reg_targets=targets, reg_scale=reg_scale)
         new_params = optax.apply_updates(state.params, updates)
@@ -156,18 +215,22 @@ def make_train_step(model, tx, cfg: StepConfig):
             # Skip the whole update on a non-finite loss; the step counter still moves on.
             new_state = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new_state,
                                                state.replace(step=state.step + 1))
-        correct = jnp.sum(jnp.argmax(logits, -1) == y)
         return new_state, {"loss": loss, "correct": correct, "finite": finite}
 
     return train_step
 
 
 def make_epoch_fn(train_step):
-    """One epoch as a ``lax.scan`` over the rows of ``perm`` [num_batches, B]."""
+    """One epoch (or a chunk of one) as a ``lax.scan`` over the rows of ``perm`` [k, B].
 
-    def train_epoch(state, data_x, data_y, perm, masks, targets, reg_scale):
+    ``train_epoch(state, data_x, data_y, perm, masks, targets, reg_scale, *extras)``
+    returns (state, metrics) with every metric stacked to [k]; ``extras`` are the step's
+    (teacher, kd_alpha) with distillation.
+    """
+
+    def train_epoch(state, data_x, data_y, perm, masks, targets, reg_scale, *extras):
         def body(s, idx):
-            return train_step(s, data_x, data_y, idx, masks, targets, reg_scale)
+            return train_step(s, data_x, data_y, idx, masks, targets, reg_scale, *extras)
         return jax.lax.scan(body, state, perm)
 
     return train_epoch
@@ -223,6 +286,7 @@ def tree_is_finite(tree) -> bool:
     return bool(jnp.all(jnp.stack(leaves))) if leaves else True
 
 
-__all__ = ["TrainState", "StepConfig", "lr_schedule", "make_optimizer", "create_train_state",
+__all__ = ["TrainState", "StepConfig", "lr_schedule", "make_optimizer", "compute_dtype",
+           "use_fused", "create_train_state",
            "reset_optimizer", "make_train_step", "make_epoch_fn", "make_eval_step", "evaluate",
            "steps_per_epoch", "epoch_permutation", "cross_entropy"]

@@ -1,0 +1,115 @@
+"""Data parallelism over a ``jax.sharding.Mesh``, and the compiled train step and chunk.
+
+One mesh axis, ``data``: the batch axis of every batch is split over it; parameters,
+optimizer state, masks, RSST targets and the training images are replicated. ``jit``
+sees global arrays, so BatchNorm's batch mean and variance inside the step are over the
+global batch (XLA inserts the all-reduce), exactly as on one device. No ``pmap``.
+
+Several hosts: call ``jax.distributed.initialize()`` before anything else; ``jax.devices()``
+then lists every host's devices, ``data_mesh()`` spans them all, and ``replicate`` builds
+global arrays from the copy every process holds (every process loads the same data set
+and derives the same initialization from the seed). See docs/performance.md.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def data_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Optional[Mesh]:
+    """A 1-D mesh over ``devices`` (default: all of them); None for a single device."""
+    devices = list(jax.devices() if devices is None else devices)
+    if len(devices) < 2:
+        return None
+    return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh, batch_axis: int = 0) -> NamedSharding:
+    """Split axis ``batch_axis`` over the mesh, replicate the rest."""
+    return NamedSharding(mesh, P(*([None] * batch_axis), DATA_AXIS))
+
+
+def _put(x, sharding):
+    if x is None:
+        return None
+    if isinstance(x, jax.Array) and x.sharding == sharding:
+        return x
+    if jax.process_count() == 1:
+        return jax.device_put(x, sharding)
+    host = np.asarray(x)  # every process holds the same value (same seed, same data)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def replicate(tree: Any, mesh: Optional[Mesh]) -> Any:
+    """Every array leaf of ``tree`` replicated over ``mesh`` (identity when mesh is None)."""
+    if mesh is None:
+        return tree
+    sharding = replicated(mesh)
+    return jax.tree_util.tree_map(lambda x: _put(x, sharding), tree,
+                                  is_leaf=lambda x: x is None)
+
+
+def shard_batch(x, mesh: Optional[Mesh], batch_axis: int = 0):
+    """``x`` with axis ``batch_axis`` split over ``mesh`` (identity when mesh is None)."""
+    if mesh is None:
+        return x
+    return _put(x, batch_sharding(mesh, batch_axis))
+
+
+def check_batch(batch_size: int, mesh: Optional[Mesh], what: str = "--batch_size") -> None:
+    n = 1 if mesh is None else mesh.size
+    if batch_size % n:
+        raise ValueError(f"{what} {batch_size} must be a multiple of the {n} devices it is "
+                         f"split over")
+
+
+def jit_step(train_step, mesh: Optional[Mesh] = None, n_extra: int = 0):
+    """``jax.jit`` of ``train_step(state, data_x, data_y, idx[B], masks, targets, scale, *extra)``.
+
+    The state is donated (its buffers are reused for the new state). On a mesh, ``idx``
+    is split over the devices and all else (``n_extra`` trailing arguments too) replicated.
+    """
+    return _jit_train(train_step, mesh, n_extra, batch_axis=0)
+
+
+def jit_chunk(train_chunk, mesh: Optional[Mesh] = None, n_extra: int = 0):
+    """``jax.jit`` of ``train_chunk(state, data_x, data_y, perm[k, B], masks, targets, scale,
+    *extra)`` (``train.make_epoch_fn``): k steps as one ``lax.scan``, the state donated."""
+    return _jit_train(train_chunk, mesh, n_extra, batch_axis=1)
+
+
+def _jit_train(fn, mesh, n_extra, batch_axis):
+    if mesh is None:
+        return jax.jit(fn, donate_argnums=(0,))
+    r = replicated(mesh)
+    return jax.jit(fn, donate_argnums=(0,),
+                   in_shardings=(r, r, r, batch_sharding(mesh, batch_axis), r, r, r)
+                   + (r,) * n_extra,
+                   out_shardings=(r, r))
+
+
+def jit_eval(eval_step, mesh: Optional[Mesh] = None, batch_size: int = 0):
+    """``jax.jit`` of ``eval_step(variables, x[B], y[B], valid[B])``; on a mesh, when B
+    splits evenly, the batch is split over the devices (inputs are moved there first)."""
+    if mesh is None or batch_size % mesh.size:
+        return jax.jit(eval_step)
+    r, b = replicated(mesh), batch_sharding(mesh, 0)
+    jitted = jax.jit(eval_step, in_shardings=(r, b, b, b), out_shardings=(r, r))
+
+    def call(variables, x, y, valid):
+        return jitted(replicate(variables, mesh), shard_batch(x, mesh), shard_batch(y, mesh),
+                      shard_batch(valid, mesh))
+    return call
+
+
+__all__ = ["DATA_AXIS", "data_mesh", "replicated", "batch_sharding", "replicate", "shard_batch",
+           "check_batch", "jit_step", "jit_chunk", "jit_eval"]

@@ -1,0 +1,243 @@
+"""Speed features keep the numbers: fused epochs, bf16, gradient accumulation, data
+parallelism over a mesh, and the benchmark command."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rsst_jax import checkpoint as ckpt
+from rsst_jax import lottery
+from rsst_jax import train as train_lib
+
+from tiny import tiny_config, use_tiny_data
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _quiet(cfg):
+    return lottery.LotteryRun(cfg, progress=False, log=lambda s: None)
+
+
+def _final_tree(save_dir, r):
+    tree, _ = ckpt.restore_raw(pathlib.Path(save_dir) / f"round_{r}" / "final")
+    return {"params": tree["params"], "batch_stats": tree["batch_stats"]}
+
+
+def _assert_trees_close(a, b, atol):
+    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    assert len(la) == len(lb) and la
+    for x, y in zip(la, lb):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=atol)
+
+
+# ------------------------------------------------------------------------ fused epochs
+
+def test_fused_auto_is_off_on_cpu_and_on_for_accelerators():
+    assert train_lib.use_fused("auto", "cpu") is False
+    assert train_lib.use_fused("auto", "gpu") is True and train_lib.use_fused("auto", "tpu")
+    assert train_lib.use_fused("on", "cpu") is True and not train_lib.use_fused("off", "gpu")
+
+
+@pytest.mark.slow
+def test_fused_chunks_equal_the_step_loop(tmp_path, monkeypatch):
+    """RSST round (masks + penalty targets) with chunks of 3 steps (5 steps per epoch:
+    a chunk of 3 and the remainder of 2) against the step-by-step loop, same seed."""
+    use_tiny_data(monkeypatch)
+    kw = dict(struct="rsst", criteria="magnitude", pruning_times=2, epochs=2, rate=0.5,
+              RST_schedule="x", update_reg_interval=1, reg_granularity_prune=0.5)
+    loop = _quiet(tiny_config(tmp_path / "loop", fused="off", **kw))
+    loop.run()
+    fused = _quiet(tiny_config(tmp_path / "fused", fused="on", fused_steps=3, **kw))
+    fused.run()
+    assert fused.fused and not loop.fused
+    assert fused.train_chunk._cache_size() == 2  # chunk of 3 and the remainder, every round
+    for r in (0, 1):
+        _assert_trees_close(_final_tree(tmp_path / "loop", r), _final_tree(tmp_path / "fused", r),
+                            atol=1e-6)
+    a = [json.loads(x) for x in (tmp_path / "loop" / "log.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (tmp_path / "fused" / "log.jsonl").read_text().splitlines()]
+    for ra, rb in zip(a, b):
+        assert ra["train_acc"] == rb["train_acc"] and ra["val_acc"] == rb["val_acc"]
+        assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-5)
+
+
+# ------------------------------------------------------------------------ bf16
+
+@pytest.mark.slow
+def test_bf16_computes_in_bf16_keeps_fp32_state_and_trains_like_fp32(tmp_path, monkeypatch):
+    use_tiny_data(monkeypatch)
+    kw = dict(pruning_times=1, epochs=3)
+    _quiet(tiny_config(tmp_path / "fp32", **kw)).run()
+    run = _quiet(tiny_config(tmp_path / "bf16", precision="bf16", **kw))
+    run.run()
+    state = run._fresh_state()
+    x = jnp.zeros((2, *run.ds.image_shape), jnp.float32)
+    jaxpr = jax.make_jaxpr(lambda v: run.model.apply(v, x, train=True,
+                                                     mutable=["batch_stats"]))(state.variables)
+    assert "conv_general_dilated" in str(jaxpr)
+    assert all("bf16" in str(e) for e in jaxpr.eqns if e.primitive.name == "conv_general_dilated")
+    tree = _final_tree(tmp_path / "bf16", 0)
+    dtypes = {np.asarray(v).dtype for v in jax.tree_util.tree_leaves(tree)}
+    assert dtypes == {np.dtype(np.float32)}  # weights and BatchNorm statistics stay fp32
+    opt_dtypes = {v.dtype for v in jax.tree_util.tree_leaves(state.opt_state)
+                  if jnp.issubdtype(v.dtype, jnp.floating)}
+    assert opt_dtypes == {jnp.dtype(jnp.float32)}
+    lb = [json.loads(x) for x in (tmp_path / "bf16" / "log.jsonl").read_text().splitlines()]
+    lf = [json.loads(x) for x in (tmp_path / "fp32" / "log.jsonl").read_text().splitlines()]
+    assert lb[-1]["train_loss"] < lb[0]["train_loss"]  # it trains
+    for b, f in zip(lb, lf):  # and follows the fp32 run closely
+        assert b["train_loss"] == pytest.approx(f["train_loss"], abs=0.02)
+        assert b["train_loss"] != f["train_loss"]  # but did compute in a different precision
+
+
+# ------------------------------------------------------------------------ accumulation
+
+class _NoBN(nn.Module):
+    """conv -> relu -> conv -> mean -> dense: no batch statistics, so accumulation is exact."""
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = nn.relu(nn.Conv(6, (3, 3), name="conv1")(x))
+        x = nn.relu(nn.Conv(8, (3, 3), name="conv2")(x))
+        return nn.Dense(10, name="fc")(jnp.mean(x, (1, 2)))
+
+
+def _one_step(model, accum_steps, *, batch=16, bn_free=True):
+    rng = np.random.default_rng(0)
+    data_x = jnp.asarray(rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8))
+    data_y = jnp.asarray(rng.integers(0, 10, (40,)).astype(np.int32))
+    tx = train_lib.make_optimizer(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4)
+    cfg = train_lib.StepConfig(flip=True, mean=(0.5,) * 3, std=(0.25,) * 3,
+                               accum_steps=accum_steps)
+    state = train_lib.create_train_state(model, tx, jax.random.PRNGKey(0), (8, 8, 3))
+    step = jax.jit(train_lib.make_train_step(model, tx, cfg))
+    idx = jnp.asarray(rng.permutation(40)[:batch].astype(np.int32))
+    metrics = []
+    for _ in range(2):  # the second step sees momentum from the first
+        state, m = step(state, data_x, data_y, idx, None, None, 1.0)
+        metrics.append(m)
+    return state, metrics
+
+
+@pytest.mark.parametrize("accum_steps", [2, 4])
+def test_accumulation_equals_one_big_batch_without_batchnorm(accum_steps):
+    big, mb = _one_step(_NoBN(), 1)
+    acc, ma = _one_step(_NoBN(), accum_steps)
+    _assert_trees_close(big.params, acc.params, atol=2e-6)
+    for a, b in zip(mb, ma):
+        assert int(a["correct"]) == int(b["correct"])
+        assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-5)
+
+
+def test_accumulation_updates_batchnorm_statistics_per_micro_batch():
+    from tiny import TinyCNN
+    big, _ = _one_step(TinyCNN(10), 1)
+    acc, _ = _one_step(TinyCNN(10), 4)
+    # Four momentum-0.9 updates per step instead of one: the running variance moves
+    # further from its initial 1 (4 * 2 updates vs 2).
+    v_big = np.asarray(big.batch_stats["bn1"]["var"])
+    v_acc = np.asarray(acc.batch_stats["bn1"]["var"])
+    assert np.all(np.abs(v_acc - 1.0) > np.abs(v_big - 1.0))
+
+
+def test_accumulation_needs_a_divisible_batch(tmp_path):
+    from rsst_jax import config as config_lib
+    with pytest.raises(config_lib.ConfigError, match="multiple of --accum_steps"):
+        tiny_config(tmp_path, batch_size=64, accum_steps=3)
+
+
+# ------------------------------------------------------------------------ data parallel
+
+_PARALLEL_SCRIPT = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, {tests!r})
+    import jax, numpy as np
+    from rsst_jax import checkpoint as ckpt, lottery, masks as masks_lib, parallel
+    import tiny
+    from rsst_jax import data as data_lib
+    ds = tiny.tiny_digits(320)
+    data_lib.load_dataset = lambda name, data_dir=None, seed=0: ds
+    cfg = tiny.tiny_config({save!r}, struct="rsst", criteria="magnitude", pruning_times=2,
+                           epochs=1, rate=0.5, RST_schedule="x", update_reg_interval=1,
+                           reg_granularity_prune=0.5, fused={fused!r}, fused_steps=2)
+    run = lottery.LotteryRun(cfg, progress=False, log=lambda s: None)
+    run.run()
+    for r in (0, 1):  # read back here: orbax restores a raw tree only on the saving topology
+        tree, _ = ckpt.restore_raw(run.dir / f"round_{{r}}" / "final")
+        leaves = jax.tree_util.tree_leaves({{"p": tree["params"], "b": tree["batch_stats"]}})
+        np.savez(run.dir / f"final_{{r}}.npz", *leaves)
+    out = dict(devices=jax.device_count(), mesh=None if run.mesh is None else run.mesh.size)
+    state = run._fresh_state()
+    if run.mesh is not None:
+        masks = parallel.replicate(run.make_plan(masks_lib.init_masks(state.params)).train_masks,
+                                   run.mesh)
+        st = parallel.replicate(state, run.mesh)
+        idx = parallel.shard_batch(np.arange(cfg.batch_size, dtype=np.int32), run.mesh)
+        hlo = run.train_step.lower(st, run.dev["train_x"], run.dev["train_y"], idx, masks,
+                                   masks, np.float32(1.0)).compile().as_text()
+        out["all_reduce"] = "all-reduce" in hlo
+        sharding = jax.tree_util.tree_leaves(st.params)[0].sharding
+        out["params_replicated_on"] = len(sharding.device_set) if sharding.is_fully_replicated else 0
+    print("RESULT " + json.dumps(out))
+""")
+
+
+def _run_devices(tmp_path, n_devices, fused):
+    save = tmp_path / f"d{n_devices}_{fused}"
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}")
+    script = _PARALLEL_SCRIPT.format(tests=str(ROOT / "tests"), save=str(save), fused=fused)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
+    return save, json.loads(line[len("RESULT "):])
+
+
+@pytest.mark.slow
+def test_two_devices_equal_one_device(tmp_path):
+    """Batch split over 2 (virtual CPU) devices, BatchNorm over the global batch:
+    the same parameters and BatchNorm statistics as on one device."""
+    one, info1 = _run_devices(tmp_path, 1, "off")
+    assert info1["mesh"] is None
+    for fused in ("off", "on"):  # step loop and fused chunks (perm split on its axis 1)
+        two, info2 = _run_devices(tmp_path, 2, fused)
+        assert info2["mesh"] == 2
+        assert info2["all_reduce"]  # gradients and batch statistics reduced across devices
+        assert info2["params_replicated_on"] == 2
+        for r in (0, 1):
+            a, b = np.load(one / f"final_{r}.npz"), np.load(two / f"final_{r}.npz")
+            assert len(a.files) == len(b.files) > 0
+            for k in a.files:
+                np.testing.assert_allclose(a[k], b[k], rtol=0, atol=1e-5)
+        s1 = json.loads((one / "summary.json").read_text())
+        s2 = json.loads((two / "summary.json").read_text())
+        assert [r["remaining_weight_pct"] for r in s1] == [r["remaining_weight_pct"] for r in s2]
+
+
+# ------------------------------------------------------------------------ benchmark
+
+def test_bench_reports_every_variant_and_the_fused_speedup():
+    from experiments import bench
+    args = bench.parse_args(["--arch", "tiny_cnn", "--batch_size", "8", "--image_shape", "8,8,3",
+                             "--steps", "2", "--warmup", "1", "--fused_steps", "2",
+                             "--fused_reps", "1", "--eval_batch_size", "16", "--eval_reps", "1"])
+    r = bench.run(args)
+    assert set(r["step_ms"]) == {"dense", "imp", "refill", "rsst"}
+    assert r["ratio_to_dense"]["dense"] == 1.0
+    assert all(v > 0 for v in r["images_per_s"].values())
+    assert set(r["compile_s"]) == {"dense", "masked"}  # IMP, Refill and RSST share a program
+    assert r["fused"]["speedup"] > 0 and r["eval"]["images_per_s"] > 0
+    assert r["device"] and "peak_memory_mb" in r
+    assert "vs dense" in bench.format_table(r)
+    json.dumps(r)
