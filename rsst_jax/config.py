@@ -114,14 +114,7 @@ class Config:
     kd_alpha: float = _f(0.5, "weight of the distillation loss", new=True)
     kd_temperature: float = _f(4.0, "distillation temperature", new=True)
     accum_steps: int = _f(1, "gradient accumulation micro-batches per step", new=True)
-    precision: str = _f("fp32", "compute precision: bf16 computes in bfloat16 with float32 "
-                        "weights, optimizer state and BatchNorm statistics", choices=PRECISIONS,
-                        new=True)
-    fused: str = _f("auto", "run --fused_steps steps at a time as one compiled lax.scan: on, "
-                    "off, or auto (on for GPU/TPU, off on CPU, where XLA runs convolution "
-                    "gradients inside a loop far slower)", choices=("auto", "on", "off"), new=True)
-    fused_steps: Optional[int] = _f(None, "steps per fused chunk; the progress bar advances per "
-                                    "chunk (default: --print_freq)", flag_type=int, new=True)
+    precision: str = _f("fp32", "compute precision", choices=PRECISIONS, new=True)
     nan_policy: str = _f("stop", "on a NaN/Inf loss: stop the round, or skip the batch",
                          choices=("stop", "skip"), new=True)
     config: Optional[str] = _f(None, "YAML or TOML file supplying any flag; command-line "
@@ -269,8 +262,42 @@ def parse_args(argv=None) -> Config:
     return cfg
 
 
+def _checked_value(field: dataclasses.Field, value: Any) -> Any:
+    """``value`` as the type of ``field`` (values from --config files arrive untyped);
+    ConfigError when it cannot be one."""
+    flag, kind = f"--{field.name}", str(field.type)
+    if value is None and kind.startswith("Optional"):
+        return None
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if "bool" in kind:
+        ok, out, want = isinstance(value, bool), value, "true or false"
+    elif "int" in kind:
+        integral = number and (isinstance(value, int) or value.is_integer())
+        ok, out, want = integral, int(value) if integral else value, "an integer"
+    elif "float" in kind:
+        ok, out, want = number, float(value) if number else value, "a number"
+    else:  # str; YAML turns "91" into 91 and "91,136" may be written as a list
+        if isinstance(value, (list, tuple)) and all(
+                isinstance(v, (int, float, str)) and not isinstance(v, bool) for v in value):
+            value = ",".join(str(v) for v in value)
+        ok, out, want = isinstance(value, str) or number, str(value), "a string"
+    if not ok:
+        raise ConfigError(f"{flag} must be {want}, got {value!r}")
+    choices = field.metadata.get("choices")
+    if choices is not None and out not in choices:
+        raise ConfigError(f"{flag} must be one of {', '.join(choices)}, got {out!r}")
+    return out
+
+
+_FINITE = ("lr", "momentum", "weight_decay", "rate", "fillback_rate", "reg_granularity_prune",
+           "exponents", "kd_alpha", "kd_temperature", "target_acc")
+
+
 def validate(cfg: Config) -> Config:
-    """Check every value and combination before any compute; raise ConfigError."""
+    """Check every value and combination before any compute; raise ConfigError.
+
+    Returns the config with values from a --config file converted to the field types.
+    """
     from rsst_jax import data as data_lib
     from rsst_jax import nets
 
@@ -278,6 +305,18 @@ def validate(cfg: Config) -> Config:
         if not cond:
             raise ConfigError(msg)
 
+    cfg = dataclasses.replace(cfg, **{f.name: _checked_value(f, getattr(cfg, f.name))
+                                      for f in dataclasses.fields(Config)})
+    for name in _FINITE:
+        value = getattr(cfg, name)
+        need(value is None or math.isfinite(value), f"--{name} must be a finite number, got {value}")
+    need(cfg.seed is None or 0 <= cfg.seed < 2 ** 32, f"--seed must be in [0, 2**32), got {cfg.seed}")
+    for f in dataclasses.fields(Config):  # counts end up in int32 arrays
+        value = getattr(cfg, f.name)
+        need(f.name == "seed" or not isinstance(value, int) or abs(value) < 2 ** 31,
+             f"--{f.name} {value} is out of range")
+    need(cfg.pruning_times <= 1000, f"--pruning_times must be <= 1000, got {cfg.pruning_times}")
+    need(cfg.save_dir.strip() != "", "--save_dir must name a directory")
     need(cfg.dataset in data_lib.DATASETS,
          f"unknown --dataset {cfg.dataset!r}; choose one of: {', '.join(data_lib.DATASETS)}")
     need(cfg.arch in nets.available_nets(),
@@ -324,9 +363,35 @@ def validate(cfg: Config) -> Config:
     need(cfg.accum_steps >= 1, "--accum_steps must be >= 1")
     need(cfg.kd_temperature > 0, "--kd_temperature must be > 0")
     need(0 <= cfg.kd_alpha <= 1, "--kd_alpha must be in [0, 1]")
-    need(cfg.batch_size % cfg.accum_steps == 0, f"--batch_size {cfg.batch_size} must be a "
-         f"multiple of --accum_steps {cfg.accum_steps} (the micro-batches are equal)")
-    need(cfg.fused_steps is None or cfg.fused_steps >= 1, "--fused_steps must be >= 1")
+    need(cfg.exponents > 0, f"--exponents must be > 0, got {cfg.exponents}")
+    need(cfg.warmup <= cfg.epochs,
+         f"--warmup {cfg.warmup} is longer than --epochs {cfg.epochs}: the learning rate would "
+         f"never reach --lr; pass a --warmup of at most {cfg.epochs} (e.g. --warmup 0)")
+    if cfg.layer_rate_map:
+        need(cfg.prune_method == "magnitude",
+             f"--layer_rates applies to --prune_method magnitude, not {cfg.prune_method}")
+        top = cfg.rate * max(mults)
+        for pattern, mult in cfg.layer_rate_map.items():
+            need(mult >= 0 and top * mult < 1,
+                 f"--layer_rates {pattern}={mult}: --rate {cfg.rate} times it must stay in [0, 1) "
+                 f"(1 or more would remove every remaining weight of those layers)")
+    need(cfg.pretrained is None or cfg.prune_type == "pt",
+         "--pretrained is only used with --prune_type pt; add --prune_type pt or leave it out")
+    need(cfg.checkpoint is None or cfg.resume,
+         "--checkpoint names where to resume from; add --resume or leave it out")
+    need(cfg.checkpoint is None or os.path.isdir(cfg.checkpoint),
+         f"--checkpoint {cfg.checkpoint}: no such directory")
+    need(cfg.init is None or not os.path.exists(cfg.init) or os.path.isdir(cfg.init),
+         f"--init {cfg.init} is a file; it must be a checkpoint directory (or a new path)")
+    need(cfg.fillback_rate == 0 or cfg.struct != "none",
+         "--fillback_rate refills channels, which needs --struct refill or rsst")
+    for flag, on in (("--block_loss_grad", cfg.block_loss_grad),
+                     ("--reg_adaptive", cfg.reg_adaptive)):
+        need(not on or cfg.struct == "rsst", f"{flag} acts on the RSST penalty; it needs "
+             f"--struct rsst (got --struct {cfg.struct})")
+    for flag, on in (("--accum_steps > 1", cfg.accum_steps > 1),
+                     ("--precision bf16", cfg.precision == "bf16")):
+        need(not on, f"{flag} is not implemented yet; leave it out")
     return cfg
 
 
