@@ -114,7 +114,14 @@ class Config:
     kd_alpha: float = _f(0.5, "weight of the distillation loss", new=True)
     kd_temperature: float = _f(4.0, "distillation temperature", new=True)
     accum_steps: int = _f(1, "gradient accumulation micro-batches per step", new=True)
-    precision: str = _f("fp32", "compute precision", choices=PRECISIONS, new=True)
+    precision: str = _f("fp32", "compute precision: bf16 computes in bfloat16 with float32 "
+                        "weights, optimizer state and BatchNorm statistics", choices=PRECISIONS,
+                        new=True)
+    fused: str = _f("auto", "run --fused_steps steps at a time as one compiled lax.scan: on, "
+                    "off, or auto (on for GPU/TPU, off on CPU, where XLA runs convolution "
+                    "gradients inside a loop far slower)", choices=("auto", "on", "off"), new=True)
+    fused_steps: Optional[int] = _f(None, "steps per fused chunk; the progress bar advances per "
+                                    "chunk (default: --print_freq)", flag_type=int, new=True)
     nan_policy: str = _f("stop", "on a NaN/Inf loss: stop the round, or skip the batch",
                          choices=("stop", "skip"), new=True)
     config: Optional[str] = _f(None, "YAML or TOML file supplying any flag; command-line "
@@ -389,9 +396,9 @@ def validate(cfg: Config) -> Config:
                      ("--reg_adaptive", cfg.reg_adaptive)):
         need(not on or cfg.struct == "rsst", f"{flag} acts on the RSST penalty; it needs "
              f"--struct rsst (got --struct {cfg.struct})")
-    for flag, on in (("--accum_steps > 1", cfg.accum_steps > 1),
-                     ("--precision bf16", cfg.precision == "bf16")):
-        need(not on, f"{flag} is not implemented yet; leave it out")
+    need(cfg.batch_size % cfg.accum_steps == 0, f"--batch_size {cfg.batch_size} must be a "
+         f"multiple of --accum_steps {cfg.accum_steps} (the micro-batches are equal)")
+    need(cfg.fused_steps is None or cfg.fused_steps >= 1, "--fused_steps must be >= 1")
     return cfg
 
 
