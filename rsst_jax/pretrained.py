@@ -281,11 +281,19 @@ class MergeReport:
     unused: list          # paths in the file the network does not have
 
     def summary(self) -> str:
+        """One line: counts, the replaced stem/classifier, a few of the missing and unused."""
+        def some(paths):
+            return ", ".join(paths[:4]) + (f" and {len(paths) - 4} more" if len(paths) > 4 else "")
+
+        replaced = [f"{p} ({why})" for p, why in self.fresh if why != "not in the file"]
+        missing = [p for p, why in self.fresh if why == "not in the file"]
         text = f"loaded {len(self.loaded)} arrays"
-        if self.fresh:
-            text += "; freshly initialized: " + ", ".join(f"{p} ({why})" for p, why in self.fresh)
+        if replaced:
+            text += "; freshly initialized: " + ", ".join(replaced)
+        if missing:
+            text += f"; {len(missing)} not in the file, kept fresh: {some(missing)}"
         if self.unused:
-            text += f"; not used: {', '.join(self.unused[:6])}" + (" ..." if len(self.unused) > 6 else "")
+            text += f"; {len(self.unused)} in the file not used: {some(self.unused)}"
         return text
 
 

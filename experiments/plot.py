@@ -1,0 +1,319 @@
+"""Plot one run per directory: ``python -m experiments.plot DIR [DIR ...]``.
+
+Writes into ``DIR/plots/`` (or ``--out``):
+
+* ``rounds.png``   per round: remaining weights and channel sparsity (left axis) and
+  test accuracy (right axis; for RSST also the accuracy before removing channels);
+* ``lambda.png``   per RSST round, per epoch: the penalty lambda actually applied, the
+  L2 norm of the penalized weights relative to the round's start, and the fraction
+  of them below 1e-3 (skipped for runs without RSST rounds);
+* ``channels.png`` per prunable layer and round: fraction of output channels kept and
+  of weights kept (read from the ``round_<r>/final`` checkpoints);
+* ``epochs.png``   training curves over all epochs of all rounds.
+
+Exit codes: 0, 2 bad input (one line on stderr).
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+from typing import Optional, Sequence
+
+from experiments.compare import OneLineParser, fail
+from rsst_jax import runs as runs_lib
+
+PLOTS = ("rounds", "lambda", "channels", "epochs")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _title(run: runs_lib.Run) -> str:
+    c = run.config
+    parts = [run.name, run.method]
+    if run.criteria != "-":
+        parts.append(f"criteria {run.criteria}")
+    if run.schedule != "-":
+        parts.append(f"schedule {run.schedule}")
+    if c.get("arch"):
+        parts.append(f"{c.get('arch')} on {c.get('dataset', '?')}")
+    return ", ".join(parts)
+
+
+# --------------------------------------------------------------------------- (a) rounds
+
+
+def plot_rounds(run: runs_lib.Run, path: pathlib.Path) -> None:
+    """Remaining weights and channel sparsity (left) and test accuracy (right) per round."""
+    plt = _pyplot()
+    val = runs_lib.summary_value
+    rounds = [int(r["round"]) for r in run.summary]
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    ax.plot(rounds, [val(r, "remaining_weight_pct") for r in run.summary], "o-", color="C0",
+            label="remaining weights %")
+    ax.plot(rounds, [val(r, "channel_sparsity_pct") for r in run.summary], "s-", color="C1",
+            label="channel sparsity %")
+    ax.set_xlabel("round")
+    ax.set_ylabel("% of prunable weights / channels")
+    ax.set_ylim(-3, 105)
+    ax.set_xticks(rounds)
+    ax.grid(True, alpha=0.3)
+    acc = ax.twinx()
+    acc.plot(rounds, [val(r, "final_test_acc") for r in run.summary], "^-", color="C2",
+             label="final test accuracy %")
+    acc.plot(rounds, [val(r, "test_acc_at_best_val") for r in run.summary], "v--", color="C2",
+             alpha=0.6, label="test accuracy at best val %")
+    before = [(int(r["round"]), val(r, "rsst_acc_before")) for r in run.summary
+              if val(r, "rsst_acc_before") is not None]
+    if before:
+        acc.plot([b[0] for b in before], [b[1] for b in before], "x", color="C3", markersize=9,
+                 label="RSST: test accuracy before removing channels %")
+    acc.set_ylabel("test accuracy (%)", color="C2")
+    acc.tick_params(axis="y", colors="C2")
+    lo = min([v for r in run.summary for v in (val(r, "final_test_acc"), val(r, "test_acc_at_best_val"))
+              if v is not None] + [b[1] for b in before] + [100.0])
+    acc.set_ylim(max(0.0, lo - 10), 100)
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = acc.get_legend_handles_labels()
+    fig.legend(h1 + h2, l1 + l2, loc="lower center", ncol=3, fontsize=8.5, frameon=False)
+    ax.set_title(_title(run), fontsize=10)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- (b) lambda
+
+
+def rsst_epochs(run: runs_lib.Run) -> dict[int, list[dict]]:
+    """Log rows of each round that logged a penalty (RSST rounds), by round."""
+    out = {}
+    for r in sorted({row["round"] for row in run.log}):
+        rows = [row for row in run.epochs(r) if row.get("reg_lambda") is not None]
+        if rows:
+            out[r] = rows
+    return out
+
+
+def plot_lambda(run: runs_lib.Run, path: pathlib.Path) -> bool:
+    """Penalty per epoch of each RSST round and its effect; False when there is none."""
+    by_round = rsst_epochs(run)
+    if not by_round:
+        return False
+    plt = _pyplot()
+    from matplotlib import cm, colors
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.4))
+    many = len(by_round) > 8
+    norm = colors.Normalize(min(by_round), max(by_round))
+    panels = (("reg_lambda", "lambda (penalty coefficient)", "lambda at the end of each epoch"),
+              ("target_norm_rel", "L2 norm / norm at round start",
+               "norm of the penalized weights"),
+              ("target_small_frac", "fraction with |w| < 1e-3",
+               "penalized weights that are ~0"))
+    lambdas = []
+    styles = ("-", "--", ":", "-.")
+    markers = ("o", "s", "^", "v", "D")
+    for k, (r, rows) in enumerate(by_round.items()):
+        color = cm.viridis(norm(r)) if many else f"C{k % 10}"
+        # Rounds of one run share the schedule, so their lines coincide: vary the style.
+        style = dict(linestyle=styles[k % len(styles)], marker=markers[k % len(markers)],
+                     markersize=4 + 2 * ((len(by_round) - 1 - k) % 3))
+        epochs = [row["epoch"] + 1 for row in rows]
+        for ax, (key, _, _) in zip(axes, panels):
+            ys = [row.get(key) for row in rows]
+            ax.plot(epochs, ys, color=color, label=f"round {r}", **style)
+            if key == "reg_lambda":
+                lambdas += [y for y in ys if y is not None]
+    for ax, (key, ylabel, title) in zip(axes, panels):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch of the round")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, alpha=0.3)
+    positive = [v for v in lambdas if v > 0]
+    if positive and max(positive) / min(positive) > 100:
+        axes[0].set_yscale("log")
+    axes[1].set_ylim(bottom=0)
+    axes[2].set_ylim(0, 1.02)
+    if many:
+        fig.colorbar(cm.ScalarMappable(norm=norm, cmap="viridis"), ax=axes, label="round",
+                     shrink=0.8)
+    else:
+        axes[0].legend(fontsize=8)
+    fig.suptitle(f"RSST penalty as applied: {_title(run)}", fontsize=11)
+    if not many:
+        fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# --------------------------------------------------------------------------- (c) channels
+
+
+def layer_table(run: runs_lib.Run) -> tuple:
+    """(layers, rounds, channels kept, weights kept) from the final checkpoints: the last two
+    are float arrays [layers, rounds] of fractions (NaN where a round lacks the layer)."""
+    import numpy as np
+
+    from rsst_jax import masks as masks_lib
+
+    refs = [r for r in run.checkpoints() if r.kind == "final"]
+    if not refs:
+        raise runs_lib.RunDirError(f"{run.path} has no round_<r>/final checkpoint to read masks from")
+    layers: list[str] = []
+    per_round = []
+    for ref in refs:
+        tree, _, _ = runs_lib.load_checkpoint(ref)
+        if tree.get("masks") is None:
+            raise runs_lib.RunDirError(f"{ref.path} holds no masks")
+        rows = masks_lib.report(tree["masks"])
+        per_round.append({row.path: row for row in rows})
+        for row in rows:
+            if row.path not in layers:
+                layers.append(row.path)
+    ch = np.full((len(layers), len(refs)), np.nan)
+    wt = np.full((len(layers), len(refs)), np.nan)
+    for j, rows in enumerate(per_round):
+        for i, layer in enumerate(layers):
+            row = rows.get(layer)
+            if row is not None:
+                ch[i, j] = row.channels_kept / max(1, row.channels_total)
+                wt[i, j] = row.kept / max(1, row.total)
+    return layers, [r.round for r in refs], ch, wt
+
+
+def plot_channels(run: runs_lib.Run, path: pathlib.Path) -> None:
+    """Heatmaps layers x rounds: fraction of output channels kept, fraction of weights kept."""
+    plt = _pyplot()
+    layers, rounds, ch, wt = layer_table(run)
+    names = [l[: -len("/kernel")] if l.endswith("/kernel") else l for l in layers]
+    height = max(3.5, 0.28 * len(layers) + 1.8)
+    width = max(8.0, 2 * (0.45 * len(rounds) + 1.5) + 3.0)
+    fig, axes = plt.subplots(1, 2, figsize=(width, height), sharey=True)
+    annotate = len(rounds) <= 12
+    for ax, data, title in ((axes[0], ch, "fraction of output channels kept"),
+                            (axes[1], wt, "fraction of weights kept")):
+        im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0,
+                       interpolation="nearest")
+        ax.set_xticks(range(len(rounds)), [str(r) for r in rounds])
+        ax.set_xlabel("round")
+        ax.set_title(title, fontsize=10)
+        if annotate:
+            for i in range(data.shape[0]):
+                for j in range(data.shape[1]):
+                    v = data[i, j]
+                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                            color="black" if v > 0.6 else "white")
+    axes[0].set_yticks(range(len(names)), names, fontsize=8)
+    fig.colorbar(im, ax=axes, label="fraction kept", shrink=0.9)
+    fig.suptitle(f"per-layer masks of each round's final ticket\n{_title(run)}", fontsize=10)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- (d) epochs
+
+
+def plot_epochs(run: runs_lib.Run, path: pathlib.Path) -> None:
+    """Train/val/test accuracy over all epochs; dotted lines separate the rounds."""
+    plt = _pyplot()
+    rows = sorted(run.log, key=lambda r: (r["round"], r["epoch"]))
+    x = list(range(1, len(rows) + 1))
+    fig, ax = plt.subplots(figsize=(10, 4.8))
+    for key, label, style in (("train_acc", "train", "-"), ("val_acc", "validation", "-"),
+                              ("test_acc", "test", "--")):
+        ax.plot(x, [r.get(key) for r in rows], style, label=label, marker="." if len(x) < 60 else None)
+    boundaries = [i + 0.5 for i in range(1, len(rows)) if rows[i]["round"] != rows[i - 1]["round"]]
+    for b in boundaries:
+        ax.axvline(b, color="grey", linestyle=":", linewidth=1)
+    starts = [1] + [int(b + 0.5) for b in boundaries]
+    for s in starts:
+        ax.text(s, 101.5, f"round {rows[s - 1]['round']}", fontsize=8, color="dimgrey")
+    ax.set_ylim(0, 107)
+    ax.set_xlabel("epoch (all rounds, in order)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"training curves: {_title(run)}", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- command
+
+
+def plot_run(run: runs_lib.Run, out: pathlib.Path, which: Sequence[str], log=print) -> list[pathlib.Path]:
+    """Write the chosen plots of ``run`` into ``out``; returns the files written."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in which:
+        path = out / f"{name}.png"
+        if name == "rounds":
+            plot_rounds(run, path)
+        elif name == "lambda":
+            if not plot_lambda(run, path):
+                log(f"{run.name}: no RSST round, so no lambda.png")
+                continue
+        elif name == "channels":
+            plot_channels(run, path)
+        elif name == "epochs":
+            if not run.log:
+                log(f"{run.name}: empty log.jsonl, so no epochs.png")
+                continue
+            plot_epochs(run, path)
+        written.append(path)
+        log(f"wrote {path}")
+    return written
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(
+        prog="python -m experiments.plot",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="PNG plots of runs of python -m experiments.run: " + "; ".join((
+            "rounds.png (remaining weights, channel sparsity and test accuracy per round)",
+            "lambda.png (RSST penalty per epoch and its effect on the penalized weights)",
+            "channels.png (per-layer fraction of channels and weights kept, per round)",
+            "epochs.png (training curves)")))
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="run directories")
+    p.add_argument("--out", default=None,
+                   help="output folder (default DIR/plots; with several runs OUT/<run name>)")
+    p.add_argument("--only", default=",".join(PLOTS),
+                   help=f"comma-separated subset of {', '.join(PLOTS)}")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    which = [w.strip() for w in args.only.split(",") if w.strip()]
+    bad = [w for w in which if w not in PLOTS]
+    if bad or not which:
+        return fail(f"--only takes some of {', '.join(PLOTS)}; got {args.only!r}")
+    try:
+        runs = [runs_lib.load_run(p) for p in args.dirs]
+        for run in runs:
+            if args.out is None:
+                out = run.path / "plots"
+            else:
+                out = pathlib.Path(args.out) / (run.name if len(runs) > 1 else "")
+            plot_run(run, out, which)
+    except runs_lib.RunDirError as e:
+        return fail(str(e))
+    except OSError as e:
+        return fail(f"cannot write {e.filename}: {e.strerror}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
