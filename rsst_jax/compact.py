@@ -21,7 +21,9 @@ How, without knowing any layer names:
    (``--mask_bn``, see ``bn_masks``) -- or when nothing reads it (every reader's weights
    for it are pruned). ``approximate=True`` drops the "maps 0 to 0" condition: a pruned
    channel whose BatchNorm still adds a constant is removed anyway and the caller measures
-   the error. A depthwise conv's input channel and output channel go together.
+   the error. A depthwise conv's input channel and output channel go together. Every
+   layer keeps at least one channel, and ``round_to`` keeps removable (zero or unread)
+   channels so that widths are multiples of it, for hardware that wants aligned widths.
 3. **Rebuild.** Each variable is sliced along the axes the flow recorded; the narrower
    module comes from the family's rebuilder (``register_rebuild``), which reads the compact
    kernel shapes. Option-A ResNets get explicit shortcut channel maps, so residual-stream
@@ -74,7 +76,8 @@ def _flat(tree: PyTree) -> dict[str, Any]:
 def _like(params: PyTree, values: dict[str, Any]) -> PyTree:
     """A tree with the structure of ``params``: ``values[path]`` where given, None elsewhere."""
     treedef = jax.tree_util.tree_structure(params, is_leaf=_is_none)
-    return jax.tree_util.tree_unflatten(treedef, [values.get(p) for p in masks_lib.tree_paths(params)])
+    return jax.tree_util.tree_unflatten(treedef,
+                                        [values.get(p) for p in masks_lib.tree_paths(params)])
 
 
 # --------------------------------------------------------------------------- module calls
@@ -99,14 +102,14 @@ def _trace_calls(model: nn.Module, sample_shape: Sequence[int], variables: PyTre
             calls.append(_Call("/".join(context.module.path), context.module, args[0], out))
         return out
 
-    def run(x):
+    def run(variables, x):
         with nn.intercept_methods(record):
             if variables is None:
                 return model.init(jax.random.PRNGKey(0), x, train=False)
             model.apply(variables, x, train=False)
             return None
 
-    made = jax.eval_shape(run, jax.ShapeDtypeStruct((1, *sample_shape), jnp.float32))
+    made = jax.eval_shape(run, variables, jax.ShapeDtypeStruct((1, *sample_shape), jnp.float32))
     return calls, variables if made is None else made
 
 
@@ -583,7 +586,7 @@ def _live(mask: Optional[np.ndarray], shape: tuple, kind: str) -> np.ndarray:
 
 
 def _decide(flow: ChannelFlow, kernel_masks: dict, shapes: dict, responses: dict,
-            approximate: bool) -> _Plan:
+            approximate: bool, round_to: int = 1) -> _Plan:
     find = flow.find
     n_nodes = len(flow.parent)
     pinned = {find(n) for n in flow.pinned}
@@ -652,7 +655,23 @@ def _decide(flow: ChannelFlow, kernel_masks: dict, shapes: dict, responses: dict
                 and all(g in zero or g not in used for g in gs)}
 
     exact = removable(zero_groups(False))
-    removed = removable(zero_groups(True)) if approximate else exact
+    removed = set(removable(zero_groups(True)) if approximate else exact)
+    # Keep some removable channels (exact either way): at least one per layer (a layer of
+    # width 0 cannot be built), and widths rounded up to multiples of round_to.
+    changed = True
+    while changed:
+        changed = False
+        for layer in flow.layers.values():
+            units = [ufind(find(int(lab))) for lab in layer.out_labels]
+            width = sum(u not in removed for u in units)
+            need = min(len(units), -(-max(width, 1) // round_to) * round_to) - width
+            for u in units:
+                if need <= 0:
+                    break
+                if u in removed:
+                    removed.discard(u)
+                    need -= units.count(u)
+                    changed = True
 
     def kept(lab) -> bool:
         return lab == ZERO or ufind(find(int(lab))) not in removed
@@ -792,7 +811,7 @@ def _default_sample_shape(params: PyTree) -> tuple:
 
 def compact(net_name_or_model, variables: dict, masks: PyTree, *, num_classes: Optional[int] = None,
             approximate: bool = False, sample_shape: Optional[Sequence[int]] = None,
-            net_kwargs: Optional[dict] = None) -> tuple[nn.Module, dict, dict]:
+            net_kwargs: Optional[dict] = None, round_to: int = 1) -> tuple[nn.Module, dict, dict]:
     """Physically remove the pruned channels of a ticket.
 
     Args:
@@ -803,6 +822,9 @@ def compact(net_name_or_model, variables: dict, masks: PyTree, *, num_classes: O
       approximate: also remove pruned channels whose BatchNorm still adds a constant
         (not exact: measure the error against the masked network).
       sample_shape: one image's ``(H, W, C)``; default ``(32, 32, C_in of the stem)``.
+      round_to: keep some removable channels so that widths are multiples of this where
+        possible (e.g. 8: XLA's CPU convolutions are much slower on other widths); the
+        kept extra channels are zero or unread, so this never changes the result.
 
     Returns:
       ``(compact_model, compact_variables, description)``. In eval mode the compact
@@ -824,7 +846,8 @@ def compact(net_name_or_model, variables: dict, masks: PyTree, *, num_classes: O
                          f"with rsst_jax.compact.register_rebuild")
     params = variables["params"]
     masks_lib.check_masks(params, masks)
-    sample_shape = tuple(sample_shape) if sample_shape is not None else _default_sample_shape(params)
+    sample_shape = (tuple(sample_shape) if sample_shape is not None
+                    else _default_sample_shape(params))
     mflat = _flat(masks)
     masked = jax.tree_util.tree_map(np.asarray, dict(variables))
     masked["params"] = _like(params, {p: np.where(np.asarray(mflat[p]), w, np.zeros_like(w))
@@ -836,7 +859,7 @@ def compact(net_name_or_model, variables: dict, masks: PyTree, *, num_classes: O
     shapes = {p: tuple(np.shape(x)) for p, x in flat_vars.items()}
     kernel_masks = {f"params/{p}": m for p, m in mflat.items() if m is not None}
     responses = _zero_responses(calls, masked, {m for m, _ in flow.modules})
-    plan = _decide(flow, kernel_masks, shapes, responses, approximate)
+    plan = _decide(flow, kernel_masks, shapes, responses, approximate, round_to)
 
     compact_flat = {}
     for path, leaf in flat_vars.items():
@@ -871,9 +894,11 @@ def compact(net_name_or_model, variables: dict, masks: PyTree, *, num_classes: O
             total, kept_total = total + k.size, kept_total + int(k.sum())
     description = {
         "arch": arch, "family": type(model).__name__,
-        "num_classes": num_classes if num_classes is not None else getattr(model, "num_classes", None),
+        "num_classes": (num_classes if num_classes is not None
+                        else getattr(model, "num_classes", None)),
         "sample_shape": list(sample_shape), "attributes": _attributes(compact_model),
         "layers": layers, "approximate": bool(approximate), "exact": plan.approx_only == 0,
+        "round_to": int(round_to),
         "prunable_channels": total, "prunable_channels_kept": kept_total,
         "approximate_channels": plan.approx_only, "pruned_channels_kept": plan.dead_kept,
         "unfollowed_ops": sorted(set(flow.opaque)),
@@ -927,7 +952,7 @@ def count_flops(model: nn.Module, variables: dict, sample_shape: Sequence[int],
 
 
 def compact_stats(model: nn.Module, variables: dict, masks: PyTree, sample_shape: Sequence[int],
-                  *, approximate: bool = False) -> dict:
+                  *, approximate: bool = False, round_to: int = 1) -> dict:
     """Parameters and FLOPs of a ticket: dense, masked (kept weights) and compacted.
 
     Keys: ``params``, ``macs``, ``flops`` (dense network), ``masked_params`` (weights kept
@@ -939,7 +964,7 @@ def compact_stats(model: nn.Module, variables: dict, masks: PyTree, sample_shape
     ``exact`` (False when ``approximate`` removed such channels). FLOPs = 2 * MACs.
     """
     cmodel, cvars, desc = compact(model, variables, masks, approximate=approximate,
-                                  sample_shape=sample_shape)
+                                  sample_shape=sample_shape, round_to=round_to)
     dense = count_flops(model, variables, sample_shape, masks)
     small = count_flops(cmodel, cvars, sample_shape)
     params = count_params(variables["params"])

@@ -1,0 +1,390 @@
+"""Physically remove a ticket's pruned channels:
+``python -m experiments.compact CHECKPOINT --out DIR``.
+
+CHECKPOINT is a ``round_<r>/final`` (or ``best``) directory, one of its numbered step
+directories, or a run's ``--save_dir`` (meaning its last round's final ticket). The arch,
+data set and number of classes come from the checkpoint's metadata, else from the run's
+``config.json``. Writes ``DIR/variables/<step>/`` (orbax: the compact ``params`` and
+``batch_stats``) and ``DIR/architecture.json`` (family, per-layer widths, kept channels;
+``load(DIR)`` rebuilds the network), then prints parameters, MACs/FLOPs (one image,
+FLOPs = 2 x MACs) and the measured inference latency and throughput (jit, eval mode, median
+of ``--runs`` timed calls after warm-up) of the dense (the ticket's weights, masks not
+applied), masked and compact networks, plus how far the compact logits are from the masked
+ones on test images (or random inputs when the data set is not on disk).
+
+Exit codes: 0 done, 2 bad input (one line on stderr).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+import sys
+import time
+
+import numpy as np
+
+IMAGE_SIZES = {"fashion_mnist": 28, "tiny-imagenet": 64}  # others: 32
+
+
+class InputError(Exception):
+    """A checkpoint or flag that cannot be used; the message says what to pass instead."""
+
+
+# --------------------------------------------------------------------------- loading
+
+def resolve_checkpoint(path: str) -> tuple[pathlib.Path, int]:
+    """(directory holding numbered steps, step) for any accepted form of CHECKPOINT."""
+    from rsst_jax import checkpoint as ckpt
+    p = pathlib.Path(path)
+    if not p.exists():
+        raise InputError(f"checkpoint {path} does not exist")
+    if p.name.isdigit() and ckpt.latest_step(p.parent) is not None \
+            and int(p.name) in ckpt.steps(p.parent):
+        return p.parent, int(p.name)
+    if ckpt.latest_step(p) is not None:
+        return p, ckpt.latest_step(p)
+    finals = [d for d in p.glob("round_*/final")
+              if d.parent.name[len("round_"):].isdigit() and ckpt.latest_step(d) is not None]
+    if finals:
+        last = max(finals, key=lambda d: int(d.parent.name[len("round_"):]))
+        return last, ckpt.latest_step(last)
+    raise InputError(f"{path} holds no checkpoint; pass a round_<r>/final (or best) directory, "
+                     f"one of its numbered steps, or a run's --save_dir")
+
+
+def _run_config(ckpt_dir: pathlib.Path) -> dict:
+    for d in (ckpt_dir, *ckpt_dir.parents[:3]):
+        f = d / "config.json"
+        if f.is_file():
+            try:
+                return json.loads(f.read_text())
+            except json.JSONDecodeError:
+                return {}
+    return {}
+
+
+def restore_with_metadata(directory: pathlib.Path, step: int):
+    """(tree of numpy arrays, meta) restored against a template read from the checkpoint's
+    own metadata, placed on this process's first device. Unlike a template-free restore it
+    also reads checkpoints written on another platform (e.g. on a CPU, read on a GPU)."""
+    import jax
+    import orbax.checkpoint as ocp
+    from rsst_jax import checkpoint as ckpt
+
+    item = ocp.StandardCheckpointer().metadata(pathlib.Path(directory).absolute()
+                                               / str(step) / "state")
+    item = getattr(item, "item_metadata", item)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    def template(node):
+        if node is None:
+            return None
+        if hasattr(node, "shape") and hasattr(node, "dtype"):
+            return jax.ShapeDtypeStruct(tuple(node.shape), node.dtype, sharding=device)
+        return {k: template(v) for k, v in dict(node).items()}
+
+    tree, meta = ckpt.restore(directory, template(item), step)
+    return jax.tree_util.tree_map(np.asarray, tree), meta
+
+
+def load_ticket(path: str):
+    """(model, variables, masks, info) of a ticket checkpoint, info = arch/dataset/... ."""
+    import jax
+    import jax.numpy as jnp
+    from rsst_jax import checkpoint as ckpt
+    from rsst_jax import masks as masks_lib
+    from rsst_jax import nets
+
+    directory, step = resolve_checkpoint(path)
+    try:
+        tree, meta = ckpt.restore_raw(directory, step)
+    except ckpt.CheckpointError as first:
+        try:
+            tree, meta = restore_with_metadata(directory, step)
+        except Exception:
+            raise first from None
+    if not isinstance(tree, dict) or "params" not in tree:
+        raise InputError(f"{directory / str(step)} is not a ticket checkpoint (no params)")
+    config = _run_config(directory)
+    arch = meta.get("arch") or config.get("arch")
+    dataset = meta.get("dataset") or config.get("dataset")
+    if not arch:
+        raise InputError(f"{directory / str(step)}: no arch in its metadata nor a config.json "
+                         f"in the run directory")
+    if arch not in nets.available_nets():
+        raise InputError(f"{directory / str(step)}: unknown arch {arch!r}")
+    params = tree["params"]
+    paths = masks_lib.tree_paths(params)
+    kwargs = {}
+    if "shortcut" in nets.net_options(arch):
+        kwargs["shortcut"] = config.get("shortcut") or \
+            ("B" if any("shortcut_conv" in p for p in paths) else "A")
+    stem = masks_lib.stem_path(params)
+    if stem is None:
+        raise InputError(f"{directory / str(step)}: params hold no conv kernel")
+    in_ch = int(dict(zip(paths, jax.tree_util.tree_leaves(params)))[stem].shape[-2])
+    size = IMAGE_SIZES.get(dataset, 32)
+    sample_shape = (size, size, in_ch)
+
+    num_classes = meta.get("num_classes") or config.get("num_classes")
+    if not num_classes:  # the one leaf whose shape follows num_classes
+        probe = nets.get_net(arch, 1, **kwargs)
+        shapes = jax.eval_shape(lambda: probe.init(jax.random.PRNGKey(0),
+                                                   jnp.zeros((1, *sample_shape)), train=False))
+        got = dict(zip(paths, jax.tree_util.tree_leaves(params)))
+        for p, leaf in zip(masks_lib.tree_paths(shapes["params"]),
+                           jax.tree_util.tree_leaves(shapes["params"])):
+            if p in got and np.shape(got[p]) != leaf.shape:
+                num_classes = int(np.shape(got[p])[-1])
+                break
+        num_classes = num_classes or 1
+    model = nets.get_net(arch, int(num_classes), **kwargs)
+    template = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                                 jnp.zeros((1, *sample_shape)), train=False))
+    want = {p: tuple(x.shape) for p, x in zip(masks_lib.tree_paths(template),
+                                              jax.tree_util.tree_leaves(template))}
+    variables = {"params": params, "batch_stats": tree.get("batch_stats", {})}
+    have = {p: tuple(np.shape(x)) for p, x in zip(masks_lib.tree_paths(variables),
+                                                  jax.tree_util.tree_leaves(variables))}
+    if want != have:
+        bad = sorted(p for p in set(want) | set(have) if want.get(p) != have.get(p))[0]
+        raise InputError(f"{directory / str(step)} does not match {arch} ({num_classes} classes) "
+                         f"at {bad}: {have.get(bad)} vs {want.get(bad)}")
+    raw_masks = tree.get("masks")
+    flat = {} if raw_masks is None else dict(zip(masks_lib.tree_paths(raw_masks),
+                                                 jax.tree_util.tree_leaves(
+                                                     raw_masks, is_leaf=lambda x: x is None)))
+    masks = jax.tree_util.tree_unflatten(
+        jax.tree_util.tree_structure(params),
+        [None if flat.get(p) is None else np.asarray(flat[p], bool) for p in paths])
+    variables = jax.tree_util.tree_map(jnp.asarray, variables)
+    info = {"checkpoint": str(directory / str(step)), "arch": arch, "dataset": dataset,
+            "num_classes": int(num_classes), "sample_shape": list(sample_shape),
+            "data_dir": config.get("data"), "step": step, "net_kwargs": kwargs}
+    return model, variables, masks, info
+
+
+def load(directory: str):
+    """(model, variables) of a compact network written by this command."""
+    import jax
+    import jax.numpy as jnp
+    from rsst_jax import checkpoint as ckpt
+    from rsst_jax import compact as compact_lib
+    d = pathlib.Path(directory)
+    description = json.loads((d / "architecture.json").read_text())
+    model = compact_lib.model_from_description(description)
+    template = jax.eval_shape(lambda: model.init(
+        jax.random.PRNGKey(0), jnp.zeros((1, *description["sample_shape"])), train=False))
+    variables, _ = ckpt.restore(d / "variables", template)
+    return model, variables
+
+
+# --------------------------------------------------------------------------- measuring
+
+def measure_latencies(networks: dict, sample_shape, batch_sizes, runs: int, warmup: int = 2
+                      ) -> dict:
+    """{name: {batch size: median seconds}} of jitted eval calls ``fn(variables, x)`` for
+    ``networks = {name: (fn, variables)}``. After ``warmup`` calls each (the first
+    compiles), the networks are timed in turn ``runs`` times, so that a busy machine slows
+    them alike."""
+    import jax
+    out = {name: {} for name in networks}
+    for bs in batch_sizes:
+        x = jax.random.normal(jax.random.PRNGKey(0), (bs, *sample_shape))
+        for fn, v in networks.values():
+            for _ in range(max(1, warmup)):
+                jax.block_until_ready(fn(v, x))
+        times = {name: [] for name in networks}
+        for _ in range(max(1, runs)):
+            for name, (fn, v) in networks.items():
+                t0 = time.perf_counter()
+                jax.block_until_ready(fn(v, x))
+                times[name].append(time.perf_counter() - t0)
+        for name, t in times.items():
+            out[name][str(bs)] = statistics.median(t)
+    return out
+
+
+def _eval_inputs(info: dict, n: int):
+    """(images, labels or None, source): test images normalized, else random normals."""
+    import jax
+    from rsst_jax import data as data_lib
+    try:
+        ds = data_lib.load_dataset(info["dataset"], info.get("data_dir"))
+    except Exception:
+        x = jax.random.normal(jax.random.PRNGKey(1), (n, *info["sample_shape"]))
+        return x, None, "random inputs"
+    x = data_lib.normalize(ds.test_x[:n], ds.mean, ds.std)
+    return x, ds.test_y[:n], f"{min(n, len(ds.test_y))} {info['dataset']} test images"
+
+
+def _fmt_count(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def format_table(result: dict) -> str:
+    sizes = [str(b) for b in result["batch_sizes"]]
+    header = ["network", "params", "MACs", "FLOPs"]
+    for b in sizes:
+        header += [f"b={b} ms", f"b={b} img/s"]
+    header += [f"speedup b={b}" for b in sizes]
+    rows = [header]
+    for name, net in result["networks"].items():
+        row = [name, f"{net['params']:,}", _fmt_count(net["macs"]), _fmt_count(net["flops"])]
+        for b in sizes:
+            row += [f"{1e3 * net['latency_s'][b]:.2f}", f"{net['throughput'][b]:.0f}"]
+        row += [f"{net['speedup'][b]:.2f}x" for b in sizes]
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                       for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- command
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m experiments.compact", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint",
+                    help="round_<r>/final or best dir, a step dir in it, or a save_dir")
+    ap.add_argument("--out", required=True, help="directory for the compact network")
+    ap.add_argument("--approximate", action="store_true",
+                    help="also remove pruned channels whose BatchNorm is not zeroed (reports "
+                         "the error)")
+    ap.add_argument("--round_to", type=int, default=1,
+                    help="keep removable channels so widths are multiples of this where possible "
+                         "(8 suits XLA's CPU convolutions); exactness is unaffected")
+    ap.add_argument("--batch_sizes", default="1,128", help="comma-separated batch sizes to time")
+    ap.add_argument("--runs", type=int, default=10, help="timed calls per measurement")
+    ap.add_argument("--eval_images", type=int, default=256,
+                    help="test images used to compare compact and masked logits")
+    ap.add_argument("--json", action="store_true", help="print one JSON object, not a table")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+        if not batch_sizes or min(batch_sizes) < 1:
+            raise ValueError
+    except ValueError:
+        print(f"error: --batch_sizes must be positive integers like 1,128, got "
+              f"{args.batch_sizes!r}", file=sys.stderr)
+        return 2
+    if args.runs < 1 or args.eval_images < 1 or args.round_to < 1:
+        print("error: --runs, --eval_images and --round_to must be at least 1", file=sys.stderr)
+        return 2
+    from rsst_jax import checkpoint as ckpt
+    try:
+        model, variables, masks, info = load_ticket(args.checkpoint)
+    except (InputError, ckpt.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    result = run(model, variables, masks, info, out=args.out, approximate=args.approximate,
+                 batch_sizes=batch_sizes, runs=args.runs, eval_images=args.eval_images,
+                 round_to=args.round_to)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(f"{info['checkpoint']}: {info['arch']} on {info['dataset']}, "
+              f"{info['num_classes']} classes, input {tuple(info['sample_shape'])}")
+        c = result["channels"]
+        print(f"prunable conv channels: {c['total']}, pruned {c['pruned']} "
+              f"({100 * c['sparsity']:.2f}%), removed {c['removed']}, pruned but kept "
+              f"{c['pruned_kept']}" + (f", removed only approximately {c['approximate']}"
+                                       if args.approximate else ""))
+        e = result["error"]
+        print(f"compact vs masked on {e['inputs']}: max |logit diff| {e['max_abs']:.3g} "
+              f"(relative {e['max_rel']:.3g}), top-1 agreement {100 * e['top1_agreement']:.2f}%"
+              + (f", accuracy masked {e['masked_acc']:.2f}% / compact {e['compact_acc']:.2f}%"
+                 if e["masked_acc"] is not None else ""))
+        print(format_table(result))
+        print(f"wrote {result['out']}/variables and {result['out']}/architecture.json")
+    return 0
+
+
+def run(model, variables, masks, info, *, out, approximate=False, batch_sizes=(1, 128),
+        runs=10, eval_images=256, round_to=1) -> dict:
+    """Compact, write, measure; returns the JSON-able result."""
+    import jax
+    from rsst_jax import checkpoint as ckpt
+    from rsst_jax import compact as compact_lib
+    from rsst_jax import masks as masks_lib
+
+    sample_shape = tuple(info["sample_shape"])
+    cmodel, cvars, desc = compact_lib.compact(model, variables, masks, approximate=approximate,
+                                              sample_shape=sample_shape, round_to=round_to)
+    desc.update(arch=info["arch"], num_classes=info["num_classes"], dataset=info["dataset"],
+                source=info["checkpoint"])
+    out = pathlib.Path(out).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt.save(out / "variables", info["step"], cvars,
+              {"arch": info["arch"], "dataset": info["dataset"], "num_classes": info["num_classes"],
+               "source": info["checkpoint"], "compact": True, "exact": desc["exact"]})
+    (out / "architecture.json").write_text(json.dumps(desc, indent=1))
+
+    masked = compact_lib.masked_variables(variables, masks)
+    apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    capply = jax.jit(lambda v, x: cmodel.apply(v, x, train=False))
+    x, y, source = _eval_inputs(info, eval_images)
+    a, b = np.asarray(apply(masked, x)), np.asarray(capply(cvars, x))
+    diff = np.abs(a - b)
+    error = {"inputs": source, "max_abs": float(diff.max()),
+             "max_rel": float(diff.max() / max(np.abs(a).max(), 1e-30)),
+             "top1_agreement": float(np.mean(a.argmax(-1) == b.argmax(-1))),
+             "masked_acc": None if y is None else float(100 * np.mean(a.argmax(-1) == y)),
+             "compact_acc": None if y is None else float(100 * np.mean(b.argmax(-1) == y))}
+
+    kernel_masks = [m for p, m in zip(masks_lib.tree_paths(masks),
+                                      jax.tree_util.tree_leaves(masks, is_leaf=lambda v: v is None))
+                    if m is not None and p.endswith("kernel") and np.ndim(m) >= 2]
+    pruned = sum(int((~np.asarray(m).reshape(-1, np.shape(m)[-1]).any(axis=0)).sum())
+                 for m in kernel_masks)
+    channels = {"total": desc["prunable_channels"], "pruned": pruned,
+                "sparsity": masks_lib.channel_sparsity(kernel_masks),
+                "removed": desc["prunable_channels"] - desc["prunable_channels_kept"],
+                "pruned_kept": desc["pruned_channels_kept"],
+                "approximate": desc["approximate_channels"]}
+
+    flops = compact_lib.count_flops(model, variables, sample_shape, masks)
+    cflops = compact_lib.count_flops(cmodel, cvars, sample_shape)
+    n_params = compact_lib.count_params(variables["params"])
+    n_masked = n_params - sum(int(np.size(m) - np.sum(np.asarray(m))) for m in
+                              jax.tree_util.tree_leaves(masks))
+    networks = {
+        "dense": {"params": n_params, "macs": flops["macs"], "flops": flops["flops"],
+                  "fn": apply, "variables": variables},
+        "masked": {"params": n_masked, "macs": flops["masked_macs"],
+                   "flops": flops["masked_flops"], "fn": apply, "variables": masked},
+        "compact": {"params": compact_lib.count_params(cvars["params"]), "macs": cflops["macs"],
+                    "flops": cflops["flops"], "fn": capply, "variables": cvars},
+    }
+    latencies = measure_latencies({name: (net.pop("fn"), net.pop("variables"))
+                                   for name, net in networks.items()},
+                                  sample_shape, batch_sizes, runs)
+    for name, net in networks.items():
+        net["latency_s"] = latencies[name]
+        net["throughput"] = {k: int(k) / s for k, s in net["latency_s"].items()}
+    for net in networks.values():
+        net["speedup"] = {k: networks["dense"]["latency_s"][k] / s
+                          for k, s in net["latency_s"].items()}
+    return {"checkpoint": info["checkpoint"], "arch": info["arch"], "dataset": info["dataset"],
+            "num_classes": info["num_classes"], "sample_shape": list(sample_shape),
+            "out": str(out), "approximate": bool(approximate), "exact": desc["exact"],
+            "round_to": int(round_to),
+            "batch_sizes": list(batch_sizes), "channels": channels, "error": error,
+            "networks": networks, "platform": jax.devices()[0].platform,
+            "note": "MACs per image of convs and dense layers; FLOPs = 2 x MACs; masked "
+                    "MACs count kept weights only (no dense kernel realises them)"}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
