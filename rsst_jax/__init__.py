@@ -10,9 +10,12 @@ The functional API, all pure functions on pytrees:
 - ``rsst_jax.nets``: the network registry (``get_net``, ``register_net``).
 - ``rsst_jax.data``: offline data sets and in-jit augmentation.
 - ``rsst_jax.train``: train state, optimizer, jit-compiled train and eval steps.
+- ``rsst_jax.compact(net, variables, masks)``: a physically narrower network computing the
+  same function (the module also holds ``bn_masks``, ``count_flops``, ``compact_stats``).
 - ``rsst_jax.lottery``: the iterative procedure behind ``python -m experiments.run``.
 """
-from rsst_jax import checkpoint, config, criteria, data, masks, nets, regularizers, train  # noqa: F401
+from rsst_jax import (  # noqa: F401
+    checkpoint, compact, config, criteria, data, masks, nets, regularizers, train)
 from rsst_jax.criteria import channel_scores, register_criterion  # noqa: F401
 from rsst_jax.masks import (  # noqa: F401
     apply_masks, channel_sparsity, density, filter_prune, init_masks, keep_pruned,

@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
+import types
 from collections import defaultdict
 from typing import Any, Callable, Optional, Sequence
 
@@ -985,3 +987,14 @@ def compact_stats(model: nn.Module, variables: dict, masks: PyTree, sample_shape
         "channel_sparsity": masks_lib.channel_sparsity(kernel_masks),
         "pruned_channels_kept": desc["pruned_channels_kept"], "exact": desc["exact"],
     }
+
+
+class _CallableModule(types.ModuleType):
+    """``rsst_jax.compact(net, variables, masks)`` calls ``compact``; the module's other
+    names (``bn_masks``, ``count_flops``, ...) stay reachable as attributes."""
+
+    def __call__(self, *args, **kwargs):
+        return compact(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
