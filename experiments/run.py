@@ -88,7 +88,9 @@ def dry_run(cfg) -> None:
         jax.random.PRNGKey(0), np.zeros((1, *ds.image_shape), np.float32), train=False))
     params = shapes["params"]
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
-    flags = masks_lib.prunable(params, conv1=cfg.conv1, fc=cfg.prune_dense)
+    from rsst_jax import compact
+    flags = masks_lib.prunable(params, conv1=cfg.conv1, fc=cfg.prune_dense,
+                               stem=compact.stem_kernel(model, ds.image_shape))
     n_prunable = sum(int(np.prod(x.shape)) for x, f in
                      zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(flags)) if f)
     state = _check_save_dir_state(cfg)

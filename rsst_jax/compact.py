@@ -115,6 +115,16 @@ def _trace_calls(model: nn.Module, sample_shape: Sequence[int], variables: PyTre
     return calls, variables if made is None else made
 
 
+def stem_kernel(model: nn.Module, sample_shape: Sequence[int]) -> Optional[str]:
+    """Path of the kernel of the first convolution the input meets (the stem), found by
+    running the network abstractly, not by names or dict order."""
+    calls, _ = _trace_calls(model, sample_shape)
+    for call in calls:
+        if isinstance(call.module, nn.Conv):
+            return _join(call.path, "kernel")
+    return None
+
+
 def conv_bn_pairs(model: nn.Module, sample_shape: Sequence[int]) -> list[tuple[str, str]]:
     """(conv module path, BatchNorm module path) for every ``nn.BatchNorm`` applied directly
     to the output of a module owning a ``kernel`` parameter, in call order.

@@ -221,6 +221,12 @@ class LotteryRun:
             return self.make_plan(channel)
         return self.make_plan(new, channel)
 
+    def init_masks(self, params):
+        """All-True masks of the prunable kernels; the stem is the first conv the input meets."""
+        stem = compact_lib.stem_kernel(self.model, self.ds.image_shape)
+        return masks_lib.init_masks(params, conv1=self.cfg.conv1, fc=self.cfg.prune_dense,
+                                    stem=stem)
+
     def extend_masks(self, masks):
         """Kernel masks plus, with --mask_bn, masks of the BatchNorm scale/bias that follow
         each conv (False for channels whose kernel slice is all pruned)."""
@@ -277,8 +283,7 @@ class LotteryRun:
     def _run_locked(self) -> list[dict]:
         cfg = self.cfg
         template_state = self._fresh_state()
-        template_masks = masks_lib.init_masks(template_state.params, conv1=cfg.conv1,
-                                              fc=cfg.prune_dense)
+        template_masks = self.init_masks(template_state.params)
         resume = cfg.resume
         if resume and cfg.checkpoint is None and ckpt.latest_step(self.ckpt_dir) is None:
             # Killed before its first checkpoint: resuming is starting (W0 comes from init/).
@@ -411,8 +416,7 @@ class LotteryRun:
         template = self._fresh_state()
         tree, _ = ckpt.restore(self.dir / "round_0" / "final",
                                {"params": template.params, "batch_stats": template.batch_stats,
-                                "masks": masks_lib.init_masks(template.params, conv1=self.cfg.conv1,
-                                                              fc=self.cfg.prune_dense)})
+                                "masks": self.init_masks(template.params)})
         return {"params": tree["params"], "batch_stats": tree["batch_stats"]}
 
     def _start_round(self, state, round_idx: int):
