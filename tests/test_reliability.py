@@ -10,6 +10,7 @@ appears.
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import pathlib
@@ -130,10 +131,12 @@ TINY_FLAGS = ["--dataset", "digits", "--arch", "tiny_cnn", "--batch_size", "64",
 
 def tiny_data_file() -> str:
     """tiny_digits as an .npz the children load without importing scikit-learn (~4 s)."""
-    path = ROOT / ".jax_cache" / "tiny_digits_320.npz"
+    ds = tiny.tiny_digits(320)
+    digest = hashlib.sha1(b"".join(np.ascontiguousarray(getattr(ds, k)).tobytes() for k in (
+        "train_x", "train_y", "val_x", "val_y", "test_x", "test_y"))).hexdigest()[:12]
+    path = ROOT / ".jax_cache" / f"tiny_digits_{digest}.npz"  # named by content: never stale
     if not path.exists():
         path.parent.mkdir(exist_ok=True)
-        ds = tiny.tiny_digits(320)
         tmp = path.with_name(f"{path.stem}.{os.getpid()}.npz")
         np.savez(tmp, mean=np.asarray(ds.mean), std=np.asarray(ds.std),
                  **{k: getattr(ds, k) for k in ("train_x", "train_y", "val_x", "val_y",
