@@ -40,6 +40,9 @@ def parse_args(argv=None):
     p.add_argument("--eval_batch_size", type=int, default=500)
     p.add_argument("--eval_reps", type=int, default=3)
     p.add_argument("--variants", default="dense,imp,refill,rsst")
+    p.add_argument("--num_seeds", default="",
+                   help="comma-separated K: time the RSST step vmapped over K tickets (e.g. 1,4,8)")
+    p.add_argument("--seed_steps", type=int, default=3, help="timed steps per K")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p.parse_args(argv)
@@ -166,6 +169,9 @@ def run(args) -> dict:
     if args.fused_steps > 0:
         result["fused"] = _bench_fused(args, model, variants, compiled, states, cfg, data_x,
                                        data_y, n_train, key)
+    if args.num_seeds:
+        result["seeds"] = _bench_seeds(args, model, variants, cfg, data_x, data_y, n_train, key,
+                                       shape)
     result["eval"] = _bench_eval(args, model, cfg, states, names, shape)
     stats = jax.devices()[0].memory_stats()
     result["peak_memory_mb"] = (round(stats["peak_bytes_in_use"] / 2**20, 1)
@@ -211,6 +217,44 @@ def _bench_fused(args, model, variants, compiled, states, cfg, data_x, data_y, n
     return {"variant": name, "fused_steps": k, "compile_s": round(compile_s, 2),
             "loop_step_ms": round(loop_ms, 2), "fused_step_ms": round(fused_ms, 2),
             "speedup": round(loop_ms / fused_ms, 3)}
+
+
+def _bench_seeds(args, model, variants, cfg, data_x, data_y, n_train, key, shape):
+    """The RSST step vmapped over K independent tickets (own weights, masks, batches)."""
+    import jax
+    import jax.numpy as jnp
+
+    from rsst_jax import train as train_lib
+
+    bs = args.batch_size
+    tx, m, t = variants["rsst"]
+    step = train_lib.make_multi_seed_step(train_lib.make_train_step(model, tx, cfg))
+    out = []
+    for k in (int(v) for v in args.num_seeds.split(",") if v):
+        stack = lambda tree: jax.tree_util.tree_map(  # noqa: E731
+            lambda x: None if x is None else jnp.stack([x] * k), tree, is_leaf=lambda x: x is None)
+        states = jax.vmap(lambda kk: train_lib.create_train_state(model, tx, kk, shape))(
+            jax.random.split(key, k))
+        masks, targets = stack(m), stack(t)
+        perms = jnp.stack([jax.random.permutation(jax.random.fold_in(key, 300 + i), n_train)[:bs]
+                           for i in range(k)]).astype(jnp.int32)
+        scale = jnp.ones((k,), jnp.float32)
+        jitted = jax.jit(step, donate_argnums=(0,))
+        t0 = time.perf_counter()
+        compiled = jitted.lower(states, data_x, data_y, perms, masks, targets, scale).compile()
+        compile_s = time.perf_counter() - t0
+        states, _ = compiled(states, data_x, data_y, perms, masks, targets, scale)
+        jax.block_until_ready(states)
+        times = []
+        for _ in range(args.seed_steps):
+            t0 = time.perf_counter()
+            states, metrics = compiled(states, data_x, data_y, perms, masks, targets, scale)
+            jax.block_until_ready((states, metrics))
+            times.append(time.perf_counter() - t0)
+        ms = _median_ms(times)
+        out.append({"num_seeds": k, "step_ms": round(ms, 2), "compile_s": round(compile_s, 2),
+                    "images_per_s": round(k * bs / ms * 1e3, 1)})
+    return out
 
 
 def _bench_eval(args, model, cfg, states, names, shape):
@@ -260,6 +304,9 @@ def format_table(r: dict) -> str:
         lines.append(f"fused {f['variant']} chunk of {f['fused_steps']} steps: "
                      f"{f['fused_step_ms']:.1f} ms/step vs step loop {f['loop_step_ms']:.1f} "
                      f"ms/step: speedup {f['speedup']:.3f}x (compile {f['compile_s']:.1f} s)")
+    for row in r.get("seeds", []):
+        lines.append(f"rsst x {row['num_seeds']} tickets (vmap): {row['step_ms']:.1f} ms/step, "
+                     f"{row['images_per_s']:.1f} images/s (compile {row['compile_s']:.1f} s)")
     e = r["eval"]
     lines.append(f"eval batch {e['batch_size']}: {e['batch_ms']:.1f} ms, "
                  f"{e['images_per_s']:.1f} images/s")

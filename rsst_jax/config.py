@@ -122,6 +122,8 @@ class Config:
                     "gradients inside a loop far slower)", choices=("auto", "on", "off"), new=True)
     fused_steps: Optional[int] = _f(None, "steps per fused chunk; the progress bar advances per "
                                     "chunk (default: --print_freq)", flag_type=int, new=True)
+    num_seeds: int = _f(1, "train this many tickets (seeds --seed, --seed+1, ...) together as "
+                        "one vmapped program, each written to SAVE_DIR/seed_<s>/", new=True)
     nan_policy: str = _f("stop", "on a NaN/Inf loss: stop the round, or skip the batch",
                          choices=("stop", "skip"), new=True)
     config: Optional[str] = _f(None, "YAML or TOML file supplying any flag; command-line "
@@ -399,6 +401,9 @@ def validate(cfg: Config) -> Config:
     need(cfg.batch_size % cfg.accum_steps == 0, f"--batch_size {cfg.batch_size} must be a "
          f"multiple of --accum_steps {cfg.accum_steps} (the micro-batches are equal)")
     need(cfg.fused_steps is None or cfg.fused_steps >= 1, "--fused_steps must be >= 1")
+    need(cfg.num_seeds >= 1, f"--num_seeds must be >= 1, got {cfg.num_seeds}")
+    need(cfg.num_seeds == 1 or not cfg.distill, "--num_seeds > 1 with --distill is not "
+         "supported; run the seeds separately")
     return cfg
 
 

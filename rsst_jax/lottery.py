@@ -152,7 +152,10 @@ class LotteryRun:
             self.model, self.tx, step_cfg,
             batch_sharding=None if self.mesh is None else parallel.batch_sharding(self.mesh))
         n_extra = 2 if cfg.distill else 0  # (teacher, kd_alpha)
+        self.step_fn = step
         self.train_step = parallel.jit_step(step, self.mesh, n_extra)
+        # multiseed.run sets this to train the epoch together with the other tickets.
+        self.epoch_runner: Optional[Callable] = None
         # --fused: chunks of steps as one lax.scan (at most two programs: k and the remainder).
         self.fused = train_lib.use_fused(cfg.fused)
         self.fused_steps = cfg.fused_steps or cfg.print_freq
@@ -442,6 +445,9 @@ class LotteryRun:
             bar = tqdm(total=nb, leave=False, dynamic_ncols=True, disable=None,
                        desc=f"round {r}/{cfg.pruning_times - 1} epoch {epoch + 1}/{cfg.epochs}")
         metrics, done, counted, correct_so_far = [], 0, 0, 0
+        if self.epoch_runner is not None:  # --num_seeds: one vmapped epoch for all tickets
+            state, m = self.epoch_runner(state, masks, targets, perm, scale)
+            metrics, done = [m], nb
         while done < nb:
             extras = parallel.replicate(self.step_extras(state, r), self.mesh)
             if self.fused:  # one compiled scan per chunk; the bar advances per chunk
@@ -470,7 +476,7 @@ class LotteryRun:
                 bar.update(done - bar.n)
         if bar is not None:
             bar.close()
-        join = jnp.concatenate if self.fused else jnp.stack  # [n] per chunk, or scalars
+        join = jnp.concatenate if np.ndim(metrics[0]["loss"]) else jnp.stack  # [n] or scalars
         loss = np.asarray(join([m["loss"] for m in metrics]))
         correct = np.asarray(join([m["correct"] for m in metrics]))
         finite = np.asarray(join([m["finite"] for m in metrics])).astype(bool)

@@ -236,6 +236,12 @@ def make_epoch_fn(train_step):
     return train_epoch
 
 
+def make_multi_seed_step(train_step):
+    """``train_step`` vmapped over K independent tickets: state, idx [K, B], masks,
+    targets and reg_scale [K] carry a leading seed axis; the data set is shared."""
+    return jax.vmap(train_step, in_axes=(0, None, None, 0, 0, 0, 0))
+
+
 def make_eval_step(model, cfg: StepConfig):
     """``eval_step(variables, x_uint8, y, valid) -> (sum loss, correct)`` over valid rows."""
 
@@ -287,6 +293,6 @@ def tree_is_finite(tree) -> bool:
 
 
 __all__ = ["TrainState", "StepConfig", "lr_schedule", "make_optimizer", "compute_dtype",
-           "use_fused", "create_train_state",
-           "reset_optimizer", "make_train_step", "make_epoch_fn", "make_eval_step", "evaluate",
+           "use_fused", "create_train_state", "reset_optimizer", "make_train_step",
+           "make_epoch_fn", "make_multi_seed_step", "make_eval_step", "evaluate",
            "steps_per_epoch", "epoch_permutation", "cross_entropy"]
