@@ -292,11 +292,11 @@ def format_text(result: dict) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m experiments.analyze",
                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                      description=__doc__.split("\n\n", 1)[1].rsplit("\n\nExit codes", 1)[0],
+                      description=__doc__.split("\n\n", 1)[1].rsplit("\n\nExit codes", 1)[0].replace("``", ""),
                       epilog="Exit codes: 0, 2 bad input.")
     p.add_argument("path", metavar="CHECKPOINT_OR_DIR",
                    help="run directory, round_<r> folder, checkpoint folder or step folder")
-    p.add_argument("--round", type=int, default=None, help="round to open when PATH is a run directory")
+    p.add_argument("--round", type=int, default=None, help="round to open when CHECKPOINT_OR_DIR is a run directory")
     p.add_argument("--best", action="store_true",
                    help="open the round's best-validation checkpoint instead of its final ticket")
     p.add_argument("--arch", default=None, help="network, when the checkpoint does not name it")

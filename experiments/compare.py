@@ -225,7 +225,8 @@ def plot_accuracy(runs: Sequence[runs_lib.Run], names: Sequence[str], metric: st
     for i, (run, name) in enumerate(zip(runs, names)):
         color = f"C{i % 10}"
         marker = MARKERS.get(run.method.split(" ")[0], "o")
-        label = f"{name} ({run.method}" + (f", {run.criteria}" if run.criteria != "-" else "") + ")"
+        extra = [x for x in (run.method, run.criteria) if x not in ("-", name)]
+        label = f"{name} ({', '.join(extra)})" if extra else name
         pts = curve(run, metric)
         if pts:
             xs_all += [p[0] for p in pts]
