@@ -153,7 +153,13 @@ class LotteryRun:
             batch_sharding=None if self.mesh is None else parallel.batch_sharding(self.mesh))
         n_extra = 2 if cfg.distill else 0  # (teacher, kd_alpha)
         self.step_fn = step
-        self.train_step = parallel.jit_step(step, self.mesh, n_extra)
+        self.step_traces = 0  # how often JAX traced (and so compiled) the train step
+
+        def counted_step(*args):
+            self.step_traces += 1  # Python runs here only while JAX traces
+            return step(*args)
+
+        self.train_step = parallel.jit_step(counted_step, self.mesh, n_extra)
         # multiseed.run sets this to train the epoch together with the other tickets.
         self.epoch_runner: Optional[Callable] = None
         # --fused: chunks of steps as one lax.scan (at most two programs: k and the remainder).

@@ -61,7 +61,7 @@ def test_imp_density_follows_rate_and_pruned_weights_stay_zero(tmp_path, monkeyp
             assert np.all(w[~m] == 0.0), path
         kept -= int(np.round(0.2 * kept))
     # one compiled train step served every round
-    assert run.train_step._cache_size() == 1
+    assert run.step_traces == 1
 
 
 def test_refill_rounds_are_channelwise_with_spec_k(tmp_path, monkeypatch):
