@@ -262,8 +262,11 @@ def parse_args(argv=None) -> Config:
     values = vars(args)
     if args.config:
         file_values = load_config_file(args.config)
-        defaults = vars(parser.parse_args([]))
-        explicit = {k for k, v in values.items() if v != defaults[k]}
+        # The flags given on the command line, even those equal to their default.
+        probe = build_parser()
+        for action in probe._actions:
+            action.default = argparse.SUPPRESS
+        explicit = set(vars(probe.parse_args(argv)))
         for key, value in file_values.items():
             if key not in explicit:
                 values[key] = value

@@ -309,8 +309,17 @@ def _parse_layer_rates(layer_rates: Any) -> list[tuple[re.Pattern, float]]:
     if layer_rates is None:
         return []
     pairs = layer_rates.items() if isinstance(layer_rates, Mapping) else layer_rates
+    try:
+        pairs = [tuple(pair) for pair in pairs]
+    except TypeError:
+        raise ValueError(f"layer_rates must map regular expressions to multipliers, got "
+                         f"{layer_rates!r}") from None
     out = []
-    for pattern, mult in pairs:
+    for pair in pairs:
+        if len(pair) != 2 or not isinstance(pair[0], str):
+            raise ValueError(f"layer_rates must map regular expressions (str) to multipliers; "
+                             f"bad entry {pair!r}")
+        pattern, mult = pair
         try:
             compiled = re.compile(pattern)
         except re.error as e:

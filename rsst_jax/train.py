@@ -208,7 +208,8 @@ def make_train_step(model, tx, cfg: StepConfig, *, batch_sharding=None):
         updates, new_opt = tx.update(grads, state.opt_state, state.params, masks=masks,
                                      reg_targets=targets, reg_scale=reg_scale)
         new_params = optax.apply_updates(state.params, updates)
-        finite = jnp.isfinite(loss)
+        # A NaN activation can vanish in a ReLU and leave the loss finite: check the gradients too.
+        finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
         new_state = state.replace(step=state.step + 1, params=new_params,
                                   batch_stats=new_stats, opt_state=new_opt)
         if cfg.nan_skip:

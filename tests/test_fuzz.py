@@ -348,10 +348,6 @@ def test_mask_functions_succeed_or_raise_value_error(data):
             assert valid  # init_masks makes a mask that check_masks accepts
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="masks._parse_layer_rates iterates a non-iterable layer_rates "
-                          "(TypeError); fix: raise ValueError unless it is a Mapping or a "
-                          "sequence of (pattern, multiplier) pairs")
 @pytest.mark.parametrize("layer_rates", [5, [5], {3: 1.0}])
 def test_layer_rates_of_the_wrong_type_raise_value_error(layer_rates):
     params = {"conv1": {"kernel": jnp.ones((3, 3, 1, 2))}, "conv2": {"kernel": jnp.ones((3, 3, 2, 4))}}
