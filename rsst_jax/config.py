@@ -90,7 +90,8 @@ class Config:
     # --- structure (Refill / RSST)
     struct: str = _f("rsst", "none (IMP), refill or rsst", choices=STRUCTS)
     fillback_rate: float = _f(0.0, "Refill+: fraction of the pruned channels given back")
-    criteria: str = _f("l1", "channel criterion", choices=CRITERIA)
+    criteria: str = _f("l1", "channel criterion: remain, magnitude, l1, l2, saliency, hessian, "
+                       "or any name registered with rsst_jax.criteria.register_criterion")
     criteria_batches: int = _f(1, "training batches used for activation-based criteria", new=True)
     hessian_samples: int = _f(8, "Hutchinson probes for --criteria hessian", new=True)
     mask_bn: Optional[bool] = _f(None, "channel masks also zero and freeze the following "
@@ -331,6 +332,10 @@ def validate(cfg: Config) -> Config:
     need(cfg.save_dir.strip() != "", "--save_dir must name a directory")
     need(cfg.dataset in data_lib.DATASETS,
          f"unknown --dataset {cfg.dataset!r}; choose one of: {', '.join(data_lib.DATASETS)}")
+    from rsst_jax import criteria as criteria_lib
+    need(cfg.criteria in criteria_lib.available_criteria(),
+         f"unknown --criteria {cfg.criteria!r}; choose one of: "
+         f"{', '.join(criteria_lib.available_criteria())}")
     need(cfg.arch in nets.available_nets(),
          f"unknown --arch {cfg.arch!r}; choose one of: {', '.join(nets.available_nets())}")
     need(cfg.shortcut == "A" or "shortcut" in nets.net_options(cfg.arch),
