@@ -166,6 +166,13 @@ def run(args) -> dict:
             result["ratio_to_dense"][name] = round(result["step_ms"][name]
                                                    / result["step_ms"]["dense"], 3)
 
+    flops = {prog: _flops(c) for prog, c in compiled.items()}
+    result["gflop_per_step"] = {k: None if v is None else float(f"{v / 1e9:.4g}")
+                                for k, v in flops.items()}
+    result["achieved_tflop_s"] = {
+        name: (None if flops["dense" if variants[name][0] is tx_dense else "masked"] is None else
+               round(flops["dense" if variants[name][0] is tx_dense else "masked"]
+                     / (result["step_ms"][name] / 1e3) / 1e12, 4)) for name in names}
     if args.fused_steps > 0:
         result["fused"] = _bench_fused(args, model, variants, compiled, states, cfg, data_x,
                                        data_y, n_train, key)
@@ -280,6 +287,18 @@ def _bench_eval(args, model, cfg, states, names, shape):
     return {"batch_size": ebs, "batch_ms": round(ms, 2), "images_per_s": round(ebs / ms * 1e3, 1)}
 
 
+def _flops(compiled):
+    """XLA's count of floating-point operations of one call, or None if not reported."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # not every backend implements it
+        return None
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    value = (cost or {}).get("flops")
+    return float(value) if value and value > 0 else None
+
+
 def _loadavg():
     try:
         return [float(v) for v in open("/proc/loadavg").read().split()[:3]]
@@ -299,6 +318,11 @@ def format_table(r: dict) -> str:
         ratio = r["ratio_to_dense"].get(name)
         lines.append(f"{name:<8}{ms:>10.1f}{r['images_per_s'][name]:>11.1f}"
                      f"{'' if ratio is None else f'{ratio:.3f}':>10}")
+    gf = r.get("gflop_per_step", {})
+    if any(v is not None for v in gf.values()):
+        lines.append("XLA flop count per step: " + ", ".join(f"{k} {v} GFLOP" for k, v in gf.items())
+                     + "; achieved " + ", ".join(f"{k} {v} TFLOP/s" for k, v in
+                                                r["achieved_tflop_s"].items() if v is not None))
     if "fused" in r:
         f = r["fused"]
         lines.append(f"fused {f['variant']} chunk of {f['fused_steps']} steps: "
