@@ -23,6 +23,7 @@ import sys
 from typing import Optional, Sequence
 
 from experiments.compare import OneLineParser, fail
+from rsst_jax import masks as masks_lib
 from rsst_jax import runs as runs_lib
 
 # One image (H, W, C) of each data set as the loaders deliver it.
@@ -75,7 +76,7 @@ def describe_network(ref: runs_lib.CheckpointRef, meta: dict, *, arch: Optional[
     info["dataset"] = dataset or meta.get("dataset") or final_meta.get("dataset") or config.get("dataset")
     info["num_classes"] = meta.get("num_classes") or final_meta.get("num_classes")
     if info["num_classes"] is None and params is not None:
-        dense = [v for p, v in _flat(params).items() if p.endswith("kernel") and v.ndim == 2]
+        dense = [v for p, v in masks_lib.flat_dict(params).items() if p.endswith("kernel") and v.ndim == 2]
         info["num_classes"] = int(dense[-1].shape[-1]) if dense else None
     if input_shape is not None:
         info["input_shape"] = tuple(int(x) for x in input_shape)
@@ -86,15 +87,6 @@ def describe_network(ref: runs_lib.CheckpointRef, meta: dict, *, arch: Optional[
     info["shortcut"] = config.get("shortcut", "A")
     info["config"] = config
     return info
-
-
-def _flat(tree, prefix=""):
-    if isinstance(tree, dict):
-        out = {}
-        for k, v in tree.items():
-            out.update(_flat(v, f"{prefix}/{k}" if prefix else str(k)))
-        return out
-    return {prefix: tree}
 
 
 def build_model(info: dict, params: dict):
@@ -115,8 +107,8 @@ def build_model(info: dict, params: dict):
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
                                                np.zeros((1, *info["input_shape"]), np.float32),
                                                train=False))
-    want = {p: tuple(v.shape) for p, v in _flat(shapes["params"]).items()}
-    got = {p: tuple(np.shape(v)) for p, v in _flat(params).items()}
+    want = {p: tuple(v.shape) for p, v in masks_lib.flat_dict(shapes["params"]).items()}
+    got = {p: tuple(np.shape(v)) for p, v in masks_lib.flat_dict(params).items()}
     if want != got:
         diff = sorted(set(want) ^ set(got)) or [p for p in want if want[p] != got[p]]
         raise AnalyzeError(f"the checkpoint does not match {arch} with {info['num_classes']} classes "
@@ -135,8 +127,8 @@ def fallback_compact(params: dict, masks: dict) -> dict:
     import numpy as np
 
     total, compact = 0, 0
-    mflat = _flat(masks)
-    for path, w in _flat(params).items():
+    mflat = masks_lib.flat_dict(masks)
+    for path, w in masks_lib.flat_dict(params).items():
         n = int(np.size(w))
         total += n
         m = mflat.get(path)
@@ -193,7 +185,6 @@ def analyze(path, *, round_idx=None, best=False, arch=None, dataset=None, input_
     """Everything ``main`` prints, as a JSON-able dict."""
     import numpy as np
 
-    from rsst_jax import masks as masks_lib
 
     ref = runs_lib.resolve_checkpoint(path, round_idx=round_idx, kind="best" if best else "final")
     tree, meta, ref = runs_lib.load_checkpoint(ref)
@@ -218,7 +209,7 @@ def analyze(path, *, round_idx=None, best=False, arch=None, dataset=None, input_
                    if not info[k]]
         notes.append(f"FLOPs need the network: pass {' and '.join(missing)}")
     variables = {"params": params, "batch_stats": tree.get("batch_stats") or {}}
-    total = sum(int(np.size(v)) for v in _flat(params).values())
+    total = sum(int(np.size(v)) for v in masks_lib.flat_dict(params).values())
     prunable = sum(r.total for r in rows)
     kept = sum(r.kept for r in rows)
     return {
@@ -245,7 +236,6 @@ def _millions(n) -> str:
 
 
 def format_text(result: dict) -> str:
-    from rsst_jax import masks as masks_lib
 
     r = result
     where = f"round {r['round']}, {r['kind']}" if r["round"] is not None else r["kind"]

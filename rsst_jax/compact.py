@@ -69,12 +69,6 @@ def _join(*parts: str) -> str:
     return "/".join(p for p in parts if p)
 
 
-def _flat(tree: PyTree) -> dict[str, Any]:
-    """{'a/b/leaf': leaf} with None leaves kept (mask trees)."""
-    return dict(zip(masks_lib.tree_paths(tree),
-                    jax.tree_util.tree_leaves(tree, is_leaf=_is_none)))
-
-
 def _like(params: PyTree, values: dict[str, Any]) -> PyTree:
     """A tree with the structure of ``params``: ``values[path]`` where given, None elsewhere."""
     treedef = jax.tree_util.tree_structure(params, is_leaf=_is_none)
@@ -164,7 +158,7 @@ def bn_masks(model: nn.Module, params: PyTree, masks: PyTree, sample_shape: Sequ
     ``(H, W, C)``. Use the merged tree only to apply/freeze weights, not for
     ``density``/``channel_sparsity``/pruning, which expect kernel masks.
     """
-    mflat, pflat = _flat(masks), _flat(params)
+    mflat, pflat = masks_lib.flat_dict(masks), masks_lib.flat_dict(params)
     extra = {}
     for conv, bn in conv_bn_pairs(model, sample_shape):
         m = mflat.get(_join(conv, "kernel"))
@@ -818,7 +812,7 @@ def _default_sample_shape(params: PyTree) -> tuple:
     stem = masks_lib.stem_path(params)
     if stem is None:
         raise ValueError("pass sample_shape: the network has no conv kernel to infer it from")
-    return (32, 32, int(np.shape(_flat(params)[stem])[-2]))
+    return (32, 32, int(np.shape(masks_lib.flat_dict(params)[stem])[-2]))
 
 
 def compact(net_name_or_model, variables: dict, masks: PyTree, *, num_classes: Optional[int] = None,
@@ -860,14 +854,14 @@ def compact(net_name_or_model, variables: dict, masks: PyTree, *, num_classes: O
     masks_lib.check_masks(params, masks)
     sample_shape = (tuple(sample_shape) if sample_shape is not None
                     else _default_sample_shape(params))
-    mflat = _flat(masks)
+    mflat = masks_lib.flat_dict(masks)
     masked = jax.tree_util.tree_map(np.asarray, dict(variables))
     masked["params"] = _like(params, {p: np.where(np.asarray(mflat[p]), w, np.zeros_like(w))
                                       if mflat[p] is not None else w
-                                      for p, w in _flat(masked["params"]).items()})
+                                      for p, w in masks_lib.flat_dict(masked["params"]).items()})
 
     flow, calls = channel_flow(model, masked, sample_shape)
-    flat_vars = _flat(masked)
+    flat_vars = masks_lib.flat_dict(masked)
     shapes = {p: tuple(np.shape(x)) for p, x in flat_vars.items()}
     kernel_masks = {f"params/{p}": m for p, m in mflat.items() if m is not None}
     responses = _zero_responses(calls, masked, {m for m, _ in flow.modules})
@@ -887,7 +881,7 @@ def compact(net_name_or_model, variables: dict, masks: PyTree, *, num_classes: O
     # The rebuilt module must create exactly the sliced variables.
     init = jax.eval_shape(lambda x: compact_model.init(jax.random.PRNGKey(0), x, train=False),
                           jax.ShapeDtypeStruct((1, *sample_shape), jnp.float32))
-    got = {p: tuple(x.shape) for p, x in _flat(init).items()}
+    got = {p: tuple(x.shape) for p, x in masks_lib.flat_dict(init).items()}
     if got != new_shapes:
         bad = sorted(p for p in set(got) | set(new_shapes) if got.get(p) != new_shapes.get(p))
         raise RuntimeError(f"rebuilt {type(model).__name__} does not match the compacted "
@@ -927,7 +921,7 @@ def count_params(params: PyTree) -> int:
 
 def _layer_positions(model, variables, sample_shape) -> dict[str, tuple[int, tuple]]:
     """Module path -> (output positions per image, kernel shape) for modules with a kernel."""
-    flat = _flat(variables.get("params", {}))
+    flat = masks_lib.flat_dict(variables.get("params", {}))
     out: dict[str, tuple[int, tuple]] = {}
     for c in _trace_calls(model, sample_shape, variables)[0]:
         kernel = flat.get(_join(c.path, "kernel"))
@@ -954,7 +948,7 @@ def count_flops(model: nn.Module, variables: dict, sample_shape: Sequence[int],
     macs = int(sum(layers.values()))
     result = {"macs": macs, "flops": 2 * macs, "layers": layers}
     if masks is not None:
-        mflat = _flat(masks)
+        mflat = masks_lib.flat_dict(masks)
         masked = 0
         for path, (n, k) in positions.items():
             m = mflat.get(_join(path, "kernel"))
@@ -982,7 +976,7 @@ def compact_stats(model: nn.Module, variables: dict, masks: PyTree, sample_shape
     params = count_params(variables["params"])
     pruned = sum(int(np.size(m) - np.sum(np.asarray(m)))
                  for m in jax.tree_util.tree_leaves(masks))
-    kernel_masks = [m for p, m in _flat(masks).items()
+    kernel_masks = [m for p, m in masks_lib.flat_dict(masks).items()
                     if m is not None and p.endswith("kernel") and np.ndim(m) >= 2]
     compact_params = count_params(cvars["params"])
     return {

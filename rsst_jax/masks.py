@@ -45,6 +45,7 @@ __all__ = [
     "prunable",
     "stem_path",
     "init_masks",
+    "flat_dict",
     "apply_masks",
     "magnitude_prune",
     "random_prune",
@@ -92,6 +93,12 @@ def _items(tree: PyTree) -> list[tuple[str, Any]]:
     """(path, leaf) pairs in flatten order; ``None`` counts as a leaf."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_none)
     return [(_join(path), leaf) for path, leaf in flat]
+
+
+def flat_dict(tree: PyTree) -> dict[str, Any]:
+    """``{'a/b/leaf': leaf}`` with dicts walked in their own order (params before
+    batch_stats, layers in creation order); ``None`` leaves are kept (mask trees)."""
+    return dict(_insertion_order_items(tree))
 
 
 def tree_paths(tree: PyTree) -> list[str]:

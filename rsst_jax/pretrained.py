@@ -41,6 +41,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from rsst_jax import masks as masks_lib
+
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".tar")
 
 
@@ -258,15 +260,6 @@ def _convert_vgg(sd, out, sources, dropped, unknown) -> None:
 # --------------------------------------------------------------------------- merging
 
 
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, Mapping):
-        out = {}
-        for k, v in tree.items():
-            out.update(_flat(v, f"{prefix}/{k}" if prefix else str(k)))
-        return out
-    return {prefix: tree}
-
-
 def _unflat_like(template: Any, values: dict[str, Any], prefix: str = "") -> Any:
     if isinstance(template, Mapping):
         return {k: _unflat_like(v, values, f"{prefix}/{k}" if prefix else str(k))
@@ -302,7 +295,7 @@ def _stem_and_head(template_params: Mapping) -> tuple[Optional[str], set[str]]:
     from rsst_jax import masks as masks_lib
 
     stem = masks_lib.stem_path(template_params)
-    dense = [p for p, v in _flat(template_params).items()
+    dense = [p for p, v in masks_lib.flat_dict(template_params).items()
              if p.endswith("/kernel") and np.ndim(v) == 2]
     head = set()
     if dense:
@@ -323,8 +316,8 @@ def merge_pretrained(template_variables: Mapping, source: Mapping, *, what: str 
 
     template = {"params": template_variables["params"],
                 "batch_stats": template_variables.get("batch_stats", {})}
-    flat_t = _flat(template)
-    flat_s = _flat({"params": source.get("params", {}), "batch_stats": source.get("batch_stats", {})})
+    flat_t = masks_lib.flat_dict(template)
+    flat_s = masks_lib.flat_dict({"params": source.get("params", {}), "batch_stats": source.get("batch_stats", {})})
     stem, head = _stem_and_head(template["params"])
     loaded, fresh, values = [], [], {}
     for path, t in flat_t.items():

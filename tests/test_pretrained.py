@@ -94,8 +94,9 @@ def _template(arch, num_classes=1000, channels=3):
                                              jnp.zeros((1, 32, 32, channels)), train=False))
 
 
-def _flat(tree, prefix=""):
-    return pt._flat(tree, prefix)
+def _flat(tree):
+    from rsst_jax.masks import flat_dict
+    return flat_dict(tree)
 
 
 def test_fake_state_dicts_have_torchvisions_key_counts():
