@@ -43,6 +43,9 @@ def parse_args(argv=None):
     p.add_argument("--num_seeds", default="",
                    help="comma-separated K: time the RSST step vmapped over K tickets (e.g. 1,4,8)")
     p.add_argument("--seed_steps", type=int, default=3, help="timed steps per K")
+    p.add_argument("--cpu_devices", type=int, default=None,
+                   help="split the host CPU into this many XLA devices, data parallel "
+                        "(default: $RSST_JAX_CPU_DEVICES, else 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p.parse_args(argv)
@@ -58,17 +61,21 @@ def run(args) -> dict:
     import numpy as np
 
     from rsst_jax import masks as masks_lib
-    from rsst_jax import nets, regularizers
+    from rsst_jax import nets, parallel, regularizers
     from rsst_jax import train as train_lib
 
     shape = tuple(int(s) for s in args.image_shape.split(","))
     bs = args.batch_size
+    # As in a run: the batch split over all devices (CPU: the devices split_cpu made).
+    mesh = parallel.data_mesh(batch_size=bs // args.accum_steps)
+    batch_sh = None if mesh is None else parallel.batch_sharding(mesh)
     dtype = jnp.bfloat16 if args.precision == "bf16" else jnp.float32
     model = nets.get_net(args.arch, args.num_classes, dtype=dtype)
     rng = np.random.default_rng(args.seed)
     n_train = bs * max(4, args.fused_steps)
     data_x = jax.device_put(rng.integers(0, 256, (n_train, *shape), dtype=np.uint8))
     data_y = jax.device_put(rng.integers(0, args.num_classes, (n_train,)).astype(np.int32))
+    data_x, data_y = parallel.replicate((data_x, data_y), mesh)
     cfg = train_lib.StepConfig(flip=True, mean=(0.5,) * shape[-1], std=(0.25,) * shape[-1],
                                accum_steps=args.accum_steps)
     steps_per_epoch = 350
@@ -112,19 +119,22 @@ def run(args) -> dict:
         tx, m, t = variants[name]
         params = base.params if m is None else masks_lib.apply_masks(base.params, m)
         # Own buffers per variant: each step donates its state.
-        states[name] = jax.tree_util.tree_map(jnp.copy, train_lib.TrainState(
+        states[name] = parallel.replicate(jax.tree_util.tree_map(jnp.copy, train_lib.TrainState(
             step=base.step, params=params, batch_stats=base.batch_stats,
-            opt_state=tx.init(params), rng=base.rng))
+            opt_state=tx.init(params), rng=base.rng)), mesh)
+        variants[name] = (tx, *parallel.replicate((m, t), mesh))
+        m, t = variants[name][1:]
         prog = "dense" if tx is tx_dense else "masked"
         if prog not in compiled:
-            step = jax.jit(train_lib.make_train_step(model, tx, cfg), donate_argnums=(0,))
+            step = parallel.jit_step(train_lib.make_train_step(model, tx, cfg,
+                                                               batch_sharding=batch_sh), mesh)
             t0 = time.perf_counter()
-            idx = jnp.arange(bs, dtype=jnp.int32)
+            idx = parallel.shard_batch(np.arange(bs, dtype=np.int32), mesh)
             compiled[prog] = step.lower(states[name], data_x, data_y, idx, m, t, scale).compile()
             compile_s[prog] = time.perf_counter() - t0
 
-    perm = [jax.random.permutation(jax.random.fold_in(key, 7 + i), n_train)[:bs].astype(jnp.int32)
-            for i in range(4)]
+    perm = [parallel.shard_batch(np.asarray(jax.random.permutation(
+        jax.random.fold_in(key, 7 + i), n_train)[:bs]).astype(np.int32), mesh) for i in range(4)]
 
     def one_step(name, i):
         tx, m, t = variants[name]
@@ -151,6 +161,7 @@ def run(args) -> dict:
         "accum_steps": args.accum_steps, "steps": args.steps,
         "device": str(jax.devices()[0]), "platform": jax.default_backend(),
         "device_kind": jax.devices()[0].device_kind, "device_count": jax.device_count(),
+        "mesh_devices": 1 if mesh is None else mesh.size,
         "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "host": platform.node(), "cpu_count": os.cpu_count(),
         "loadavg": _loadavg(),
@@ -166,7 +177,9 @@ def run(args) -> dict:
             result["ratio_to_dense"][name] = round(result["step_ms"][name]
                                                    / result["step_ms"]["dense"], 3)
 
-    flops = {prog: _flops(c) for prog, c in compiled.items()}
+    n_dev = 1 if mesh is None else mesh.size  # XLA counts one device's share of the program
+    flops = {prog: None if _flops(c) is None else _flops(c) * n_dev
+             for prog, c in compiled.items()}
     result["gflop_per_step"] = {k: None if v is None else float(f"{v / 1e9:.4g}")
                                 for k, v in flops.items()}
     result["achieved_tflop_s"] = {
@@ -175,33 +188,39 @@ def run(args) -> dict:
                      / (result["step_ms"][name] / 1e3) / 1e12, 4)) for name in names}
     if args.fused_steps > 0:
         result["fused"] = _bench_fused(args, model, variants, compiled, states, cfg, data_x,
-                                       data_y, n_train, key)
+                                       data_y, n_train, key, mesh)
     if args.num_seeds:
         result["seeds"] = _bench_seeds(args, model, variants, cfg, data_x, data_y, n_train, key,
                                        shape)
-    result["eval"] = _bench_eval(args, model, cfg, states, names, shape)
+    result["eval"] = _bench_eval(args, model, cfg, states, names, shape, mesh)
     stats = jax.devices()[0].memory_stats()
     result["peak_memory_mb"] = (round(stats["peak_bytes_in_use"] / 2**20, 1)
                                 if stats and "peak_bytes_in_use" in stats else None)
     return result
 
 
-def _bench_fused(args, model, variants, compiled, states, cfg, data_x, data_y, n_train, key):
+def _bench_fused(args, model, variants, compiled, states, cfg, data_x, data_y, n_train, key,
+                 mesh):
     """k single steps against one k-step ``lax.scan`` chunk (the RSST program)."""
     import jax
     import jax.numpy as jnp
+    import numpy as np
 
+    from rsst_jax import parallel
     from rsst_jax import train as train_lib
 
     k, bs = args.fused_steps, args.batch_size
     name = "rsst" if "rsst" in states else next(iter(states))
     tx, m, t = variants[name]
     prog = compiled["masked" if m is not None else "dense"]
-    chunk = jax.jit(train_lib.make_epoch_fn(train_lib.make_train_step(model, tx, cfg)),
-                    donate_argnums=(0,))
+    batch_sh = None if mesh is None else parallel.batch_sharding(mesh)
+    chunk = parallel.jit_chunk(train_lib.make_epoch_fn(
+        train_lib.make_train_step(model, tx, cfg, batch_sharding=batch_sh)), mesh)
     scale = jnp.float32(1.0)
-    perm = jax.random.permutation(jax.random.fold_in(key, 99), n_train)[: k * bs]
-    perm = perm.reshape(k, bs).astype(jnp.int32)
+    perm = np.asarray(jax.random.permutation(jax.random.fold_in(key, 99), n_train)[: k * bs])
+    perm = perm.reshape(k, bs).astype(np.int32)
+    rows = [parallel.shard_batch(perm[b], mesh) for b in range(k)]
+    perm = parallel.shard_batch(perm, mesh, 1)
     state = states[name]
     t0 = time.perf_counter()
     chunk = chunk.lower(state, data_x, data_y, perm, m, t, scale).compile()
@@ -212,7 +231,7 @@ def _bench_fused(args, model, variants, compiled, states, cfg, data_x, data_y, n
     for _ in range(args.fused_reps):
         t0 = time.perf_counter()
         for b in range(k):
-            state, metrics = prog(state, data_x, data_y, perm[b], m, t, scale)
+            state, metrics = prog(state, data_x, data_y, rows[b], m, t, scale)
         jax.block_until_ready((state, metrics))
         loop_t.append((time.perf_counter() - t0) / k)
         t0 = time.perf_counter()
@@ -235,6 +254,9 @@ def _bench_seeds(args, model, variants, cfg, data_x, data_y, n_train, key, shape
 
     bs = args.batch_size
     tx, m, t = variants["rsst"]
+    # One device: the K tickets are the parallelism here.
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    data_x, data_y, m, t = jax.device_put((data_x, data_y, m, t), one)
     step = train_lib.make_multi_seed_step(train_lib.make_train_step(model, tx, cfg))
     out = []
     for k in (int(v) for v in args.num_seeds.split(",") if v):
@@ -264,14 +286,15 @@ def _bench_seeds(args, model, variants, cfg, data_x, data_y, n_train, key, shape
     return out
 
 
-def _bench_eval(args, model, cfg, states, names, shape):
+def _bench_eval(args, model, cfg, states, names, shape, mesh):
     import jax
     import numpy as np
 
+    from rsst_jax import parallel
     from rsst_jax import train as train_lib
 
     ebs = args.eval_batch_size
-    eval_step = jax.jit(train_lib.make_eval_step(model, cfg))
+    eval_step = parallel.jit_eval(train_lib.make_eval_step(model, cfg), mesh, ebs)
     state = states[names[0]]
     rng = np.random.default_rng(args.seed + 1)
     x = jax.device_put(rng.integers(0, 256, (ebs, *shape), dtype=np.uint8))
@@ -307,7 +330,8 @@ def _loadavg():
 
 
 def format_table(r: dict) -> str:
-    lines = [f"device {r['device']} ({r['platform']}, {r['device_count']} device(s)), jax "
+    lines = [f"device {r['device']} ({r['platform']}, {r['device_count']} device(s), batch "
+             f"split over {r['mesh_devices']}), jax "
              f"{r['jax']}, load average {r['loadavg']}",
              f"{r['arch']} batch {r['batch_size']} images {tuple(r['image_shape'])} "
              f"{r['num_classes']} classes, {r['precision']}"
@@ -341,6 +365,8 @@ def format_table(r: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from rsst_jax import parallel
+    parallel.split_cpu(args.cpu_devices)  # before any JAX operation
     result = run(args)
     print(json.dumps(result) if args.json else format_table(result))
     return 0

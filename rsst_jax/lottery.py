@@ -120,7 +120,7 @@ class LotteryRun:
 
         self.ds = data_lib.load_dataset(cfg.dataset, cfg.data, seed=self.seed)
         # Several devices: batches split over a data-parallel mesh, all else replicated.
-        self.mesh = parallel.data_mesh()
+        self.mesh = parallel.data_mesh(batch_size=cfg.batch_size // cfg.accum_steps)
         n_dev = 1 if self.mesh is None else self.mesh.size
         if cfg.batch_size % (n_dev * cfg.accum_steps):
             raise RunError(f"--batch_size {cfg.batch_size} must be a multiple of {n_dev} devices "
@@ -148,6 +148,7 @@ class LotteryRun:
                                         distill=cfg.distill, kd_temperature=cfg.kd_temperature,
                                         accum_steps=cfg.accum_steps)
         self._param_shapes = jax.eval_shape(self._fresh_state).params
+        self.step_cfg = step_cfg
         step = train_lib.make_train_step(
             self.model, self.tx, step_cfg,
             batch_sharding=None if self.mesh is None else parallel.batch_sharding(self.mesh))

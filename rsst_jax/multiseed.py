@@ -142,13 +142,16 @@ def run(cfg: config_lib.Config, *, progress: bool = True,
         runs.append(lottery.LotteryRun(c, progress=False,
                                        log=lambda s, seed=c.seed: log(f"seed {seed}: {s}")))
     first = runs[0]
-    if first.mesh is not None:
-        raise config_lib.ConfigError("--num_seeds > 1 runs on one device; limit the devices "
-                                     "(e.g. CUDA_VISIBLE_DEVICES=0) or drop --num_seeds")
-    lock = Lockstep(first.step_fn, len(runs), first.dev["train_x"], first.dev["train_y"],
+    # The K tickets are the parallelism: training runs on one device (evaluation may
+    # still split its batches over a mesh).
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    dev = jax.device_put(dict(first.dev), one)
+    step = train_lib.make_train_step(first.model, first.tx, first.step_cfg)  # no mesh
+    lock = Lockstep(step, len(runs), dev["train_x"], dev["train_y"],
                     fused=first.fused, fused_steps=first.fused_steps)
     for slot, r in enumerate(runs):
-        r.dev = first.dev                  # one copy of the data set on the device
+        r.mesh = None                      # no replication of states onto a mesh
+        r.dev = dev                        # one copy of the data set on the device
         r.eval_step = first.eval_step      # one compiled evaluation
         r.epoch_runner = (lambda state, masks, targets, perm, scale, slot=slot:
                           lock.train_epoch(slot, state, masks, targets, perm, scale))

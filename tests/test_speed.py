@@ -204,6 +204,29 @@ def _run_devices(tmp_path, n_devices, fused):
     return save, json.loads(line[len("RESULT "):])
 
 
+def test_cpu_mesh_uses_the_most_devices_that_divide_the_batch():
+    from rsst_jax import parallel
+    assert parallel.mesh_size(4, 128, "cpu") == 4
+    assert parallel.mesh_size(4, 6, "cpu") == 3
+    assert parallel.mesh_size(4, 7, "cpu") == 1
+    assert parallel.mesh_size(4, 6, "gpu") == 4  # accelerators: all, the run checks the batch
+
+
+def test_split_cpu_makes_cpu_devices_before_jax_runs_and_nothing_after(monkeypatch):
+    from rsst_jax import parallel
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", parallel.CPU_DEVICES_ENV)}
+    code = ("from rsst_jax import parallel; import jax; n = parallel.split_cpu(); "
+            "print(n, jax.device_count())")
+    for value, want in ((None, ["1", "1"]), ("4", ["4", "4"])):  # off unless asked for
+        extra = {} if value is None else {parallel.CPU_DEVICES_ENV: value}
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                             text=True, env=dict(env, JAX_PLATFORMS="cpu", **extra), timeout=300)
+        assert out.stdout.split() == want, out.stderr[-2000:]
+    jax.devices()  # in this process the backend is up: too late, left alone
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    assert parallel.split_cpu(4) == 0 and jax.device_count() == 1
+
+
 @pytest.mark.slow
 def test_two_devices_equal_one_device(tmp_path):
     """Batch split over 2 (virtual CPU) devices, BatchNorm over the global batch:
