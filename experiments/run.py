@@ -113,6 +113,10 @@ def main(argv=None) -> int:
         if cfg.dry_run:
             dry_run(cfg)
             return 0
+        if cfg.num_seeds > 1:  # K tickets in one vmapped program, SAVE_DIR/seed_<s>/
+            from rsst_jax import multiseed
+            multiseed.run(cfg)
+            return 0
         from rsst_jax import lottery
         lottery.run(cfg)
         return 0

@@ -292,3 +292,17 @@ def test_vmapped_seeds_equal_separate_runs(tmp_path, monkeypatch):
     w3 = _final_tree(tmp_path / "multi" / "seed_3", 0)["params"]["conv2"]["kernel"]
     w4 = _final_tree(tmp_path / "multi" / "seed_4", 0)["params"]["conv2"]["kernel"]
     assert not np.allclose(w3, w4)  # independent tickets, not copies
+
+
+def test_cli_num_seeds_writes_one_run_per_seed(tmp_path, monkeypatch):
+    """experiments.run --num_seeds K goes through multiseed and writes SAVE_DIR/seed_<s>/."""
+    from experiments import run as run_cli
+    from tiny import use_tiny_data
+    use_tiny_data(monkeypatch)
+    rc = run_cli.main(["--dataset", "digits", "--arch", "tiny_cnn", "--save_dir", str(tmp_path),
+                       "--epochs", "1", "--pruning_times", "2", "--batch_size", "64", "--lr", "0.1",
+                       "--warmup", "0", "--struct", "none", "--num_seeds", "2",
+                       "--eval_batch_size", "100"])
+    assert rc == 0
+    for s in (0, 1):
+        assert len(json.loads((tmp_path / f"seed_{s}" / "summary.json").read_text())) == 2
