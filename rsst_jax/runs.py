@@ -147,18 +147,23 @@ class Run:
         return list_checkpoints(self.path)
 
 
+def _existing_dir(path, expected: str) -> pathlib.Path:
+    """``path`` as a Path; RunDirError when it is missing or a file."""
+    p = pathlib.Path(path)
+    if not p.exists():
+        raise RunDirError(f"{p}: no such directory")
+    if not p.is_dir():
+        raise RunDirError(f"{p} is a file; expected {expected}")
+    return p
+
+
 def load_run(path: str | pathlib.Path, *, need_summary: bool = True) -> Run:
     """Read a run directory; ``need_summary`` requires at least one finished round.
 
     Raises ``RunDirError`` when ``path`` is not a run directory, a file is damaged or
     the summary is from another layout.
     """
-    p = pathlib.Path(path)
-    if not p.exists():
-        raise RunDirError(f"{p}: no such directory")
-    if not p.is_dir():
-        raise RunDirError(f"{p} is a file; expected a run directory (the --save_dir of "
-                          f"python -m experiments.run)")
+    p = _existing_dir(path, "a run directory (the --save_dir of python -m experiments.run)")
     if not is_run_dir(p):
         raise RunDirError(f"{p} is not an rsst-jax run directory: it has no {SUMMARY_FILE}, "
                           f"{LOG_FILE} or {CONFIG_FILE} (expected the --save_dir of "
@@ -299,12 +304,7 @@ def resolve_checkpoint(path: str | pathlib.Path, *, round_idx: Optional[int] = N
     """
     if kind not in CHECKPOINT_KINDS:
         raise RunDirError(f"checkpoint kind must be one of {CHECKPOINT_KINDS}, got {kind!r}")
-    p = pathlib.Path(path)
-    if not p.exists():
-        raise RunDirError(f"{p}: no such file or directory")
-    if not p.is_dir():
-        raise RunDirError(f"{p} is a file; expected an orbax checkpoint directory or a run "
-                          f"directory")
+    p = _existing_dir(path, "an orbax checkpoint directory or a run directory")
     if _is_step_dir(p):
         if not (p / "meta").is_dir():
             raise _older_layout(p)
