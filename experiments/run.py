@@ -66,6 +66,7 @@ def _check_save_dir_state(cfg) -> str:
     if not cfg.resume:
         raise lottery.RunError(f"--save_dir {save_dir} already holds a run; pass --resume to "
                                f"continue it, or choose another --save_dir")
+    lottery.check_resume_config(cfg, source)
     meta = checkpoint.read_meta(source)
     return (f"save_dir {save_dir}: resumes from {source / str(latest)} at round "
             f"{meta.get('round')}, epoch {meta.get('epoch')}")
@@ -101,6 +102,8 @@ def dry_run(cfg) -> None:
 
 def main(argv=None) -> int:
     """Run the command line ``argv``; returns the exit code (0, 2 bad input, 3 diverged)."""
+    from rsst_jax import parallel
+    parallel.split_cpu()  # $RSST_JAX_CPU_DEVICES, before any JAX operation
     from rsst_jax import checkpoint
     from rsst_jax import data as data_lib
     from rsst_jax import runlock

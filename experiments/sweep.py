@@ -234,14 +234,12 @@ def classify(cell: Cell, cfg) -> None:
             saved = json.loads(saved_path.read_text())
         except json.JSONDecodeError:
             saved = {}
-        now = dict(cfg.to_dict(), seed=cfg.resolved_seed)
-        diffs = [k for k, v in now.items()
-                 if k not in config_lib.NON_SEMANTIC and k in saved and saved[k] != v]
-        if diffs:
+        listed = config_lib.semantic_diffs(saved, dict(cfg.to_dict(), seed=cfg.resolved_seed),
+                                           limit=4)
+        if listed:
             cell.status = "stale"
-            cell.note = ("was run with different flags: " + ", ".join(
-                f"--{k} {saved[k]!r} (now {now[k]!r})" for k in diffs[:4])
-                + "; delete the folder or choose another --out")
+            cell.note = ("was run with different flags: " + listed
+                         + "; delete the folder or choose another --out")
             return
     try:
         run = runs_lib.load_run(cell.path, need_summary=False)
@@ -408,6 +406,8 @@ def _write_record(out: pathlib.Path, args, cells: list[Cell]) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    from rsst_jax import parallel
+    parallel.split_cpu()  # $RSST_JAX_CPU_DEVICES for --mode inprocess; subprocesses inherit it
     out = pathlib.Path(args.out)
     try:
         if args.parallel < 1:

@@ -162,7 +162,15 @@ def restore_raw(directory, step: Optional[int] = None) -> tuple[Any, dict]:
     meta = read_meta(directory, step)
     ckptr = ocp.StandardCheckpointer()
     try:
-        tree = ckptr.restore(directory / str(step) / "state")
+        path = directory / str(step) / "state"
+        # A target on this process's first device: a checkpoint written on another
+        # device count (a mesh run, RSST_JAX_CPU_DEVICES) restores here too.
+        on_one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        stored = ckptr.metadata(path).item_metadata.tree
+        target = jax.tree_util.tree_map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=on_one)
+            if hasattr(m, "shape") else m, stored)
+        tree = ckptr.restore(path, target)
     except Exception as e:
         raise CheckpointError(f"cannot restore {directory / str(step)}: "
                               f"{e.__class__.__name__}: {str(e).splitlines()[0][:300]}") from None

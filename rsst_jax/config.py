@@ -169,7 +169,14 @@ class Config:
 
 # Fields that do not change what a run computes, so a resumed run may differ in them.
 NON_SEMANTIC = ("resume", "checkpoint", "print_freq", "dry_run", "config", "save_dir", "data",
-                "eval_batch_size")
+                "eval_batch_size", "fused", "fused_steps")  # fused: equal results, tested
+
+
+def semantic_diffs(saved: dict, now: dict, limit: int = 5) -> str:
+    """'--k saved (now new), ...' for the semantic fields where ``now`` differs from the
+    ``saved`` config dict (fields ``saved`` lacks are skipped); '' when they agree."""
+    diffs = [k for k, v in now.items() if k not in NON_SEMANTIC and k in saved and saved[k] != v]
+    return ", ".join(f"--{k} {saved[k]!r} (now {now[k]!r})" for k in diffs[:limit])
 
 
 def parse_int_list(text: str, flag: str) -> tuple[int, ...]:

@@ -106,6 +106,14 @@ class RoundPlan:
 
 # --------------------------------------------------------------------------- the run
 
+def check_resume_config(cfg, source) -> None:
+    """Raise RunError when the checkpoints in ``source`` were made with other semantic flags."""
+    listed = config_lib.semantic_diffs(ckpt.read_meta(source).get("config", {}), cfg.to_dict())
+    if listed:
+        raise RunError(f"--resume: {source} was made with a different configuration: "
+                       f"{listed}; resume with the same flags, or start a new --save_dir")
+
+
 class LotteryRun:
     """One run of ``pruning_times`` rounds in ``cfg.save_dir``."""
 
@@ -526,13 +534,7 @@ class LotteryRun:
         if ckpt.latest_step(source) is None:
             raise RunError(f"--resume: no checkpoint in {source}; start without --resume, or "
                            f"point --save_dir/--checkpoint at an existing run")
-        saved = ckpt.read_meta(source).get("config", {})
-        diffs = [k for k, v in cfg.to_dict().items()
-                 if k not in config_lib.NON_SEMANTIC and k in saved and saved[k] != v]
-        if diffs:
-            listed = ", ".join(f"--{k} {saved[k]!r} (now {getattr(cfg, k)!r})" for k in diffs[:5])
-            raise RunError(f"--resume: {source} was made with a different configuration: "
-                           f"{listed}; resume with the same flags, or start a new --save_dir")
+        check_resume_config(cfg, source)
         plan_t = RoundPlan(template_masks, None, None)
         tree, meta = ckpt.restore(source, _checkpoint_tree(template_state, plan_t,
                                                            _snapshot(template_state)))

@@ -209,7 +209,8 @@ def make_train_step(model, tx, cfg: StepConfig, *, batch_sharding=None):
                                      reg_targets=targets, reg_scale=reg_scale)
         new_params = optax.apply_updates(state.params, updates)
         # A NaN activation can vanish in a ReLU and leave the loss finite: check the gradients too.
-        finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+        finite = jnp.isfinite(loss) & jnp.all(jnp.stack(
+            [jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)]))
         new_state = state.replace(step=state.step + 1, params=new_params,
                                   batch_stats=new_stats, opt_state=new_opt)
         if cfg.nan_skip:

@@ -303,7 +303,8 @@ def test_dry_run_prints_config_data_parameters_and_planned_densities(tmp_path, c
     assert sorted(p.name for p in save.iterdir()) == []  # nothing computed, nothing written
 
     # On a directory that holds a run: refused without --resume, described with it.
-    cfg = tiny.tiny_config(save, pruning_times=4, epochs=2, struct="none")
+    from rsst_jax import config as config_lib
+    cfg = config_lib.validate(config_lib.parse_args([a for a in argv if a != "--dry_run"]))
     monkeypatch.setenv("RSST_JAX_STOP_AFTER", "1")  # stop after the first epoch's checkpoint
     with pytest.raises(SystemExit):
         lottery.LotteryRun(cfg, progress=False, log=lambda s: None).run()
@@ -313,3 +314,11 @@ def test_dry_run_prints_config_data_parameters_and_planned_densities(tmp_path, c
     assert ckpt.latest_step(save / "checkpoints") == 1
     assert code == 0 and out.splitlines()[-1] == (
         f"save_dir {save}: resumes from {save / 'checkpoints' / '1'} at round 0, epoch 1")
+    # Resuming with another semantic flag is refused (dry run and real run alike);
+    # --fused/--fused_steps give equal results and may change.
+    for run_it in ([], ["--dry_run"]):
+        flags = [a for a in argv if a != "--dry_run"] + ["--resume", "--lr", "0.5"] + run_it
+        code, _, err = _main(flags, capsys)
+        assert code == 2 and "was made with a different configuration: --lr 0.01 (now 0.5)" in err
+    code, out, err = _main(argv + ["--resume", "--fused", "on", "--fused_steps", "3"], capsys)
+    assert code == 0, err

@@ -234,7 +234,6 @@ def test_pt_rewinds_to_pretrained_weights_and_rejects_mismatched_files(tmp_path,
                     jax.tree_util.tree_leaves(w_pre["params"])):
         np.testing.assert_array_equal(a, b)
     # A checkpoint of another architecture stops with a message naming the layer.
-    from tiny import tiny_digits  # noqa: F401  (same data, another network)
     other = tiny_config(tmp_path / "other", arch="res20s", pruning_times=1, epochs=1,
                         batch_size=32)
     with pytest.raises(lottery.RunError):

@@ -443,7 +443,7 @@ def test_second_run_on_the_same_save_dir_refuses_and_a_dead_run_leaves_no_lock(t
     notes = []
     with runlock.RunLock(save, log=notes.append) as held:
         assert held.read()["pid"] == os.getpid()
-    assert len(notes) == 1 and f"stale lock" in notes[0] and str(first.pid) in notes[0]
+    assert len(notes) == 1 and "stale lock" in notes[0] and str(first.pid) in notes[0]
     assert "no longer running" in notes[0]
     assert not lock.exists()
 

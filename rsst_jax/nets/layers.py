@@ -4,7 +4,7 @@ Every conv and dense kernel uses the same Kaiming-normal initializer, BatchNorm 
 PyTorch's defaults (momentum 0.1 in PyTorch's convention, i.e. 0.9 here), and convs
 pad like PyTorch's ``padding=k//2`` (symmetric), so weights port between the two.
 """
-from typing import Any
+from typing import Any, Iterator, Sequence, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -42,3 +42,26 @@ def dense(features: int, *, name: str, dtype: Any = jnp.float32) -> nn.Dense:
 def global_avg_pool(x: jnp.ndarray) -> jnp.ndarray:
     """``(N, H, W, C)`` -> ``(N, C)`` mean over the spatial axes."""
     return jnp.mean(x, axis=(1, 2))
+
+
+def resnet_stem(x: jnp.ndarray, features: int, train: bool, dtype: Any) -> jnp.ndarray:
+    """``conv1`` (3x3) -> ``bn1`` -> ReLU; call inside a module's compact ``__call__``."""
+    x = conv(features, 3, name="conv1", dtype=dtype)(x)
+    return nn.relu(batch_norm(train, name="bn1", dtype=dtype)(x))
+
+
+def resnet_blocks(widths: Sequence[int],
+                  num_blocks: Sequence[int]) -> Iterator[Tuple[str, int, int, int]]:
+    """``(name, width, strides, index)`` of every residual block, stage by stage: block
+    ``layer{stage}_{b}``, stride 2 at the first block of every stage after the first."""
+    i = 0
+    for s, (width, n) in enumerate(zip(widths, num_blocks), start=1):
+        for b in range(n):
+            yield f"layer{s}_{b}", width, 2 if s > 1 and b == 0 else 1, i
+            i += 1
+
+
+def classifier_head(x: jnp.ndarray, num_classes: int, dtype: Any,
+                    name: str = "fc") -> jnp.ndarray:
+    """Global average pool -> dense ``name``; float32 logits whatever the compute dtype."""
+    return dense(num_classes, name=name, dtype=dtype)(global_avg_pool(x)).astype(jnp.float32)

@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from rsst_jax.nets import register_net
-from rsst_jax.nets.layers import batch_norm, conv, dense, global_avg_pool
+from rsst_jax.nets.layers import batch_norm, classifier_head, conv
 
 # Output channels of each block; (channels, stride) where the block downsamples.
 CFG = (64, (128, 2), 128, (256, 2), 256, (512, 2), 512, 512, 512, 512, 512, (1024, 2), 1024)
@@ -41,8 +41,7 @@ class MobileNet(nn.Module):
         for i, item in enumerate(self.cfg):
             features, strides = item if isinstance(item, tuple) else (item, 1)
             x = DepthwiseSeparable(features, strides, self.dtype, name=f"block{i}")(x, train)
-        x = dense(self.num_classes, name="fc", dtype=self.dtype)(global_avg_pool(x))
-        return x.astype(jnp.float32)
+        return classifier_head(x, self.num_classes, self.dtype, name="fc")
 
 
 @register_net("mobilenet")

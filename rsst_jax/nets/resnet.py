@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from rsst_jax.nets import register_net
-from rsst_jax.nets.layers import batch_norm, conv, dense, global_avg_pool
+from rsst_jax.nets.layers import batch_norm, classifier_head, conv, resnet_blocks, resnet_stem
 from rsst_jax.nets.resnet_cifar import BasicBlock
 
 
@@ -66,27 +66,22 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         stem = self.widths[0] if self.stem_features is None else self.stem_features
-        x = conv(stem, 3, name="conv1", dtype=self.dtype)(x)
-        x = nn.relu(batch_norm(train, name="bn1", dtype=self.dtype)(x))
-        cin, i = self.widths[0], 0
-        for s, (width, n) in enumerate(zip(self.widths, self.num_blocks), start=1):
-            for b in range(n):
-                strides = 2 if s > 1 and b == 0 else 1
-                name = f"layer{s}_{b}"
-                widths = None if self.block_widths is None else tuple(self.block_widths[i])
-                if self.bottleneck:
-                    cout = Bottleneck.expansion * width
-                    block = Bottleneck(width, strides, self.dtype, widths=widths,
-                                       downsample=strides != 1 or cin != cout, name=name)
-                else:
-                    cout = width
-                    mid, out = (width, width) if widths is None else widths
-                    block = BasicBlock(out, strides, "B", self.dtype, mid_features=mid,
-                                       downsample=strides != 1 or cin != cout, name=name)
-                x = block(x, train)
-                cin, i = cout, i + 1
-        x = dense(self.num_classes, name="fc", dtype=self.dtype)(global_avg_pool(x))
-        return x.astype(jnp.float32)
+        x = resnet_stem(x, stem, train, self.dtype)
+        cin = self.widths[0]
+        for name, width, strides, i in resnet_blocks(self.widths, self.num_blocks):
+            widths = None if self.block_widths is None else tuple(self.block_widths[i])
+            if self.bottleneck:
+                cout = Bottleneck.expansion * width
+                block = Bottleneck(width, strides, self.dtype, widths=widths,
+                                   downsample=strides != 1 or cin != cout, name=name)
+            else:
+                cout = width
+                mid, out = (width, width) if widths is None else widths
+                block = BasicBlock(out, strides, "B", self.dtype, mid_features=mid,
+                                   downsample=strides != 1 or cin != cout, name=name)
+            x = block(x, train)
+            cin = cout
+        return classifier_head(x, self.num_classes, self.dtype)
 
 
 @register_net("res18")

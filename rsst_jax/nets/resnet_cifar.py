@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rsst_jax.nets import register_net
-from rsst_jax.nets.layers import batch_norm, conv, dense, global_avg_pool
+from rsst_jax.nets.layers import batch_norm, classifier_head, conv, resnet_blocks, resnet_stem
 
 SHORTCUTS = ("A", "B")
 
@@ -101,21 +101,17 @@ class ResNetCifar(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         stem = self.widths[0] if self.stem_features is None else self.stem_features
-        x = conv(stem, 3, name="conv1", dtype=self.dtype)(x)
-        x = nn.relu(batch_norm(train, name="bn1", dtype=self.dtype)(x))
-        cin, i = self.widths[0], 0
-        for s, (width, n) in enumerate(zip(self.widths, self.num_blocks), start=1):
-            for b in range(n):
-                strides = 2 if s > 1 and b == 0 else 1
-                mid, out = (width, width) if self.block_widths is None else self.block_widths[i]
-                x = BasicBlock(out, strides, self.shortcut, self.dtype, mid_features=mid,
-                               downsample=strides != 1 or cin != width,
-                               shortcut_map=None if self.shortcut_maps is None
-                               else self.shortcut_maps[i],
-                               name=f"layer{s}_{b}")(x, train)
-                cin, i = width, i + 1
-        x = dense(self.num_classes, name="fc", dtype=self.dtype)(global_avg_pool(x))
-        return x.astype(jnp.float32)
+        x = resnet_stem(x, stem, train, self.dtype)
+        cin = self.widths[0]
+        for name, width, strides, i in resnet_blocks(self.widths, self.num_blocks):
+            mid, out = (width, width) if self.block_widths is None else self.block_widths[i]
+            x = BasicBlock(out, strides, self.shortcut, self.dtype, mid_features=mid,
+                           downsample=strides != 1 or cin != width,
+                           shortcut_map=None if self.shortcut_maps is None
+                           else self.shortcut_maps[i],
+                           name=name)(x, train)
+            cin = width
+        return classifier_head(x, self.num_classes, self.dtype)
 
 
 def _resnet_cifar(depth: int, num_classes: int, *, shortcut: str = "A",

@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from rsst_jax.nets import register_net
-from rsst_jax.nets.layers import batch_norm, conv, dense, global_avg_pool
+from rsst_jax.nets.layers import batch_norm, classifier_head, conv
 
 # Simonyan & Zisserman (2015) table 1; "M" is a 2x2 max-pool with stride 2.
 CFGS = {
@@ -39,8 +39,7 @@ class VGG(nn.Module):
                 x = conv(item, 3, name=f"features_conv{i}", dtype=self.dtype)(x)
                 x = nn.relu(batch_norm(train, name=f"features_bn{i}", dtype=self.dtype)(x))
                 i += 1
-        x = dense(self.num_classes, name="classifier", dtype=self.dtype)(global_avg_pool(x))
-        return x.astype(jnp.float32)
+        return classifier_head(x, self.num_classes, self.dtype, name="classifier")
 
 
 def _vgg(name: str, num_classes: int, *, dtype: Any = jnp.float32) -> VGG:
