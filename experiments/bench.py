@@ -7,7 +7,8 @@ Measures, on random uint8 images of ``--image_shape`` held on the device:
   weight masks), ``refill`` (channel masks, half the channels of each layer) and
   ``rsst`` (weight masks + penalty targets, lambda > 0), with ratios to dense. The
   variants run interleaved (one step of each in turn) so machine load hits them alike;
-- the fused chunk (``--fused_steps k`` steps as one ``lax.scan``) against k single steps;
+- the fused chunk (``--fused_steps k`` steps as one ``lax.scan``, unrolled on CPU, a loop
+  on accelerators, or as ``--fused_form`` says) against k single steps;
 - eval images/s, peak device memory where JAX reports it, and the device.
 ``--json`` prints one JSON object instead of the table.
 """
@@ -37,6 +38,9 @@ def parse_args(argv=None):
     p.add_argument("--fused_steps", type=int, default=5,
                    help="steps per fused chunk to compare with the step loop (0: skip)")
     p.add_argument("--fused_reps", type=int, default=3, help="timed chunks (and step loops)")
+    p.add_argument("--fused_form", choices=("auto", "unrolled", "loop"), default="auto",
+                   help="the chunk as straight-line code or as a loop (auto: as a run does, "
+                        "unrolled on CPU, a loop on accelerators)")
     p.add_argument("--eval_batch_size", type=int, default=500)
     p.add_argument("--eval_reps", type=int, default=3)
     p.add_argument("--variants", default="dense,imp,refill,rsst")
@@ -214,8 +218,10 @@ def _bench_fused(args, model, variants, compiled, states, cfg, data_x, data_y, n
     tx, m, t = variants[name]
     prog = compiled["masked" if m is not None else "dense"]
     batch_sh = None if mesh is None else parallel.batch_sharding(mesh)
+    unroll = {"auto": None, "unrolled": True, "loop": 1}[args.fused_form]
+    unroll = train_lib.fused_unroll() if unroll is None else unroll
     chunk = parallel.jit_chunk(train_lib.make_epoch_fn(
-        train_lib.make_train_step(model, tx, cfg, batch_sharding=batch_sh)), mesh)
+        train_lib.make_train_step(model, tx, cfg, batch_sharding=batch_sh), unroll=unroll), mesh)
     scale = jnp.float32(1.0)
     perm = np.asarray(jax.random.permutation(jax.random.fold_in(key, 99), n_train)[: k * bs])
     perm = perm.reshape(k, bs).astype(np.int32)
@@ -240,7 +246,8 @@ def _bench_fused(args, model, variants, compiled, states, cfg, data_x, data_y, n
         fused_t.append((time.perf_counter() - t0) / k)
     states[name] = state
     loop_ms, fused_ms = _median_ms(loop_t), _median_ms(fused_t)
-    return {"variant": name, "fused_steps": k, "compile_s": round(compile_s, 2),
+    return {"variant": name, "fused_steps": k, "form": "unrolled" if unroll is True else "loop",
+            "compile_s": round(compile_s, 2),
             "loop_step_ms": round(loop_ms, 2), "fused_step_ms": round(fused_ms, 2),
             "speedup": round(loop_ms / fused_ms, 3)}
 
@@ -349,7 +356,7 @@ def format_table(r: dict) -> str:
                                                 r["achieved_tflop_s"].items() if v is not None))
     if "fused" in r:
         f = r["fused"]
-        lines.append(f"fused {f['variant']} chunk of {f['fused_steps']} steps: "
+        lines.append(f"fused {f['variant']} chunk of {f['fused_steps']} steps ({f['form']}): "
                      f"{f['fused_step_ms']:.1f} ms/step vs step loop {f['loop_step_ms']:.1f} "
                      f"ms/step: speedup {f['speedup']:.3f}x (compile {f['compile_s']:.1f} s)")
     for row in r.get("seeds", []):

@@ -118,11 +118,13 @@ class Config:
     precision: str = _f("fp32", "compute precision: bf16 computes in bfloat16 with float32 "
                         "weights, optimizer state and BatchNorm statistics", choices=PRECISIONS,
                         new=True)
-    fused: str = _f("auto", "run --fused_steps steps at a time as one compiled lax.scan: on, "
-                    "off, or auto (on for GPU/TPU, off on CPU, where XLA runs convolution "
-                    "gradients inside a loop far slower)", choices=("auto", "on", "off"), new=True)
+    fused: str = _f("auto", "run --fused_steps steps at a time as one compiled program "
+                    "(lax.scan; on CPU unrolled, where XLA runs convolution gradients inside a "
+                    "loop far slower): on, off, or auto (= on)", choices=("auto", "on", "off"),
+                    new=True)
     fused_steps: Optional[int] = _f(None, "steps per fused chunk; the progress bar advances per "
-                                    "chunk (default: --print_freq)", flag_type=int, new=True)
+                                    "chunk (default: --print_freq on GPU/TPU, 8 on CPU, where "
+                                    "compile time grows with it)", flag_type=int, new=True)
     num_seeds: int = _f(1, "train this many tickets (seeds --seed, --seed+1, ...) together as "
                         "one vmapped program, each written to SAVE_DIR/seed_<s>/", new=True)
     nan_policy: str = _f("stop", "on a NaN/Inf loss: stop the round, or skip the batch",

@@ -162,7 +162,7 @@ class LotteryRun:
             batch_sharding=None if self.mesh is None else parallel.batch_sharding(self.mesh))
         n_extra = 2 if cfg.distill else 0  # (teacher, kd_alpha)
         self.step_fn = step
-        self.step_traces = 0  # how often JAX traced (and so compiled) the train step
+        self.step_traces = 0  # JAX traces (so compiles) of the step, alone or in a chunk
 
         def counted_step(*args):
             self.step_traces += 1  # Python runs here only while JAX traces
@@ -171,10 +171,12 @@ class LotteryRun:
         self.train_step = parallel.jit_step(counted_step, self.mesh, n_extra)
         # multiseed.run sets this to train the epoch together with the other tickets.
         self.epoch_runner: Optional[Callable] = None
-        # --fused: chunks of steps as one lax.scan (at most two programs: k and the remainder).
+        # --fused: chunks of steps as one lax.scan (at most two programs: k and the
+        # remainder), unrolled on CPU (train.fused_unroll).
         self.fused = train_lib.use_fused(cfg.fused)
-        self.fused_steps = cfg.fused_steps or cfg.print_freq
-        self.train_chunk = parallel.jit_chunk(train_lib.make_epoch_fn(step), self.mesh, n_extra)
+        self.fused_steps = cfg.fused_steps or train_lib.default_fused_steps(cfg.print_freq)
+        self.train_chunk = parallel.jit_chunk(train_lib.make_epoch_fn(counted_step), self.mesh,
+                                              n_extra)
         self.eval_step = parallel.jit_eval(train_lib.make_eval_step(self.model, step_cfg),
                                            self.mesh, min(cfg.eval_batch_size,
                                                           len(self.ds.val_y), len(self.ds.test_y)))

@@ -41,7 +41,8 @@ TESTS = pathlib.Path(__file__).resolve().parent
 # The child: tiny net + tiny digits, then experiments.run.main(argv). RSST_TEST_KILL
 # "kind:suffix:n" SIGKILLs the process at the n-th event of that kind whose path ends
 # with suffix:
-#   step     before the n-th optimizer step (no path)
+#   step     before the n-th optimizer step (no path); with fused chunks, before the chunk
+#            that holds it
 #   tmpdir   right after orbax created a temporary directory (step or item level)
 #   commit   when orbax is about to commit a directory: an item (``<n>.orbax-checkpoint-
 #            tmp/state``: data written, step still temporary) or a whole step (``<n>``:
@@ -118,6 +119,12 @@ def run(self):
         hit("step")
         return step(*a, **kw)
     self.train_step = counted
+    chunk = self.train_chunk
+    def counted_chunk(state, data_x, data_y, perm, *a):
+        for _ in range(perm.shape[0]):  # a fused chunk: dies before the chunk holding step n
+            hit("step")
+        return chunk(state, data_x, data_y, perm, *a)
+    self.train_chunk = counted_chunk
     return _run(self)
 lottery.LotteryRun.run = run
 
@@ -200,7 +207,7 @@ KILL_CHAIN = [
 
 def test_sigkill_at_any_moment_resumes_to_the_uninterrupted_summary(tmp_path):
     flags = TINY_FLAGS + ["--struct", "rsst", "--criteria", "l1", "--pruning_times", "3",
-                          "--epochs", "1"]
+                          "--epochs", "1", "--fused_steps", "2"]  # step::3 dies after a chunk
     ref_dir, dir_ = tmp_path / "reference", tmp_path / "killed"
     done = run_child(flags + ["--save_dir", str(ref_dir)])
     assert done.returncode == 0, done.stderr[-3000:]

@@ -42,17 +42,37 @@ def _assert_trees_close(a, b, atol):
 
 # ------------------------------------------------------------------------ fused epochs
 
-def test_fused_auto_is_off_on_cpu_and_on_for_accelerators():
-    assert train_lib.use_fused("auto", "cpu") is False
-    assert train_lib.use_fused("auto", "gpu") is True and train_lib.use_fused("auto", "tpu")
-    assert train_lib.use_fused("on", "cpu") is True and not train_lib.use_fused("off", "gpu")
+def test_fused_is_on_by_default_and_unrolled_in_short_chunks_on_cpu():
+    assert train_lib.use_fused("auto") is True and train_lib.use_fused("on")
+    assert train_lib.use_fused("off") is False
+    with pytest.raises(ValueError, match="auto, on or off"):
+        train_lib.use_fused("yes")
+    assert train_lib.fused_unroll("cpu") is True and train_lib.fused_unroll("gpu") == 1
+    assert train_lib.default_fused_steps(50, "cpu") == train_lib.CPU_FUSED_STEPS == 8
+    assert train_lib.default_fused_steps(50, "gpu") == 50
+
+
+def test_cpu_chunks_compile_to_straight_line_code_and_accelerator_chunks_to_a_loop():
+    def step(s, data_x, data_y, idx, masks, targets, scale):
+        return s + jnp.sum(data_x[idx]) * scale, {"loss": s}
+    args = (jnp.float32(0), jnp.ones((8,)), jnp.ones((8,)), jnp.zeros((3, 2), jnp.int32),
+            None, None, jnp.float32(1))
+    for unroll, loops in ((train_lib.fused_unroll("cpu"), False),
+                          (train_lib.fused_unroll("gpu"), True)):
+        chunk = jax.jit(train_lib.make_epoch_fn(step, unroll=unroll))
+        assert ("while" in chunk.lower(*args).compile().as_text()) is loops
+        state, metrics = chunk(*args)
+        assert float(state) == 6.0 and metrics["loss"].tolist() == [0.0, 2.0, 4.0]
 
 
 @pytest.mark.slow
-def test_fused_chunks_equal_the_step_loop(tmp_path, monkeypatch):
+@pytest.mark.parametrize("unroll", [True, 1], ids=["unrolled_cpu_form", "loop_gpu_form"])
+def test_fused_chunks_equal_the_step_loop(tmp_path, monkeypatch, unroll):
     """RSST round (masks + penalty targets) with chunks of 3 steps (5 steps per epoch:
-    a chunk of 3 and the remainder of 2) against the step-by-step loop, same seed."""
+    a chunk of 3 and the remainder of 2) against the step-by-step loop, same seed; the
+    chunk unrolled (as on CPU) and as a loop (as on accelerators)."""
     use_tiny_data(monkeypatch)
+    monkeypatch.setattr(train_lib, "fused_unroll", lambda platform=None: unroll)
     kw = dict(struct="rsst", criteria="magnitude", pruning_times=2, epochs=2, rate=0.5,
               RST_schedule="x", update_reg_interval=1, reg_granularity_prune=0.5)
     loop = _quiet(tiny_config(tmp_path / "loop", fused="off", **kw))
@@ -268,6 +288,8 @@ def test_bench_reports_every_variant_and_the_fused_speedup():
     assert all(v > 0 for v in r["images_per_s"].values())
     assert set(r["compile_s"]) == {"dense", "masked"}  # IMP, Refill and RSST share a program
     assert r["fused"]["speedup"] > 0 and r["eval"]["images_per_s"] > 0
+    assert r["fused"]["form"] == "unrolled"  # as a run does on CPU
+    assert "(unrolled)" in bench.format_table(r)
     assert r["device"] and "peak_memory_mb" in r
     assert "vs dense" in bench.format_table(r)
     json.dumps(r)
