@@ -104,6 +104,7 @@ def main(argv=None) -> int:
     """Run the command line ``argv``; returns the exit code (0, 2 bad input, 3 diverged)."""
     from rsst_jax import parallel
     parallel.split_cpu()  # $RSST_JAX_CPU_DEVICES, before any JAX operation
+    parallel.enable_compilation_cache()  # $RSST_JAX_CACHE
     from rsst_jax import checkpoint
     from rsst_jax import data as data_lib
     from rsst_jax import runlock

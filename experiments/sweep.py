@@ -408,6 +408,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from rsst_jax import parallel
     parallel.split_cpu()  # $RSST_JAX_CPU_DEVICES for --mode inprocess; subprocesses inherit it
+    parallel.enable_compilation_cache()  # cells of one sweep share most programs
     out = pathlib.Path(args.out)
     try:
         if args.parallel < 1:

@@ -21,6 +21,34 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
 CPU_DEVICES_ENV = "RSST_JAX_CPU_DEVICES"
+CACHE_ENV = "RSST_JAX_CACHE"
+
+
+def default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "rsst_jax", "jax")
+
+
+def enable_compilation_cache(path: Optional[str] = None) -> Optional[str]:
+    """Keep compiled programs on disk, so the next run of the same configuration (a sweep's
+    next cell, a resume, a rerun) skips XLA compilation.
+
+    ``path`` defaults to $RSST_JAX_CACHE, else ``~/.cache/rsst_jax/jax``; ``off`` turns it
+    off. An explicit $JAX_COMPILATION_CACHE_DIR wins (JAX reads it itself). Programs that
+    compile in under a second are not stored. Returns the directory used, or None.
+    """
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return os.environ["JAX_COMPILATION_CACHE_DIR"]
+    where = path or os.environ.get(CACHE_ENV) or default_cache_dir()
+    if where.strip().lower() in ("off", "0", "none", "false"):
+        return None
+    try:
+        os.makedirs(where, exist_ok=True)
+    except OSError:  # an unwritable home: compile every time, as without the cache
+        return None
+    jax.config.update("jax_compilation_cache_dir", where)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    return where
 
 
 def split_cpu(n: Optional[int] = None) -> int:

@@ -232,6 +232,25 @@ def test_cpu_mesh_uses_the_most_devices_that_divide_the_batch():
     assert parallel.mesh_size(4, 6, "gpu") == 4  # accelerators: all, the run checks the batch
 
 
+def test_runs_keep_compiled_programs_where_asked_and_not_when_off(tmp_path):
+    from rsst_jax import parallel
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("JAX_COMPILATION_CACHE_DIR", parallel.CACHE_ENV)}
+    code = ("from rsst_jax import parallel; import jax; d = parallel.enable_compilation_cache(); "
+            "print(d, jax.config.jax_compilation_cache_dir)")
+    cases = {"explicit": ({parallel.CACHE_ENV: str(tmp_path / "c")}, str(tmp_path / "c")),
+             "default": ({"XDG_CACHE_HOME": str(tmp_path / "x")},
+                         str(tmp_path / "x" / "rsst_jax" / "jax")),
+             "off": ({parallel.CACHE_ENV: "off", "XDG_CACHE_HOME": str(tmp_path / "o")}, None)}
+    for name, (extra, want) in cases.items():
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                             text=True, env=dict(env, JAX_PLATFORMS="cpu", **extra), timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.split() == [str(want), str(want)], (name, out.stdout)
+        assert want is None or pathlib.Path(want).is_dir()
+    assert not (tmp_path / "o").exists()  # off: nothing written
+
+
 def test_split_cpu_makes_cpu_devices_before_jax_runs_and_nothing_after(monkeypatch):
     from rsst_jax import parallel
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", parallel.CPU_DEVICES_ENV)}
