@@ -222,7 +222,11 @@ def build_parser(prog: str = "python -m experiments.run") -> argparse.ArgumentPa
     parser = argparse.ArgumentParser(
         prog=prog, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Find structurally sparse lottery tickets: IMP, Refill and RSST rounds. "
-                    "Quick start: --dataset digits.")
+                    "Quick start: --dataset digits.",
+        epilog="Environment: RSST_JAX_CACHE=DIR|off keeps compiled programs (default "
+               "~/.cache/rsst_jax/jax); RSST_JAX_CPU_DEVICES=N splits the host CPU into N "
+               "devices and trains data parallel over them (CPU only, opt-in). Exit codes: "
+               "0 done, 2 bad input, 3 training diverged. Details: README.md and docs/.")
     for field in dataclasses.fields(Config):
         meta = dict(field.metadata)
         help_text = meta.pop("help").replace("%", "%%")  # argparse formats help with %
