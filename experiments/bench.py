@@ -218,8 +218,7 @@ def _bench_fused(args, model, variants, compiled, states, cfg, data_x, data_y, n
     tx, m, t = variants[name]
     prog = compiled["masked" if m is not None else "dense"]
     batch_sh = None if mesh is None else parallel.batch_sharding(mesh)
-    unroll = {"auto": None, "unrolled": True, "loop": 1}[args.fused_form]
-    unroll = train_lib.fused_unroll() if unroll is None else unroll
+    unroll = {"auto": train_lib.fused_unroll(), "unrolled": True, "loop": 1}[args.fused_form]
     chunk = parallel.jit_chunk(train_lib.make_epoch_fn(
         train_lib.make_train_step(model, tx, cfg, batch_sharding=batch_sh), unroll=unroll), mesh)
     scale = jnp.float32(1.0)

@@ -59,14 +59,10 @@ def _check_save_dir_state(cfg) -> str:
     import pathlib
     save_dir = pathlib.Path(cfg.save_dir)
     runlock.RunLock(save_dir).acquire().release()  # raises RunLocked while a run holds it
-    source = pathlib.Path(cfg.checkpoint) if cfg.checkpoint else save_dir / "checkpoints"
-    latest = checkpoint.latest_step(source)
-    if latest is None:
+    source = lottery.resume_source(cfg)  # raises what the run would raise
+    if source is None:
         return f"save_dir {save_dir}: new run"
-    if not cfg.resume:
-        raise lottery.RunError(f"--save_dir {save_dir} already holds a run; pass --resume to "
-                               f"continue it, or choose another --save_dir")
-    lottery.check_resume_config(cfg, source)
+    latest = checkpoint.latest_step(source)
     meta = checkpoint.read_meta(source)
     return (f"save_dir {save_dir}: resumes from {source / str(latest)} at round "
             f"{meta.get('round')}, epoch {meta.get('epoch')}")
@@ -104,7 +100,6 @@ def main(argv=None) -> int:
     """Run the command line ``argv``; returns the exit code (0, 2 bad input, 3 diverged)."""
     from rsst_jax import parallel
     parallel.split_cpu()  # $RSST_JAX_CPU_DEVICES, before any JAX operation
-    parallel.enable_compilation_cache()  # $RSST_JAX_CACHE
     from rsst_jax import checkpoint
     from rsst_jax import data as data_lib
     from rsst_jax import runlock
@@ -117,6 +112,7 @@ def main(argv=None) -> int:
         if cfg.dry_run:
             dry_run(cfg)
             return 0
+        parallel.enable_compilation_cache()  # $RSST_JAX_CACHE; before the first compile
         if cfg.num_seeds > 1:  # K tickets in one vmapped program, SAVE_DIR/seed_<s>/
             from rsst_jax import multiseed
             multiseed.run(cfg)

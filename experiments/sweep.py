@@ -407,8 +407,10 @@ def _write_record(out: pathlib.Path, args, cells: list[Cell]) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from rsst_jax import parallel
-    parallel.split_cpu()  # $RSST_JAX_CPU_DEVICES for --mode inprocess; subprocesses inherit it
-    parallel.enable_compilation_cache()  # cells of one sweep share most programs
+    # $RSST_JAX_CPU_DEVICES before this process touches JAX (--mode inprocess; subprocess
+    # cells inherit the variable). Every cell goes through experiments.run.main, which
+    # also turns on the compilation cache, so the cells share their compiled programs.
+    parallel.split_cpu()
     out = pathlib.Path(args.out)
     try:
         if args.parallel < 1:

@@ -106,12 +106,28 @@ class RoundPlan:
 
 # --------------------------------------------------------------------------- the run
 
-def check_resume_config(cfg, source) -> None:
-    """Raise RunError when the checkpoints in ``source`` were made with other semantic flags."""
+def resume_source(cfg) -> Optional[pathlib.Path]:
+    """The checkpoint directory a run of ``cfg`` resumes from, or None when it starts
+    afresh; raises RunError where the run must not go on (a --save_dir holding a run
+    without --resume, nothing to resume from, or checkpoints made with other flags).
+    ``--resume`` on a run killed before its first checkpoint starts afresh (None)."""
+    ckpt_dir = pathlib.Path(cfg.save_dir) / "checkpoints"
+    if not cfg.resume:
+        if ckpt.latest_step(ckpt_dir) is not None:
+            raise RunError(f"--save_dir {cfg.save_dir} already holds a run; pass --resume to "
+                           f"continue it, or choose another --save_dir")
+        return None
+    if cfg.checkpoint is None and ckpt.latest_step(ckpt_dir) is None:
+        return None
+    source = pathlib.Path(cfg.checkpoint) if cfg.checkpoint else ckpt_dir
+    if ckpt.latest_step(source) is None:
+        raise RunError(f"--resume: no checkpoint in {source}; start without --resume, or "
+                       f"point --save_dir/--checkpoint at an existing run")
     listed = config_lib.semantic_diffs(ckpt.read_meta(source).get("config", {}), cfg.to_dict())
     if listed:
         raise RunError(f"--resume: {source} was made with a different configuration: "
                        f"{listed}; resume with the same flags, or start a new --save_dir")
+    return source
 
 
 class LotteryRun:
@@ -304,19 +320,15 @@ class LotteryRun:
         cfg = self.cfg
         template_state = self._fresh_state()
         template_masks = self.init_masks(template_state.params)
-        resume = cfg.resume
-        if resume and cfg.checkpoint is None and ckpt.latest_step(self.ckpt_dir) is None:
+        source = resume_source(cfg)
+        if cfg.resume and source is None:
             # Killed before its first checkpoint: resuming is starting (W0 comes from init/).
             self.log(f"--resume: {self.ckpt_dir} holds no checkpoint yet; starting the run")
-            resume = False
-        if resume:
-            state, plan, rewind, prog = self._restore(template_state, template_masks)
+        if source is not None:
+            state, plan, rewind, prog = self._restore(source, template_state, template_masks)
             self.log(f"resuming {self.dir} at round {prog.round}, epoch {prog.epoch}")
             self._rewrite_log(prog.history)
         else:
-            if ckpt.latest_step(self.ckpt_dir) is not None:
-                raise RunError(f"--save_dir {self.dir} already holds a run; pass --resume to "
-                               f"continue it, or choose another --save_dir")
             state = self.load_or_make_init(template_state)
             plan = self.make_plan(template_masks)
             state = state.replace(params=masks_lib.apply_masks(state.params, plan.train_masks))
@@ -530,13 +542,7 @@ class LotteryRun:
         if stop_after and self._saved >= int(stop_after):
             raise Interrupted(75)
 
-    def _restore(self, template_state, template_masks):
-        cfg = self.cfg
-        source = pathlib.Path(cfg.checkpoint) if cfg.checkpoint else self.ckpt_dir
-        if ckpt.latest_step(source) is None:
-            raise RunError(f"--resume: no checkpoint in {source}; start without --resume, or "
-                           f"point --save_dir/--checkpoint at an existing run")
-        check_resume_config(cfg, source)
+    def _restore(self, source: pathlib.Path, template_state, template_masks):
         plan_t = RoundPlan(template_masks, None, None)
         tree, meta = ckpt.restore(source, _checkpoint_tree(template_state, plan_t,
                                                            _snapshot(template_state)))

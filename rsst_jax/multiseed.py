@@ -64,9 +64,8 @@ class Lockstep:
 
     def __init__(self, step_fn, num_seeds: int, data_x, data_y, *, fused: bool = False,
                  fused_steps: int = 50):
-        axes = (0, None, None, 0, 0, 0, 0)
-        self.vstep = jax.jit(jax.vmap(step_fn, in_axes=axes), donate_argnums=(0,))
-        self.vchunk = jax.jit(jax.vmap(train_lib.make_epoch_fn(step_fn), in_axes=axes),
+        self.vstep = jax.jit(train_lib.make_multi_seed_step(step_fn), donate_argnums=(0,))
+        self.vchunk = jax.jit(train_lib.make_multi_seed_step(train_lib.make_epoch_fn(step_fn)),
                               donate_argnums=(0,))
         self.k = num_seeds
         self.data_x, self.data_y = data_x, data_y

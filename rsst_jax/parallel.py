@@ -179,5 +179,5 @@ def jit_eval(eval_step, mesh: Optional[Mesh] = None, batch_size: int = 0):
     return call
 
 
-__all__ = ["DATA_AXIS", "split_cpu", "mesh_size", "data_mesh", "replicated", "batch_sharding",
+__all__ = ["DATA_AXIS", "enable_compilation_cache", "split_cpu", "mesh_size", "data_mesh", "replicated", "batch_sharding",
            "replicate", "shard_batch", "jit_step", "jit_chunk", "jit_eval"]

@@ -115,6 +115,10 @@ def use_fused(setting: str) -> bool:
     return True
 
 
+def _on_cpu(platform: Optional[str]) -> bool:
+    return (platform or jax.default_backend()) == "cpu"
+
+
 def fused_unroll(platform: Optional[str] = None):
     """``lax.scan``'s ``unroll`` for a fused chunk: 1 (a loop) on accelerators, True
     (the chunk's steps unrolled into straight-line code) on CPU.
@@ -125,14 +129,14 @@ def fused_unroll(platform: Optional[str] = None):
     10 to 20% faster than the step loop (res20s, batch 128), for a compile time that
     grows with the chunk length (docs/performance.md).
     """
-    return True if (platform or jax.default_backend()) == "cpu" else 1
+    return True if _on_cpu(platform) else 1
 
 
 def default_fused_steps(print_freq: int, platform: Optional[str] = None) -> int:
     """Steps per fused chunk when ``--fused_steps`` is not given: ``--print_freq`` on
     accelerators, ``CPU_FUSED_STEPS`` on CPU (an unrolled chunk compiles in proportion
     to its length)."""
-    return CPU_FUSED_STEPS if (platform or jax.default_backend()) == "cpu" else print_freq
+    return CPU_FUSED_STEPS if _on_cpu(platform) else print_freq
 
 
 def create_train_state(model, tx, key: Array, sample_shape: tuple) -> TrainState:
@@ -229,8 +233,7 @@ def make_train_step(model, tx, cfg: StepConfig, *, batch_sharding=None):
                                      reg_targets=targets, reg_scale=reg_scale)
         new_params = optax.apply_updates(state.params, updates)
         # A NaN activation can vanish in a ReLU and leave the loss finite: check the gradients too.
-        finite = jnp.isfinite(loss) & jnp.all(jnp.stack(
-            [jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)]))
+        finite = jnp.isfinite(loss) & all_finite(grads)
         new_state = state.replace(step=state.step + 1, params=new_params,
                                   batch_stats=new_stats, opt_state=new_opt)
         if cfg.nan_skip:
@@ -261,8 +264,9 @@ def make_epoch_fn(train_step, unroll=None):
 
 
 def make_multi_seed_step(train_step):
-    """``train_step`` vmapped over K independent tickets: state, idx [K, B], masks,
-    targets and reg_scale [K] carry a leading seed axis; the data set is shared."""
+    """``train_step`` (or a ``make_epoch_fn`` chunk) vmapped over K independent tickets:
+    state, idx [K, B] (perm [K, k, B]), masks, targets and reg_scale [K] carry a leading
+    seed axis; the data set is shared."""
     return jax.vmap(train_step, in_axes=(0, None, None, 0, 0, 0, 0))
 
 
@@ -310,13 +314,19 @@ def epoch_permutation(key: Array, n: int, batch_size: int) -> Array:
     return jax.random.choice(key, n, (1, batch_size), replace=True)
 
 
-def tree_is_finite(tree) -> bool:
+def all_finite(tree) -> Array:
+    """Whether every floating-point entry of ``tree`` is finite (a traceable bool array)."""
     leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
               if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)]
-    return bool(jnp.all(jnp.stack(leaves))) if leaves else True
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def tree_is_finite(tree) -> bool:
+    return bool(all_finite(tree))
 
 
 __all__ = ["TrainState", "StepConfig", "lr_schedule", "make_optimizer", "compute_dtype",
-           "use_fused", "create_train_state", "reset_optimizer", "make_train_step",
-           "make_epoch_fn", "fused_unroll", "default_fused_steps", "make_multi_seed_step", "make_eval_step", "evaluate",
-           "steps_per_epoch", "epoch_permutation", "cross_entropy"]
+           "use_fused", "fused_unroll", "default_fused_steps", "create_train_state",
+           "reset_optimizer", "make_train_step", "make_epoch_fn", "make_multi_seed_step",
+           "make_eval_step", "evaluate", "steps_per_epoch", "epoch_permutation",
+           "cross_entropy", "all_finite", "tree_is_finite"]
