@@ -246,16 +246,26 @@ def make_train_step(model, tx, cfg: StepConfig, *, batch_sharding=None):
 
 
 def make_epoch_fn(train_step, unroll=None):
-    """One epoch (or a chunk of one) as a ``lax.scan`` over the rows of ``perm`` [k, B].
+    """One epoch (or a chunk of one): the steps over the rows of ``perm`` [k, B].
 
     ``train_epoch(state, data_x, data_y, perm, masks, targets, reg_scale, *extras)``
     returns (state, metrics) with every metric stacked to [k]; ``extras`` are the step's
-    (teacher, kd_alpha) with distillation. ``unroll`` goes to ``lax.scan`` (default:
-    ``fused_unroll()`` of the default backend).
+    (teacher, kd_alpha) with distillation. ``unroll`` (default: ``fused_unroll()`` of the
+    default backend): True traces the k steps one after another into straight-line code
+    (a Python loop, so no ``while`` for any k: ``lax.scan(unroll=True)`` of length 1 is a
+    rolled one-trip loop, 40x slower on XLA:CPU); an int is ``lax.scan``'s ``unroll``.
     """
     unroll = fused_unroll() if unroll is None else unroll
 
     def train_epoch(state, data_x, data_y, perm, masks, targets, reg_scale, *extras):
+        if unroll is True:
+            metrics = []
+            for i in range(perm.shape[0]):
+                state, m = train_step(state, data_x, data_y, perm[i], masks, targets,
+                                      reg_scale, *extras)
+                metrics.append(m)
+            return state, jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *metrics)
+
         def body(s, idx):
             return train_step(s, data_x, data_y, idx, masks, targets, reg_scale, *extras)
         return jax.lax.scan(body, state, perm, unroll=unroll)

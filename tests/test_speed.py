@@ -52,17 +52,21 @@ def test_fused_is_on_by_default_and_unrolled_in_short_chunks_on_cpu():
     assert train_lib.default_fused_steps(50, "gpu") == 50
 
 
-def test_cpu_chunks_compile_to_straight_line_code_and_accelerator_chunks_to_a_loop():
+@pytest.mark.parametrize("k", [1, 3])
+def test_cpu_chunks_compile_to_straight_line_code_and_accelerator_chunks_to_a_loop(k):
+    """Any chunk length, 1 included (the remainder chunk of a 9-step epoch in chunks of
+    8: ``lax.scan(unroll=True)`` of length 1 is a one-trip loop, 40x slower on CPU)."""
     def step(s, data_x, data_y, idx, masks, targets, scale):
         return s + jnp.sum(data_x[idx]) * scale, {"loss": s}
-    args = (jnp.float32(0), jnp.ones((8,)), jnp.ones((8,)), jnp.zeros((3, 2), jnp.int32),
+    args = (jnp.float32(0), jnp.ones((8,)), jnp.ones((8,)), jnp.zeros((k, 2), jnp.int32),
             None, None, jnp.float32(1))
     for unroll, loops in ((train_lib.fused_unroll("cpu"), False),
                           (train_lib.fused_unroll("gpu"), True)):
         chunk = jax.jit(train_lib.make_epoch_fn(step, unroll=unroll))
         assert ("while" in chunk.lower(*args).compile().as_text()) is loops
         state, metrics = chunk(*args)
-        assert float(state) == 6.0 and metrics["loss"].tolist() == [0.0, 2.0, 4.0]
+        assert float(state) == 2.0 * k
+        assert metrics["loss"].tolist() == [2.0 * i for i in range(k)]
 
 
 @pytest.mark.slow
@@ -316,19 +320,55 @@ def test_bench_reports_every_variant_and_the_fused_speedup():
 
 # ------------------------------------------------------------------------ many tickets
 
+def _rounding_tolerance(run_dir, perturbed_dir, make_cfg, reduction: int) -> list[float]:
+    """Per round, how far training carries a rounding-sized change: the final weights of
+    the run in ``run_dir`` against a twin started from its W0 scaled by
+    ``1 +- sqrt(reduction) * eps32`` (random signs).
+
+    Two programs that compute the same step (a ticket vmapped with others, or alone) may
+    sum every reduction in another order (XLA picks loop orders and convolution
+    algorithms per program and per CPU); over ``reduction`` terms that moves a result by
+    about ``sqrt(reduction) * eps`` relative. The twin shows what that costs once training
+    has amplified it, on this machine, for this computation.
+    """
+    raw, meta = ckpt.restore_raw(pathlib.Path(run_dir) / "init")
+    delta = np.sqrt(reduction) * np.finfo(np.float32).eps
+    rng = np.random.default_rng(0)
+    scaled = jax.tree_util.tree_map(
+        lambda a: (a * (1 + delta * rng.choice([-1.0, 1.0], a.shape))).astype(a.dtype)
+        if a.dtype.kind == "f" else a, raw)
+    ckpt.save(pathlib.Path(perturbed_dir) / "init", 0, scaled, meta)
+    cfg = make_cfg(perturbed_dir)
+    _quiet(cfg.replace(init=str(pathlib.Path(perturbed_dir) / "init"))).run()
+    out = []
+    for r in range(cfg.pruning_times):
+        a, b = _final_tree(run_dir, r), _final_tree(perturbed_dir, r)
+        out.append(max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in
+                       zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))))
+    return out
+
+
 @pytest.mark.slow
 def test_vmapped_seeds_equal_separate_runs(tmp_path, monkeypatch):
     """--num_seeds 2 trains seeds 3 and 4 as one vmapped program; each seed_<s> directory
-    holds the same tickets (masks exactly, weights to float error) as a run of that seed."""
+    holds the same ticket as a run of that seed alone: the same masks exactly (random
+    pruning and the 'remain' criterion make them independent of float rounding) and
+    weights within the rounding tolerance of this computation (``_rounding_tolerance``:
+    the largest reduction of the tiny step is a BatchNorm mean over 64 x 8 x 8 values).
+    A ticket given another's batches, masks or keys differs by orders of magnitude more."""
     from rsst_jax import multiseed
     use_tiny_data(monkeypatch)
-    kw = dict(struct="rsst", criteria="magnitude", pruning_times=2, epochs=2, rate=0.5,
-              RST_schedule="x", update_reg_interval=1, reg_granularity_prune=0.5)
+    kw = dict(struct="rsst", criteria="remain", prune_method="random", pruning_times=2,
+              epochs=2, rate=0.5, RST_schedule="x", update_reg_interval=1,
+              reg_granularity_prune=0.5)
     rows = multiseed.run(tiny_config(tmp_path / "multi", seed=3, num_seeds=2, **kw),
                          log=lambda s: None)
     assert len(rows) == 2 and all(len(r) == 2 for r in rows)
     for seed in (3, 4):
         _quiet(tiny_config(tmp_path / f"single_{seed}", seed=seed, **kw)).run()
+    tol = _rounding_tolerance(tmp_path / "single_3", tmp_path / "perturbed_3",
+                              lambda d: tiny_config(d, seed=3, **kw), reduction=64 * 8 * 8)
+    for seed in (3, 4):
         for r in (0, 1):
             a, _ = ckpt.restore_raw(tmp_path / f"single_{seed}" / f"round_{r}" / "final")
             b, _ = ckpt.restore_raw(tmp_path / "multi" / f"seed_{seed}" / f"round_{r}" / "final")
@@ -336,10 +376,10 @@ def test_vmapped_seeds_equal_separate_runs(tmp_path, monkeypatch):
                             jax.tree_util.tree_leaves(b["masks"])):
                 np.testing.assert_array_equal(x, y)
             _assert_trees_close({"p": a["params"], "b": a["batch_stats"]},
-                                {"p": b["params"], "b": b["batch_stats"]}, atol=1e-5)
+                                {"p": b["params"], "b": b["batch_stats"]}, atol=tol[r])
     w3 = _final_tree(tmp_path / "multi" / "seed_3", 0)["params"]["conv2"]["kernel"]
     w4 = _final_tree(tmp_path / "multi" / "seed_4", 0)["params"]["conv2"]["kernel"]
-    assert not np.allclose(w3, w4)  # independent tickets, not copies
+    assert np.max(np.abs(w3 - w4)) > 100 * tol[0]  # independent tickets, not copies
 
 
 def test_cli_num_seeds_writes_one_run_per_seed(tmp_path, monkeypatch):
