@@ -10,9 +10,10 @@ How, without knowing any layer names:
    exactly zero for every input or nothing reads it (``approximate``: also when only a
    BatchNorm constant is left), keeping ``round_to``-aligned widths.
 2. **Rebuild.** Each variable is sliced along the axes the flow recorded; the narrower
-   module comes from the family's rebuilder (``register_rebuild``), which reads the compact
-   kernel shapes. Option-A ResNets get explicit shortcut channel maps, so residual-stream
-   channels are removed there too.
+   module comes from the family's rebuilder (``rsst_jax.nets.register_rebuild``, beside
+   each network in ``rsst_jax/nets/``), which reads the compact kernel shapes. Option-A
+   ResNets get explicit shortcut channel maps, so residual-stream channels are removed
+   there too.
 
 Also: ``count_params``, ``count_flops`` (multiply-accumulates, MACs, of convs and dense
 layers for one image; FLOPs = 2 * MACs; BatchNorm, activations, adds and pooling are not
@@ -25,7 +26,7 @@ import dataclasses
 import math
 import sys
 import types
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -41,7 +42,7 @@ from rsst_jax.model_masks import (  # noqa: F401  (re-exported: their old home)
 from rsst_jax.model_masks import module_calls as _trace_calls
 
 __all__ = ["bn_masks", "merge_masks", "conv_bn_pairs", "compact", "masked_variables",
-           "count_params", "count_flops", "compact_stats", "register_rebuild",
+           "count_params", "count_flops", "compact_stats",
            "model_from_description", "ChannelFlow", "channel_flow"]
 
 PyTree = Any
@@ -62,85 +63,7 @@ def _like(params: PyTree, values: dict[str, Any]) -> PyTree:
                                         [values.get(p) for p in masks_lib.tree_paths(params)])
 
 
-# --------------------------------------------------------------------------- rebuild
-
-Rebuilder = Callable[[nn.Module, dict, dict], nn.Module]
-_REBUILDERS: dict[type, Rebuilder] = {}
-
-
-def register_rebuild(cls: type) -> Callable[[Rebuilder], Rebuilder]:
-    """Decorator: ``fn(model, shapes, keep) -> narrower model`` for networks of class ``cls``.
-
-    ``shapes`` maps 'params/...' paths to the compact variables' shapes; ``keep`` maps a
-    variable path to {axis: bool array of kept original positions}.
-    """
-    def decorator(fn: Rebuilder) -> Rebuilder:
-        _REBUILDERS[cls] = fn
-        return fn
-    return decorator
-
-
-def _width(shapes: dict, module: str) -> int:
-    return int(shapes[f"params/{module}/kernel"][-1])
-
-
-def _block_names(num_blocks: Sequence[int]) -> list[str]:
-    return [f"layer{s}_{b}" for s, n in enumerate(num_blocks, start=1) for b in range(n)]
-
-
-def _option_a_map(in_keep: np.ndarray, out_keep: np.ndarray, features: int) -> tuple:
-    """Compact option-A shortcut: for each kept output channel, the compact index of the
-    input channel the standard zero-padding puts there, or -1 for a padded zero."""
-    from rsst_jax.nets.resnet_cifar import pad_shortcut
-    ids = jnp.arange(1, len(in_keep) + 1, dtype=jnp.float32).reshape(1, 1, 1, -1)
-    src = np.asarray(pad_shortcut(ids, features, 1)).reshape(-1).astype(int) - 1
-    rank = np.cumsum(in_keep) - 1
-    out = []
-    for j in np.flatnonzero(out_keep):
-        i = src[j]
-        if i >= 0 and not in_keep[i]:
-            raise RuntimeError("option-A shortcut: a kept output channel reads a removed input")
-        out.append(int(rank[i]) if i >= 0 else -1)
-    return tuple(out)
-
-
-@register_rebuild(nets.ResNetCifar)
-def _rebuild_resnet_cifar(model, shapes, keep):
-    names = _block_names(model.num_blocks)
-    maps = None
-    if model.shortcut == "A":
-        stage = [w for w, n in zip(model.widths, model.num_blocks) for _ in range(n)]
-        maps = tuple(_option_a_map(keep[f"params/{n}/conv1/kernel"][2],
-                                   keep[f"params/{n}/conv2/kernel"][3], w)
-                     for n, w in zip(names, stage))
-    return model.clone(stem_features=_width(shapes, "conv1"),
-                       block_widths=tuple((_width(shapes, f"{n}/conv1"),
-                                           _width(shapes, f"{n}/conv2")) for n in names),
-                       shortcut_maps=maps)
-
-
-@register_rebuild(nets.ResNet)
-def _rebuild_resnet(model, shapes, keep):
-    convs = ("conv1", "conv2", "conv3") if model.bottleneck else ("conv1", "conv2")
-    return model.clone(stem_features=_width(shapes, "conv1"),
-                       block_widths=tuple(tuple(_width(shapes, f"{n}/{c}") for c in convs)
-                                          for n in _block_names(model.num_blocks)))
-
-
-@register_rebuild(nets.VGG)
-def _rebuild_vgg(model, shapes, keep):
-    widths = iter(_width(shapes, f"features_conv{i}") for i in range(len(model.cfg)))
-    return model.clone(cfg=tuple("M" if item == "M" else next(widths) for item in model.cfg))
-
-
-@register_rebuild(nets.MobileNet)
-def _rebuild_mobilenet(model, shapes, keep):
-    cfg = []
-    for i, item in enumerate(model.cfg):
-        w = _width(shapes, f"block{i}/conv_pw")
-        cfg.append((w, item[1]) if isinstance(item, tuple) else w)
-    return model.clone(stem_features=_width(shapes, "conv1"), cfg=tuple(cfg))
-
+# --------------------------------------------------------------------------- description
 
 def _attributes(model: nn.Module) -> dict:
     def enc(v):
@@ -156,7 +79,7 @@ def _attributes(model: nn.Module) -> dict:
 def model_from_description(description: dict) -> nn.Module:
     """The compact module described by ``compact``'s arch description (e.g. read back from
     ``architecture.json``)."""
-    families = {cls.__name__: cls for cls in _REBUILDERS}
+    families = nets.rebuild_families()
     family = description.get("family")
     if family not in families:
         raise ValueError(f"unknown network family {family!r}; known: {', '.join(sorted(families))}")
@@ -211,9 +134,7 @@ def compact(net_name_or_model, variables: dict, masks: PyTree, *, num_classes: O
         arch = net_name_or_model
     else:
         model, arch = net_name_or_model, None
-    if type(model) not in _REBUILDERS:
-        raise ValueError(f"no compaction rebuilder for {type(model).__name__}; register one "
-                         f"with rsst_jax.compact.register_rebuild")
+    rebuild = nets.get_rebuild(model)
     params = variables["params"]
     masks_lib.check_masks(params, masks)
     sample_shape = (tuple(sample_shape) if sample_shape is not None
@@ -240,7 +161,7 @@ def compact(net_name_or_model, variables: dict, masks: PyTree, *, num_classes: O
         compact_flat[path] = jnp.asarray(arr)
     compact_vars = unflatten_dict({tuple(p.split("/")): v for p, v in compact_flat.items()})
     new_shapes = {p: tuple(v.shape) for p, v in compact_flat.items()}
-    compact_model = _REBUILDERS[type(model)](model, new_shapes, plan.keep)
+    compact_model = rebuild(model, new_shapes, plan.keep)
 
     # The rebuilt module must create exactly the sliced variables.
     init = jax.eval_shape(lambda x: compact_model.init(jax.random.PRNGKey(0), x, train=False),

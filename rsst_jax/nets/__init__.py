@@ -3,6 +3,10 @@
 Every network takes NHWC images and is called as ``model.apply(variables, x, train=...)``.
 Adding a network is one file whose factory is decorated with ``@register_net(name)``
 and imported at the bottom of this file.
+
+A family whose pruned channels ``rsst_jax.compact`` can physically remove also registers,
+in its own file, how to rebuild it narrower: ``@register_rebuild(ModuleClass)`` on
+``fn(model, shapes, keep) -> narrower model``; ``get_rebuild(model)`` finds it.
 """
 from typing import Callable, Dict, List
 
@@ -43,6 +47,40 @@ def available_nets() -> List[str]:
     return sorted(_REGISTRY)
 
 
+Rebuilder = Callable[[nn.Module, dict, dict], nn.Module]
+_REBUILDERS: Dict[type, Rebuilder] = {}
+
+
+def register_rebuild(cls: type) -> Callable[[Rebuilder], Rebuilder]:
+    """Decorator: ``fn(model, shapes, keep) -> narrower model`` for networks of class ``cls``.
+
+    ``shapes`` maps 'params/...' paths to the compact variables' shapes; ``keep`` maps a
+    variable path to {axis: bool array of kept original positions}.
+    """
+    def decorator(fn: Rebuilder) -> Rebuilder:
+        _REBUILDERS[cls] = fn
+        return fn
+    return decorator
+
+
+def get_rebuild(model: nn.Module) -> Rebuilder:
+    """The rebuilder registered for ``type(model)``."""
+    if type(model) not in _REBUILDERS:
+        raise ValueError(f"no compaction rebuilder for {type(model).__name__}; register one "
+                         f"with rsst_jax.nets.register_rebuild")
+    return _REBUILDERS[type(model)]
+
+
+def rebuild_families() -> Dict[str, type]:
+    """``{class name: class}`` of the network families that have a rebuilder."""
+    return {cls.__name__: cls for cls in _REBUILDERS}
+
+
+def kernel_width(shapes: dict, module: str) -> int:
+    """Output channels of ``module``'s kernel in ``shapes`` (a rebuilder's argument)."""
+    return int(shapes[f"params/{module}/kernel"][-1])
+
+
 # Imported last: each model file registers itself with the decorator above.
 from rsst_jax.nets import mobilenet, resnet, resnet_cifar, vgg  # noqa: E402,F401
 from rsst_jax.nets.mobilenet import MobileNet  # noqa: E402,F401
@@ -51,4 +89,5 @@ from rsst_jax.nets.resnet_cifar import ResNetCifar  # noqa: E402,F401
 from rsst_jax.nets.vgg import VGG  # noqa: E402,F401
 
 __all__ = ["register_net", "get_net", "available_nets", "net_options",
+           "register_rebuild", "get_rebuild", "rebuild_families", "kernel_width",
            "ResNetCifar", "ResNet", "VGG", "MobileNet"]

@@ -5,7 +5,7 @@ from typing import Any, Sequence, Tuple, Union
 import flax.linen as nn
 import jax.numpy as jnp
 
-from rsst_jax.nets import register_net
+from rsst_jax.nets import kernel_width, register_net, register_rebuild
 from rsst_jax.nets.layers import batch_norm, classifier_head, conv
 
 # Output channels of each block; (channels, stride) where the block downsamples.
@@ -47,3 +47,13 @@ class MobileNet(nn.Module):
 @register_net("mobilenet")
 def mobilenet(num_classes: int, *, dtype: Any = jnp.float32) -> MobileNet:
     return MobileNet(num_classes=num_classes, dtype=dtype)
+
+
+@register_rebuild(MobileNet)
+def _rebuild(model: MobileNet, shapes: dict, keep: dict) -> MobileNet:
+    """The narrower network of compacted variables: widths from their kernel shapes."""
+    cfg = []
+    for i, item in enumerate(model.cfg):
+        w = kernel_width(shapes, f"block{i}/conv_pw")
+        cfg.append((w, item[1]) if isinstance(item, tuple) else w)
+    return model.clone(stem_features=kernel_width(shapes, "conv1"), cfg=tuple(cfg))

@@ -3,14 +3,15 @@
 Four stages of widths 64/128/256/512 (times 4 at the output of a bottleneck);
 projection shortcuts (1x1 conv + BN) wherever the shape changes. The optional per-layer
 widths (``stem_features``, ``block_widths``) describe a compacted network
-(``rsst_jax.compact``); left at None they give the standard one.
+(``rsst_jax.compact``; ``_rebuild`` at the bottom sets them); left at None they give the
+standard one.
 """
 from typing import Any, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from rsst_jax.nets import register_net
+from rsst_jax.nets import kernel_width, register_net, register_rebuild
 from rsst_jax.nets.layers import batch_norm, classifier_head, conv, resnet_blocks, resnet_stem
 from rsst_jax.nets.resnet_cifar import BasicBlock
 
@@ -92,3 +93,13 @@ def res18(num_classes: int, *, dtype: Any = jnp.float32) -> ResNet:
 @register_net("res50")
 def res50(num_classes: int, *, dtype: Any = jnp.float32) -> ResNet:
     return ResNet(num_blocks=(3, 4, 6, 3), bottleneck=True, num_classes=num_classes, dtype=dtype)
+
+
+@register_rebuild(ResNet)
+def _rebuild(model: ResNet, shapes: dict, keep: dict) -> ResNet:
+    """The narrower network of compacted variables: widths from their kernel shapes."""
+    convs = ("conv1", "conv2", "conv3") if model.bottleneck else ("conv1", "conv2")
+    blocks = [name for name, *_ in resnet_blocks(model.widths, model.num_blocks)]
+    return model.clone(stem_features=kernel_width(shapes, "conv1"),
+                       block_widths=tuple(tuple(kernel_width(shapes, f"{n}/{c}") for c in convs)
+                                          for n in blocks))

@@ -5,8 +5,9 @@ parameter-free: subsample by the stride and zero-pad the new channels.
 ``shortcut='B'`` projects with a 1x1 conv + BN wherever the shape changes.
 
 The optional per-layer widths (``stem_features``, ``block_widths``, ``shortcut_maps``)
-describe a network whose pruned channels were physically removed (``rsst_jax.compact``);
-left at None they give the standard network, with the same parameter paths either way.
+describe a network whose pruned channels were physically removed (``rsst_jax.compact``;
+``_rebuild`` at the bottom sets them); left at None they give the standard network, with
+the same parameter paths either way.
 """
 import functools
 from typing import Any, Optional, Sequence, Tuple
@@ -15,7 +16,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from rsst_jax.nets import register_net
+from rsst_jax.nets import kernel_width, register_net, register_rebuild
 from rsst_jax.nets.layers import batch_norm, classifier_head, conv, resnet_blocks, resnet_stem
 
 SHORTCUTS = ("A", "B")
@@ -125,3 +126,33 @@ def _resnet_cifar(depth: int, num_classes: int, *, shortcut: str = "A",
 
 for _depth in (20, 32, 44, 56, 110):
     register_net(f"res{_depth}s")(functools.partial(_resnet_cifar, _depth))
+
+
+def _option_a_map(in_keep: np.ndarray, out_keep: np.ndarray, features: int) -> tuple:
+    """Compact option-A shortcut: for each kept output channel, the compact index of the
+    input channel the standard zero-padding puts there, or -1 for a padded zero."""
+    ids = jnp.arange(1, len(in_keep) + 1, dtype=jnp.float32).reshape(1, 1, 1, -1)
+    src = np.asarray(pad_shortcut(ids, features, 1)).reshape(-1).astype(int) - 1
+    rank = np.cumsum(in_keep) - 1
+    out = []
+    for j in np.flatnonzero(out_keep):
+        i = src[j]
+        if i >= 0 and not in_keep[i]:
+            raise RuntimeError("option-A shortcut: a kept output channel reads a removed input")
+        out.append(int(rank[i]) if i >= 0 else -1)
+    return tuple(out)
+
+
+@register_rebuild(ResNetCifar)
+def _rebuild(model: ResNetCifar, shapes: dict, keep: dict) -> ResNetCifar:
+    """The narrower network of compacted variables: widths from their kernel shapes and,
+    for option A, each block's shortcut channel map from the kept channels."""
+    blocks = [(name, width) for name, width, _, _ in resnet_blocks(model.widths, model.num_blocks)]
+    maps = None
+    if model.shortcut == "A":
+        maps = tuple(_option_a_map(keep[f"params/{n}/conv1/kernel"][2],
+                                   keep[f"params/{n}/conv2/kernel"][3], w) for n, w in blocks)
+    return model.clone(stem_features=kernel_width(shapes, "conv1"),
+                       block_widths=tuple((kernel_width(shapes, f"{n}/conv1"),
+                                           kernel_width(shapes, f"{n}/conv2")) for n, _ in blocks),
+                       shortcut_maps=maps)

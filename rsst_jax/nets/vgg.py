@@ -9,7 +9,7 @@ from typing import Any, Sequence, Union
 import flax.linen as nn
 import jax.numpy as jnp
 
-from rsst_jax.nets import register_net
+from rsst_jax.nets import kernel_width, register_net, register_rebuild
 from rsst_jax.nets.layers import batch_norm, classifier_head, conv
 
 # Simonyan & Zisserman (2015) table 1; "M" is a 2x2 max-pool with stride 2.
@@ -48,3 +48,10 @@ def _vgg(name: str, num_classes: int, *, dtype: Any = jnp.float32) -> VGG:
 
 for _name in CFGS:
     register_net(_name)(functools.partial(_vgg, _name))
+
+
+@register_rebuild(VGG)
+def _rebuild(model: VGG, shapes: dict, keep: dict) -> VGG:
+    """The narrower network of compacted variables: widths from their kernel shapes."""
+    widths = iter(kernel_width(shapes, f"features_conv{i}") for i in range(len(model.cfg)))
+    return model.clone(cfg=tuple("M" if item == "M" else next(widths) for item in model.cfg))
