@@ -2,7 +2,7 @@
 
 Prints the per-layer mask table (``rsst_jax.masks.report``), total and prunable
 parameters, what the network would cost with the pruned channels removed (parameters
-and FLOPs, from ``rsst_jax.compact``), and the round's accuracies; ``--json`` prints
+and FLOPs, from ``rsst_jax.counting.compact_stats``), and the round's accuracies; ``--json`` prints
 one JSON object instead.
 
 The path may be a run directory (its last round's final ticket; ``--round``/``--best``
@@ -120,35 +120,20 @@ def build_model(info: dict, params: dict):
 
 
 def fallback_compact(params: dict, masks: dict) -> dict:
-    """Parameters if pruned channels were removed, counted per layer without the graph:
-    (output channels with a kept weight) x (input channels with a kept weight) x kh x kw
-    for every masked kernel; everything else counted whole. An upper bound: it does not
-    see that a removed channel also empties the next layer's input."""
-    import numpy as np
+    """Parameters if pruned channels were removed, counted per layer without the graph
+    (``rsst_jax.counting.layerwise_compact_params``, an upper bound); no FLOPs."""
+    from rsst_jax import counting
 
-    total, compact = 0, 0
-    mflat = masks_lib.flat_dict(masks)
-    for path, w in masks_lib.flat_dict(params).items():
-        n = int(np.size(w))
-        total += n
-        m = mflat.get(path)
-        if m is None or np.ndim(m) < 2:
-            compact += n
-            continue
-        m = np.asarray(m)
-        alive_out = int(np.any(m.reshape(-1, m.shape[-1]), axis=0).sum())
-        alive_in = int(np.any(np.moveaxis(m, -2, 0).reshape(m.shape[-2], -1), axis=1).sum())
-        compact += alive_out * alive_in * int(np.prod(m.shape[:-2]))
-    return {"params": total, "compact_params": compact, "flops": None, "compact_flops": None,
+    return {"params": counting.count_params(params),
+            "compact_params": counting.layerwise_compact_params(params, masks),
+            "flops": None, "compact_flops": None,
             "method": "per-layer count (rsst_jax.compact unavailable)"}
 
 
 def compact_numbers(model, variables: dict, masks: dict, input_shape, *, approximate: bool) -> dict:
-    """``rsst_jax.compact.compact_stats`` where it can follow the network, else the per-layer count."""
-    try:
-        from rsst_jax.compact import compact_stats
-    except ImportError:
-        return fallback_compact(variables["params"], masks)
+    """``rsst_jax.counting.compact_stats`` where it can follow the network, else the per-layer count."""
+    from rsst_jax.counting import compact_stats
+
     if model is None or input_shape is None:
         return fallback_compact(variables["params"], masks)
     try:
@@ -185,6 +170,7 @@ def analyze(path, *, round_idx=None, best=False, arch=None, dataset=None, input_
     """Everything ``main`` prints, as a JSON-able dict."""
     import numpy as np
 
+    from rsst_jax import counting
 
     ref = runs_lib.resolve_checkpoint(path, round_idx=round_idx, kind="best" if best else "final")
     tree, meta, ref = runs_lib.load_checkpoint(ref)
@@ -209,7 +195,7 @@ def analyze(path, *, round_idx=None, best=False, arch=None, dataset=None, input_
                    if not info[k]]
         notes.append(f"FLOPs need the network: pass {' and '.join(missing)}")
     variables = {"params": params, "batch_stats": tree.get("batch_stats") or {}}
-    total = sum(int(np.size(v)) for v in masks_lib.flat_dict(params).values())
+    total = counting.count_params(params)
     prunable = sum(r.total for r in rows)
     kept = sum(r.kept for r in rows)
     return {

@@ -64,6 +64,7 @@ def run(args) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
+    from rsst_jax import counting
     from rsst_jax import masks as masks_lib
     from rsst_jax import nets, parallel, regularizers
     from rsst_jax import train as train_lib
@@ -182,7 +183,7 @@ def run(args) -> dict:
                                                    / result["step_ms"]["dense"], 3)
 
     n_dev = 1 if mesh is None else mesh.size  # XLA counts one device's share of the program
-    flops = {prog: None if _flops(c) is None else _flops(c) * n_dev
+    flops = {prog: None if counting.xla_flops(c) is None else counting.xla_flops(c) * n_dev
              for prog, c in compiled.items()}
     result["gflop_per_step"] = {k: None if v is None else float(f"{v / 1e9:.4g}")
                                 for k, v in flops.items()}
@@ -314,18 +315,6 @@ def _bench_eval(args, model, cfg, states, names, shape, mesh):
         times.append(time.perf_counter() - t0)
     ms = _median_ms(times)
     return {"batch_size": ebs, "batch_ms": round(ms, 2), "images_per_s": round(ebs / ms * 1e3, 1)}
-
-
-def _flops(compiled):
-    """XLA's count of floating-point operations of one call, or None if not reported."""
-    try:
-        cost = compiled.cost_analysis()
-    except Exception:  # not every backend implements it
-        return None
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else None
-    value = (cost or {}).get("flops")
-    return float(value) if value and value > 0 else None
 
 
 def _loadavg():

@@ -171,10 +171,10 @@ def load(directory: str):
     import jax
     import jax.numpy as jnp
     from rsst_jax import checkpoint as ckpt
-    from rsst_jax import compact as compact_lib
+    from rsst_jax.compact import model_from_description
     d = pathlib.Path(directory)
     description = json.loads((d / "architecture.json").read_text())
-    model = compact_lib.model_from_description(description)
+    model = model_from_description(description)
     template = jax.eval_shape(lambda: model.init(
         jax.random.PRNGKey(0), jnp.zeros((1, *description["sample_shape"])), train=False))
     variables, _ = ckpt.restore(d / "variables", template)
@@ -316,12 +316,14 @@ def run(model, variables, masks, info, *, out, approximate=False, batch_sizes=(1
     """Compact, write, measure; returns the JSON-able result."""
     import jax
     from rsst_jax import checkpoint as ckpt
-    from rsst_jax import compact as compact_lib
+    from rsst_jax import counting
     from rsst_jax import masks as masks_lib
+    from rsst_jax.compact import compact
+    from rsst_jax.model_masks import masked_variables
 
     sample_shape = tuple(info["sample_shape"])
-    cmodel, cvars, desc = compact_lib.compact(model, variables, masks, approximate=approximate,
-                                              sample_shape=sample_shape, round_to=round_to)
+    cmodel, cvars, desc = compact(model, variables, masks, approximate=approximate,
+                                  sample_shape=sample_shape, round_to=round_to)
     desc.update(arch=info["arch"], num_classes=info["num_classes"], dataset=info["dataset"],
                 source=info["checkpoint"])
     out = pathlib.Path(out).absolute()
@@ -331,7 +333,7 @@ def run(model, variables, masks, info, *, out, approximate=False, batch_sizes=(1
                "source": info["checkpoint"], "compact": True, "exact": desc["exact"]})
     (out / "architecture.json").write_text(json.dumps(desc, indent=1))
 
-    masked = compact_lib.masked_variables(variables, masks)
+    masked = masked_variables(variables, masks)
     apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
     capply = jax.jit(lambda v, x: cmodel.apply(v, x, train=False))
     x, y, source = _eval_inputs(info, eval_images)
@@ -343,28 +345,22 @@ def run(model, variables, masks, info, *, out, approximate=False, batch_sizes=(1
              "masked_acc": None if y is None else float(100 * np.mean(a.argmax(-1) == y)),
              "compact_acc": None if y is None else float(100 * np.mean(b.argmax(-1) == y))}
 
-    kernel_masks = [m for p, m in zip(masks_lib.tree_paths(masks),
-                                      jax.tree_util.tree_leaves(masks, is_leaf=lambda v: v is None))
-                    if m is not None and p.endswith("kernel") and np.ndim(m) >= 2]
-    pruned = sum(int((~np.asarray(m).reshape(-1, np.shape(m)[-1]).any(axis=0)).sum())
-                 for m in kernel_masks)
-    channels = {"total": desc["prunable_channels"], "pruned": pruned,
-                "sparsity": masks_lib.channel_sparsity(kernel_masks),
+    channels = {"total": desc["prunable_channels"],
+                "pruned": counting.count_pruned_channels(masks),
+                "sparsity": masks_lib.channel_sparsity(counting.kernel_masks(masks)),
                 "removed": desc["prunable_channels"] - desc["prunable_channels_kept"],
                 "pruned_kept": desc["pruned_channels_kept"],
                 "approximate": desc["approximate_channels"]}
 
-    flops = compact_lib.count_flops(model, variables, sample_shape, masks)
-    cflops = compact_lib.count_flops(cmodel, cvars, sample_shape)
-    n_params = compact_lib.count_params(variables["params"])
-    n_masked = n_params - sum(int(np.size(m) - np.sum(np.asarray(m))) for m in
-                              jax.tree_util.tree_leaves(masks))
+    flops = counting.count_flops(model, variables, sample_shape, masks)
+    cflops = counting.count_flops(cmodel, cvars, sample_shape)
     networks = {
-        "dense": {"params": n_params, "macs": flops["macs"], "flops": flops["flops"],
-                  "fn": apply, "variables": variables},
-        "masked": {"params": n_masked, "macs": flops["masked_macs"],
+        "dense": {"params": counting.count_params(variables["params"]), "macs": flops["macs"],
+                  "flops": flops["flops"], "fn": apply, "variables": variables},
+        "masked": {"params": counting.count_kept_params(variables["params"], masks),
+                   "macs": flops["masked_macs"],
                    "flops": flops["masked_flops"], "fn": apply, "variables": masked},
-        "compact": {"params": compact_lib.count_params(cvars["params"]), "macs": cflops["macs"],
+        "compact": {"params": counting.count_params(cvars["params"]), "macs": cflops["macs"],
                     "flops": cflops["flops"], "fn": capply, "variables": cvars},
     }
     latencies = measure_latencies({name: (net.pop("fn"), net.pop("variables"))

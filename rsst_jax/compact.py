@@ -15,15 +15,12 @@ How, without knowing any layer names:
    ResNets get explicit shortcut channel maps, so residual-stream channels are removed
    there too.
 
-Also: ``count_params``, ``count_flops`` (multiply-accumulates, MACs, of convs and dense
-layers for one image; FLOPs = 2 * MACs; BatchNorm, activations, adds and pooling are not
-counted) and ``compact_stats`` for the analysis commands. Equivalence holds in eval mode
+Parameters and FLOPs of the result: ``rsst_jax.counting``. Equivalence holds in eval mode
 (running statistics); nothing here prints or touches files.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 import types
 from typing import Any, Optional, Sequence
@@ -36,24 +33,17 @@ from flax.traverse_util import unflatten_dict
 
 from rsst_jax import masks as masks_lib
 from rsst_jax import nets
-from rsst_jax.channel_flow import ChannelFlow, channel_flow, decide_removal, zero_responses  # noqa: F401
+from rsst_jax.channel_flow import channel_flow, decide_removal, zero_responses
 from rsst_jax.model_masks import (  # noqa: F401  (re-exported: their old home)
     bn_masks, conv_bn_pairs, masked_variables, merge_masks, stem_kernel)
-from rsst_jax.model_masks import module_calls as _trace_calls
 
-__all__ = ["bn_masks", "merge_masks", "conv_bn_pairs", "compact", "masked_variables",
-           "count_params", "count_flops", "compact_stats",
-           "model_from_description", "ChannelFlow", "channel_flow"]
+__all__ = ["compact", "model_from_description"]
 
 PyTree = Any
 
 
 def _is_none(x) -> bool:
     return x is None
-
-
-def _join(*parts: str) -> str:
-    return "/".join(p for p in parts if p)
 
 
 def _like(params: PyTree, values: dict[str, Any]) -> PyTree:
@@ -195,87 +185,6 @@ def compact(net_name_or_model, variables: dict, masks: PyTree, *, num_classes: O
         "unfollowed_ops": sorted(set(flow.opaque)),
     }
     return compact_model, compact_vars, description
-
-
-# --------------------------------------------------------------------------- counting
-
-def count_params(params: PyTree) -> int:
-    """Number of scalars in the array leaves of ``params`` (None leaves count 0)."""
-    return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params)))
-
-
-def _layer_positions(model, variables, sample_shape) -> dict[str, tuple[int, tuple]]:
-    """Module path -> (output positions per image, kernel shape) for modules with a kernel."""
-    flat = masks_lib.flat_dict(variables.get("params", {}))
-    out: dict[str, tuple[int, tuple]] = {}
-    for c in _trace_calls(model, sample_shape, variables)[0]:
-        kernel = flat.get(_join(c.path, "kernel"))
-        if kernel is None or not hasattr(c.output, "shape"):
-            continue
-        prev = out.get(c.path, (0, None))[0]
-        out[c.path] = (prev + math.prod(c.output.shape[1:-1]), tuple(np.shape(kernel)))
-    return out
-
-
-def count_flops(model: nn.Module, variables: dict, sample_shape: Sequence[int],
-                masks: PyTree = None) -> dict:
-    """Multiply-accumulates of every module with a ``kernel`` (convs, dense) for one image.
-
-    A layer's MACs are (output positions) x (kernel size): ``H' W' kh kw (C_in/groups)
-    C_out`` for a conv, ``C_in C_out`` for a dense layer. BatchNorm, activations, residual
-    adds and pooling are not counted. Returns ``{'macs', 'flops' (= 2 * macs), 'layers':
-    {module path: macs}}``; with ``masks``, also ``masked_macs``/``masked_flops`` counting
-    only kept weights (what unstructured sparsity could save at best). Shapes only:
-    ``variables`` may be abstract. ``sample_shape`` is ``(H, W, C)``.
-    """
-    positions = _layer_positions(model, variables, sample_shape)
-    layers = {path: n * math.prod(k) for path, (n, k) in positions.items()}
-    macs = int(sum(layers.values()))
-    result = {"macs": macs, "flops": 2 * macs, "layers": layers}
-    if masks is not None:
-        mflat = masks_lib.flat_dict(masks)
-        masked = 0
-        for path, (n, k) in positions.items():
-            m = mflat.get(_join(path, "kernel"))
-            masked += n * (math.prod(k) if m is None else int(np.sum(np.asarray(m))))
-        result.update(masked_macs=masked, masked_flops=2 * masked)
-    return result
-
-
-def compact_stats(model: nn.Module, variables: dict, masks: PyTree, sample_shape: Sequence[int],
-                  *, approximate: bool = False, round_to: int = 1) -> dict:
-    """Parameters and FLOPs of a ticket: dense, masked (kept weights) and compacted.
-
-    Keys: ``params``, ``macs``, ``flops`` (dense network), ``masked_params`` (weights kept
-    by the masks), ``masked_macs``/``masked_flops``, ``compact_params``, ``compact_macs``,
-    ``compact_flops``, ``param_ratio``/``flop_ratio`` (compact / dense), ``channels``/
-    ``channels_kept`` (output channels of masked kernels, after compaction),
-    ``channel_sparsity`` (fraction of masked kernels' output channels fully pruned),
-    ``pruned_channels_kept`` (pruned but not removable, e.g. BatchNorm not zeroed),
-    ``exact`` (False when ``approximate`` removed such channels). FLOPs = 2 * MACs.
-    """
-    cmodel, cvars, desc = compact(model, variables, masks, approximate=approximate,
-                                  sample_shape=sample_shape, round_to=round_to)
-    dense = count_flops(model, variables, sample_shape, masks)
-    small = count_flops(cmodel, cvars, sample_shape)
-    params = count_params(variables["params"])
-    pruned = sum(int(np.size(m) - np.sum(np.asarray(m)))
-                 for m in jax.tree_util.tree_leaves(masks))
-    kernel_masks = [m for p, m in masks_lib.flat_dict(masks).items()
-                    if m is not None and p.endswith("kernel") and np.ndim(m) >= 2]
-    compact_params = count_params(cvars["params"])
-    return {
-        "params": params, "macs": dense["macs"], "flops": dense["flops"],
-        "masked_params": params - pruned, "masked_macs": dense["masked_macs"],
-        "masked_flops": dense["masked_flops"],
-        "compact_params": compact_params, "compact_macs": small["macs"],
-        "compact_flops": small["flops"],
-        "param_ratio": compact_params / params if params else 1.0,
-        "flop_ratio": small["macs"] / dense["macs"] if dense["macs"] else 1.0,
-        "channels": desc["prunable_channels"], "channels_kept": desc["prunable_channels_kept"],
-        "channel_sparsity": masks_lib.channel_sparsity(kernel_masks),
-        "pruned_channels_kept": desc["pruned_channels_kept"], "exact": desc["exact"],
-    }
 
 
 class _CallableModule(types.ModuleType):

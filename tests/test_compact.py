@@ -16,9 +16,10 @@ import pytest
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from rsst_jax import checkpoint as ckpt
-from rsst_jax import compact as C
+from rsst_jax import counting, model_masks
 from rsst_jax import data as data_lib
 from rsst_jax import masks as masks_lib
+from rsst_jax.compact import compact
 from rsst_jax.nets import get_net
 
 SHAPE = (32, 32, 1)  # digits
@@ -84,13 +85,13 @@ def channel_masks(params, dead, conv1=False, unstructured=None, stem="conv1"):
 
 def with_bn(model, params, masks, only=None):
     """``masks`` merged with the BN masks (of the convs in ``only``, default all)."""
-    extra = C.bn_masks(model, params, masks, SHAPE)
+    extra = model_masks.bn_masks(model, params, masks, SHAPE)
     if only is not None:
-        bns = {bn for conv, bn in C.conv_bn_pairs(model, SHAPE) if conv in only}
+        bns = {bn for conv, bn in model_masks.conv_bn_pairs(model, SHAPE) if conv in only}
         extra = jax.tree_util.tree_map_with_path(
             lambda path, m: m if "/".join(k.key for k in path[:-1]) in bns else None,
             extra, is_leaf=lambda x: x is None)
-    return C.merge_masks(masks, extra)
+    return model_masks.merge_masks(masks, extra)
 
 
 def mask_items(masks):
@@ -100,14 +101,14 @@ def mask_items(masks):
 
 def check_compact(model, variables, masks, expected_params, **kwargs):
     """Compact, compare logits with the masked network, check the parameter count."""
-    cmodel, cvars, desc = C.compact(model, variables, masks, sample_shape=SHAPE, **kwargs)
+    cmodel, cvars, desc = compact(model, variables, masks, sample_shape=SHAPE, **kwargs)
     x = images()
-    ref = np.asarray(forward(model)(C.masked_variables(variables, masks), x))
+    ref = np.asarray(forward(model)(model_masks.masked_variables(variables, masks), x))
     got = np.asarray(forward(cmodel)(cvars, x))
     assert got.shape == ref.shape
     if desc["exact"]:
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
-    assert C.count_params(cvars["params"]) == expected_params
+    assert counting.count_params(cvars["params"]) == expected_params
     return cmodel, cvars, desc, got, ref
 
 
@@ -154,7 +155,7 @@ def test_bn_masks_pair_convs_with_their_batchnorm_and_zero_the_dead_channel():
     variables = trained_like(model)
     params = variables["params"]
     masks = channel_masks(params, {"layer1_0/conv1": [2, 5], "layer3_2/conv2": [0]})
-    extra = C.bn_masks(model, params, masks, SHAPE)
+    extra = model_masks.bn_masks(model, params, masks, SHAPE)
     flat = {p: m for p, m in mask_items(extra).items() if m is not None}
     # every BN after a prunable conv, and nothing else (the stem conv1 is not prunable)
     expected = {f"{b}/{bn}/{leaf}" for b in RES20_BLOCKS for bn in ("bn1", "bn2")
@@ -164,7 +165,7 @@ def test_bn_masks_pair_convs_with_their_batchnorm_and_zero_the_dead_channel():
     assert np.flatnonzero(~np.asarray(flat["layer3_2/bn2/bias"])).tolist() == [0]
     assert np.asarray(flat["layer1_1/bn1/scale"]).all()
 
-    merged = C.merge_masks(masks, extra)
+    merged = model_masks.merge_masks(masks, extra)
     masks_lib.check_masks(params, merged)
 
     @functools.partial(jax.jit, static_argnums=2)
@@ -183,13 +184,13 @@ def test_bn_masks_pair_convs_with_their_batchnorm_and_zero_the_dead_channel():
 
     x = images()[:2]
     for train in (False, True):
-        out = bn_outputs(C.masked_variables(variables, merged), x, train)
+        out = bn_outputs(model_masks.masked_variables(variables, merged), x, train)
         y = np.asarray(out["layer1_0/bn1"])
         assert np.all(y[..., [2, 5]] == 0.0)  # exactly zero after BatchNorm
         assert np.all(np.asarray(out["layer3_2/bn2"])[..., 0] == 0.0)
         assert np.any(y[..., 3] != 0.0)
     # without the BN masks the dead conv channel is a nonzero constant after BatchNorm
-    out = bn_outputs(C.masked_variables(variables, masks), x, False)
+    out = bn_outputs(model_masks.masked_variables(variables, masks), x, False)
     assert np.all(np.asarray(out["layer1_0/bn1"])[..., 2] != 0.0)
 
 
@@ -205,18 +206,18 @@ def test_bn_masks_need_no_layer_names_and_keep_one_structure():
 
     model = Odd()
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 6, 6, 2)), train=False)["params"]
-    assert C.conv_bn_pairs(model, (6, 6, 2)) == [("alpha", "omega")]
+    assert model_masks.conv_bn_pairs(model, (6, 6, 2)) == [("alpha", "omega")]
     masks = masks_lib.init_masks(params, conv1=True)
-    one = C.bn_masks(model, params, masks, (6, 6, 2))
+    one = model_masks.bn_masks(model, params, masks, (6, 6, 2))
     masks2 = jax.tree_util.tree_map(lambda m: None if m is None else m.at[..., 1].set(False),
                                     masks, is_leaf=lambda x: x is None)
-    two = C.bn_masks(model, params, masks2, (6, 6, 2))
+    two = model_masks.bn_masks(model, params, masks2, (6, 6, 2))
     is_none = lambda x: x is None  # noqa: E731
     assert jax.tree_util.tree_structure(one, is_leaf=is_none) == \
         jax.tree_util.tree_structure(two, is_leaf=is_none)
     assert np.asarray(two["omega"]["scale"]).tolist() == [True, False, True, True]
     assert two["gamma"]["scale"] is None and two["alpha"]["kernel"] is None
-    merged = C.merge_masks(masks2, two)
+    merged = model_masks.merge_masks(masks2, two)
     assert merged["alpha"]["kernel"] is masks2["alpha"]["kernel"]
     assert merged["omega"]["bias"] is two["omega"]["bias"]
 
@@ -449,9 +450,9 @@ def test_res18_mixed_with_projection_shortcuts():
     dead.update({f"layer4_{b}/conv2": [7, 9] for b in range(2)})
     dead["layer4_0/shortcut_conv"] = [7]
     masks = with_bn(model, variables["params"], channel_masks(variables["params"], dead))
-    cmodel, cvars, desc = C.compact(model, variables, masks, sample_shape=SHAPE)
+    cmodel, cvars, desc = compact(model, variables, masks, sample_shape=SHAPE)
     x = images()[:2]
-    ref = np.asarray(forward(model)(C.masked_variables(variables, masks), x))
+    ref = np.asarray(forward(model)(model_masks.masked_variables(variables, masks), x))
     np.testing.assert_allclose(np.asarray(forward(cmodel)(cvars, x)), ref, rtol=1e-4,
                                atol=1e-4 * np.abs(ref).max())
     assert cmodel.block_widths == tuple((w // 2, w - (1 if s == 4 else 0))
@@ -474,15 +475,15 @@ def res20s_macs(size=32, in_ch=1, widths=(16, 32, 64)):
 def test_count_flops_and_params_by_arithmetic():
     model = net("res20s")
     variables = trained_like(model)
-    got = C.count_flops(model, variables, SHAPE)
+    got = counting.count_flops(model, variables, SHAPE)
     assert got["macs"] == res20s_macs() and got["flops"] == 2 * res20s_macs()
     full = [(16, 16)] * 3 + [(32, 32)] * 3 + [(64, 64)] * 3
-    assert C.count_params(variables["params"]) == resnet_cifar_count(16, full) == 269_434
+    assert counting.count_params(variables["params"]) == resnet_cifar_count(16, full) == 269_434
     # 3-channel 32x32 res20s: the well-known 40.55M MACs ("41M FLOPs")
     rgb = net("res20s")
     abstract = jax.eval_shape(lambda: rgb.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)),
                                                train=False))
-    assert C.count_flops(rgb, abstract, (32, 32, 3))["macs"] == res20s_macs(in_ch=3) == 40_551_040
+    assert counting.count_flops(rgb, abstract, (32, 32, 3))["macs"] == res20s_macs(in_ch=3) == 40_551_040
     # MobileNet: depthwise 3x3 costs 9 MACs per channel and position
     mob = net("mobilenet")
     abstract = jax.eval_shape(lambda: mob.init(jax.random.PRNGKey(0), jnp.zeros((1, *SHAPE)),
@@ -492,7 +493,7 @@ def test_count_flops_and_params_by_arithmetic():
         hw = math.ceil(hw / s)
         total += hw * hw * (9 * cin + cin * w)
         cin = w
-    assert C.count_flops(mob, abstract, SHAPE)["macs"] == total + 1024 * 10
+    assert counting.count_flops(mob, abstract, SHAPE)["macs"] == total + 1024 * 10
 
 
 def test_compact_stats_counts_the_compact_network():
@@ -500,7 +501,7 @@ def test_compact_stats_counts_the_compact_network():
     variables = trained_like(model)
     dead = {"layer1_0/conv1": range(8), "layer3_1/conv1": range(32)}
     masks = with_bn(model, variables["params"], channel_masks(variables["params"], dead))
-    stats = C.compact_stats(model, variables, masks, SHAPE)
+    stats = counting.compact_stats(model, variables, masks, SHAPE)
     blocks = [(8, 16)] + [(16, 16)] * 2 + [(32, 32)] * 3 + [(64, 64), (32, 64), (64, 64)]
     assert stats["compact_params"] == resnet_cifar_count(16, blocks)
     removed = 32 * 32 * 9 * (8 * 16 + 8 * 16) + 8 * 8 * 9 * (32 * 64 + 32 * 64)
@@ -523,7 +524,7 @@ def ticket(tmp_path_factory):
     variables = trained_like(model, seed=7)
     dead = {"layer1_1/conv1": range(12), "layer2_2/conv1": range(20)}
     masks = with_bn(model, variables["params"], channel_masks(variables["params"], dead))
-    masked = C.masked_variables(variables, masks)
+    masked = model_masks.masked_variables(variables, masks)
     tree = {**masked, "masks": masks}
     ckpt.save(root / "round_1" / "final", 3, tree, {"arch": "res20s", "dataset": "digits",
                                                     "num_classes": 10})
