@@ -10,12 +10,17 @@ The functional API, all pure functions on pytrees:
 - ``rsst_jax.nets``: the network registry (``get_net``, ``register_net``).
 - ``rsst_jax.data``: offline data sets and in-jit augmentation.
 - ``rsst_jax.train``: train state, optimizer, jit-compiled train and eval steps.
+- ``rsst_jax.model_masks``: what training reads off the model by running it: the stem,
+  conv/BatchNorm pairs, ``bn_masks``, ``merge_masks``, ``masked_variables``.
 - ``rsst_jax.compact(net, variables, masks)``: a physically narrower network computing the
-  same function (the module also holds ``bn_masks``, ``count_flops``, ``compact_stats``).
+  same function (the function; ``rsst_jax.channel_flow`` decides which channels go and
+  each ``rsst_jax.nets`` family registers its rebuilder).
+- ``rsst_jax.counting``: parameters, MACs and FLOPs (dense, masked, compact).
 - ``rsst_jax.lottery``: the iterative procedure behind ``python -m experiments.run``.
 """
 from rsst_jax import (  # noqa: F401
-    checkpoint, compact, config, criteria, data, masks, nets, regularizers, train)
+    checkpoint, config, counting, criteria, data, masks, model_masks, nets, regularizers, train)
+from rsst_jax.compact import compact  # noqa: F401  (the function: rsst_jax.compact(...))
 from rsst_jax.criteria import channel_scores, register_criterion  # noqa: F401
 from rsst_jax.masks import (  # noqa: F401
     apply_masks, channel_sparsity, density, filter_prune, init_masks, keep_pruned,

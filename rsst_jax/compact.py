@@ -2,6 +2,8 @@
 
 A masked network computes as many multiply-adds as the dense one; ``compact`` removes the
 pruned channels for real and returns a network of the same family with per-layer widths.
+The package exports the function: ``rsst_jax.compact(net, variables, masks)``; this
+module also holds ``model_from_description`` (reads back ``compact``'s description).
 
 How, without knowing any layer names:
 
@@ -21,8 +23,6 @@ Parameters and FLOPs of the result: ``rsst_jax.counting``. Equivalence holds in 
 from __future__ import annotations
 
 import dataclasses
-import sys
-import types
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -34,8 +34,6 @@ from flax.traverse_util import unflatten_dict
 from rsst_jax import masks as masks_lib
 from rsst_jax import nets
 from rsst_jax.channel_flow import channel_flow, decide_removal, zero_responses
-from rsst_jax.model_masks import (  # noqa: F401  (re-exported: their old home)
-    bn_masks, conv_bn_pairs, masked_variables, merge_masks, stem_kernel)
 
 __all__ = ["compact", "model_from_description"]
 
@@ -101,7 +99,8 @@ def compact(net_name_or_model, variables: dict, masks: PyTree, *, num_classes: O
       net_name_or_model: a registered arch name (then ``num_classes`` and optional
         ``net_kwargs`` build it) or the Flax module itself.
       variables: ``{'params': ..., 'batch_stats': ...}`` of the masked network.
-      masks: a weight mask tree (or one merged with ``bn_masks``); applied to ``params``.
+      masks: a weight mask tree (or one merged with ``model_masks.bn_masks``); applied to
+        ``params``.
       approximate: also remove pruned channels whose BatchNorm still adds a constant
         (not exact: measure the error against the masked network).
       sample_shape: one image's ``(H, W, C)``; default ``(32, 32, C_in of the stem)``.
@@ -111,8 +110,8 @@ def compact(net_name_or_model, variables: dict, masks: PyTree, *, num_classes: O
 
     Returns:
       ``(compact_model, compact_variables, description)``. In eval mode the compact
-      network's logits equal those of ``masked_variables(variables, masks)`` up to float
-      rounding (unless approximate removals happened: ``description['exact']``).
+      network's logits equal those of ``model_masks.masked_variables(variables, masks)``
+      up to float rounding (unless approximate removals happened: ``description['exact']``).
       ``description`` is JSON-able: family, arch, module attributes (per-layer widths),
       per conv/dense kernel its in/out widths and kept output channels (original indices),
       channel totals and the ops the channel analysis could not follow.
@@ -185,14 +184,3 @@ def compact(net_name_or_model, variables: dict, masks: PyTree, *, num_classes: O
         "unfollowed_ops": sorted(set(flow.opaque)),
     }
     return compact_model, compact_vars, description
-
-
-class _CallableModule(types.ModuleType):
-    """``rsst_jax.compact(net, variables, masks)`` calls ``compact``; the module's other
-    names (``bn_masks``, ``count_flops``, ...) stay reachable as attributes."""
-
-    def __call__(self, *args, **kwargs):
-        return compact(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
