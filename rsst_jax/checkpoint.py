@@ -14,6 +14,7 @@ Layout of ``save_dir``::
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -33,6 +34,49 @@ LAYOUT_VERSION = 1
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, corrupt or from another run/layout."""
+
+
+# --------------------------------------------------------------------------- orbax's event loops
+
+def _run_until_all_done(coro):
+    """Orbax's ``asyncio_utils._run_sync_via_new_loop``, closing the loop only once every
+    task on it has finished.
+
+    Orbax runs each save/restore in a fresh event loop and closes it as soon as the
+    top-level ``asyncio.gather`` returns; when one read fails the gather returns at once
+    while the other reads are still in flight in tensorstore. Their completion callbacks
+    then call ``loop.call_soon_threadsafe`` on the closed loop from tensorstore's threads,
+    each printing a ``RuntimeError: Event loop is closed`` traceback (at any time, often
+    at exit), and their tasks log ``Task exception was never retrieved``. Waiting for the
+    in-flight tasks (their errors collected, not raised), then one more turn of the loop
+    so that the callbacks of tasks that failed just before it stopped (gather's, which
+    mark their errors retrieved) run, removes both; a successful call has no task left.
+    """
+    loop = asyncio.new_event_loop()
+    try:
+        asyncio.set_event_loop(loop)
+        return loop.run_until_complete(coro)
+    finally:
+        try:
+            while True:
+                pending = asyncio.all_tasks(loop)
+                if pending:
+                    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+                loop.run_until_complete(asyncio.sleep(0))
+                if not asyncio.all_tasks(loop):
+                    break
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
+
+
+def _install_loop_fix() -> None:
+    from orbax.checkpoint._src import asyncio_utils
+    if callable(getattr(asyncio_utils, "_run_sync_via_new_loop", None)):
+        asyncio_utils._run_sync_via_new_loop = _run_until_all_done
+
+
+_install_loop_fix()
 
 
 def _abstract(tree):
