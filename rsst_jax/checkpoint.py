@@ -1,4 +1,4 @@
-"""Orbax checkpoints of a run: atomic writes, restore against a template, run layout.
+"""Orbax checkpoints of a run: atomic writes, verified restores, fallback to the last good one.
 
 Layout of ``save_dir``::
 
@@ -7,10 +7,18 @@ Layout of ``save_dir``::
     checkpoints/<n>/        resume checkpoints, one per finished epoch (n = epochs done
                             in the run); the newest two are kept, the older one is only
                             deleted after the newer one is committed
+    checkpoints/<n>.bad/    a checkpoint found unusable on resume, set aside (never read
+                            nor deleted again)
     round_<r>/final/<e>/    the round's final ticket
     round_<r>/best/<e>/     the round's best-validation weights
     log.jsonl               one line per epoch
     summary.json / .csv     one row per round
+
+A step holds ``state/`` (orbax's OCDBT database of the arrays) and ``meta/metadata``
+(JSON, with a crc32 of every array, written in the same atomic commit). Orbax reads only
+the arrays a restore asks for, and nothing in OCDBT or zarr/zstd checksums the bytes (a
+flipped byte inside a zstd block decodes to other numbers without an error), so every
+restore here compares what it read with those crc32s.
 """
 from __future__ import annotations
 
@@ -19,8 +27,11 @@ import json
 import logging
 import os
 import pathlib
+import re
 import shutil
-from typing import Any, Optional
+import sys
+import zlib
+from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
@@ -33,7 +44,12 @@ LAYOUT_VERSION = 1
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, corrupt or from another run/layout."""
+    """A checkpoint that is missing, corrupt or from another run/layout. ``reason`` is the
+    short cause (no path), for messages that name the checkpoint themselves."""
+
+    def __init__(self, message: str, reason: Optional[str] = None):
+        super().__init__(message)
+        self.reason = reason or message
 
 
 # --------------------------------------------------------------------------- orbax's event loops
@@ -79,15 +95,58 @@ def _install_loop_fix() -> None:
 _install_loop_fix()
 
 
-def _abstract(tree):
-    return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
+# --------------------------------------------------------------------------- arrays by name
+
+def _leaf_name(path) -> str:
+    """'state/params/conv1/kernel': the same for a template (dataclass fields, tuples) and
+    for orbax's own view of the stored tree (nested dicts)."""
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
 
 
-def _retree(template, restored):
-    """Give ``restored`` the exact pytree types of ``template`` (orbax returns tuples/dicts)."""
-    leaves = jax.tree_util.tree_leaves(restored)
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template), leaves)
+def _named_arrays(tree) -> dict[str, Any]:
+    """{name: leaf} for the leaves that have a shape and a dtype."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {_leaf_name(p): x for p, x in flat if hasattr(x, "shape") and hasattr(x, "dtype")}
 
+
+def _crc32(value) -> Optional[int]:
+    """crc32 of the array's bytes (C order), None for an array this process cannot see whole."""
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+        return None
+    a = np.ascontiguousarray(np.asarray(value))
+    return zlib.crc32(a.reshape(-1).view(np.uint8))
+
+
+def checksums(tree) -> dict[str, int]:
+    """{leaf name: crc32 of its bytes}: what ``save`` writes into the meta of a step."""
+    named = _named_arrays(jax.device_get(tree))
+    return {k: c for k, c in ((k, _crc32(v)) for k, v in named.items()) if c is not None}
+
+
+def _short(e: BaseException, within: Optional[pathlib.Path] = None) -> str:
+    """The first line of an exception, at most 160 characters, paths under ``within``
+    relative to it (orbax's messages run to pages; the tensorstore error one wraps says
+    more than its own first line; a tensorstore status code needs no class name)."""
+    while "See full TensorStore details" in str(e) and e.__cause__ is not None:
+        e = e.__cause__
+    lines = str(e).strip().splitlines()
+    text = lines[0].split(". See full TensorStore details")[0] if lines else ""
+    if within is not None:
+        text = text.replace(f"{within}{os.sep}", "").replace(str(within), ".")
+    if not re.match(r"[A-Z_]{4,}: ", text):
+        text = f"{e.__class__.__name__}: {text}" if text else e.__class__.__name__
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+# --------------------------------------------------------------------------- writing
 
 def save(directory: str | os.PathLike, step: int, tree: Any, meta: Optional[dict] = None,
          keep: int = 1) -> None:
@@ -99,7 +158,9 @@ def save(directory: str | os.PathLike, step: int, tree: Any, meta: Optional[dict
     the new one is committed (the new step and the ``keep - 1`` newest others stay), each
     renamed out of the step namespace first, so a kill during a deletion cannot leave a
     half-deleted step either. A step that already exists (a run killed after writing it
-    and resumed from an earlier checkpoint recomputes the same step) is replaced.
+    and resumed from an earlier checkpoint recomputes the same step) is replaced. The
+    meta also records a crc32 of every array, checked by every restore. Set-aside steps
+    (``<n>.bad``) are never touched.
     """
     directory = pathlib.Path(directory).absolute()
     _remove_trash(directory)
@@ -107,8 +168,8 @@ def save(directory: str | os.PathLike, step: int, tree: Any, meta: Optional[dict
         _discard(directory / str(step))
     options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True,
                                            enable_async_checkpointing=False)
+    meta = dict(meta or {}, layout_version=LAYOUT_VERSION, checksums=checksums(tree))
     with ocp.CheckpointManager(directory, options=options) as mgr:
-        meta = dict(meta or {}, layout_version=LAYOUT_VERSION)
         mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
                                                meta=ocp.args.JsonSave(meta)), force=True)
         mgr.wait_until_finished()
@@ -120,6 +181,7 @@ def save(directory: str | os.PathLike, step: int, tree: Any, meta: Optional[dict
 
 
 _TRASH_PREFIX = ".deleting-"
+_BAD_SUFFIX = ".bad"
 
 
 def _discard(path: pathlib.Path) -> None:
@@ -138,6 +200,20 @@ def _remove_trash(directory: pathlib.Path) -> None:
                 shutil.rmtree(child, ignore_errors=True)
 
 
+def set_aside(path: str | os.PathLike) -> pathlib.Path:
+    """Rename step directory ``path`` (``.../7``) to ``.../7.bad`` (``.../bad-7-<n>`` if
+    that is taken): out of the step namespace, so nothing reads, counts or deletes it
+    again; its files stay as they are. Returns the new path."""
+    path = pathlib.Path(path)
+    target, n = path.with_name(path.name + _BAD_SUFFIX), 1
+    while target.exists():
+        target, n = path.with_name(f"bad-{path.name}-{n}"), n + 1
+    os.rename(path, target)
+    return target
+
+
+# --------------------------------------------------------------------------- finding steps
+
 def is_committed(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a complete step: a plain number with ``meta`` and ``state``
     inside, committed (orbax writes ``commit_success.txt`` at commit; a step without
@@ -151,7 +227,8 @@ def is_committed(path: str | os.PathLike) -> bool:
 
 def steps(directory: str | os.PathLike) -> list[int]:
     """Committed steps under ``directory`` (sorted); [] if none. Temporary
-    (``*.orbax-checkpoint-tmp``), uncommitted and half-deleted directories never count."""
+    (``*.orbax-checkpoint-tmp``), uncommitted, half-deleted and set-aside directories
+    never count."""
     directory = pathlib.Path(directory)
     if not directory.is_dir():
         return []
@@ -163,38 +240,153 @@ def latest_step(directory) -> Optional[int]:
     return s[-1] if s else None
 
 
+def _damaged_steps(directory: pathlib.Path) -> list[int]:
+    """Steps orbax committed (``commit_success.txt``) that lost ``meta/`` or ``state/``
+    since: ``steps()`` skips them, a resume sets them aside."""
+    if not directory.is_dir():
+        return []
+    return [int(c.name) for c in directory.iterdir()
+            if c.name.isdigit() and (c / "commit_success.txt").is_file() and not is_committed(c)]
+
+
+# --------------------------------------------------------------------------- reading
+
+def _read_meta_file(path: pathlib.Path) -> dict:
+    """The meta of step directory ``path`` as saved (checksums included)."""
+    try:
+        meta = json.loads((path / "meta" / "metadata").read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} has no meta/metadata",
+                              "no meta/metadata") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint {path} is unreadable (meta/metadata: {_short(e)})",
+                              f"meta/metadata: {_short(e)}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint {path} is unreadable (meta/metadata is not a dict)",
+                              "meta/metadata is not a dict")
+    return meta
+
+
+def _public(meta: dict) -> dict:
+    return {k: v for k, v in meta.items() if k != "checksums"}
+
+
 def read_meta(directory, step: Optional[int] = None) -> dict:
+    """The meta saved with ``step`` (default newest), plus ``layout_version``."""
     directory = pathlib.Path(directory)
     step = latest_step(directory) if step is None else step
     if step is None:
         raise CheckpointError(f"no checkpoint in {directory}")
-    path = directory / str(step) / "meta" / "metadata"
+    return _public(_read_meta_file(directory / str(step)))
+
+
+def _problem_with_files(path: pathlib.Path) -> Optional[str]:
+    """What is missing or unreadable in step directory ``path`` besides the arrays."""
+    if not path.is_dir():
+        return "not a directory"
+    for sub in ("state", "meta"):
+        if not (path / sub).is_dir():
+            return f"no {sub}/ directory"
+    marker = path / "_CHECKPOINT_METADATA"
+    if (path / "commit_success.txt").exists():  # this orbax writes the marker before that
+        try:
+            json.loads(marker.read_text())
+        except FileNotFoundError:
+            return "no _CHECKPOINT_METADATA"
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            return f"_CHECKPOINT_METADATA: {_short(e)}"
+    return None
+
+
+def _layout_problem(template: dict[str, Any], stored: dict[str, Any], dtypes: bool) -> Optional[str]:
+    """How the arrays in a checkpoint differ from a template's, or None."""
+    missing = [k for k in template if k not in stored]
+    extra = [k for k in stored if k not in template]
+    more = lambda names: f" (and {len(names) - 1} more)" if len(names) > 1 else ""  # noqa: E731
+    if missing:
+        return f"no array {missing[0]}{more(missing)} in the checkpoint"
+    if extra:
+        return f"array {extra[0]}{more(extra)} in the checkpoint is not in the run's state"
+    for k, t in template.items():
+        s = stored[k]
+        if tuple(s.shape) != tuple(t.shape) or (dtypes and np.dtype(s.dtype) != np.dtype(t.dtype)):
+            return (f"{k} is {tuple(s.shape)} {np.dtype(s.dtype)} in the checkpoint, "
+                    f"{tuple(t.shape)} {np.dtype(t.dtype)} expected")
+    return None
+
+
+def _load(path: pathlib.Path, template: Any = None, *, exact_dtypes: bool = False
+          ) -> tuple[Any, dict]:
+    """(tree, meta as saved) of step directory ``path``, verified; raises CheckpointError
+    (one line, ``reason`` set) on anything missing, unreadable, of another layout, unlike
+    ``template`` (names, shapes; dtypes too with ``exact_dtypes``) or not matching its
+    checksums. Without a template the tree is nested dicts on this process's first device."""
+    def fail(reason: str):
+        raise CheckpointError(f"cannot restore {path}: {reason}", reason)
+
+    problem = _problem_with_files(path)
+    if problem:
+        fail(problem)
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"checkpoint {directory / str(step)} is unreadable ({e}); "
-                              f"delete it to fall back to the previous one") from None
+        meta = _read_meta_file(path)
+    except CheckpointError as e:
+        fail(e.reason)
+    if meta.get("layout_version") != LAYOUT_VERSION:
+        fail(f"layout version {meta.get('layout_version')}, this rsst-jax reads {LAYOUT_VERSION}")
+    handler = ocp.StandardCheckpointHandler()
+    try:
+        try:
+            stored = _named_arrays(handler.metadata(path / "state").tree)
+        except Exception as e:  # noqa: BLE001  orbax raises many types for a damaged tree
+            fail(f"cannot read its array metadata: {_short(e, path)}")
+        if template is not None:
+            problem = _layout_problem(_named_arrays(template), stored, exact_dtypes)
+            if problem:
+                fail(problem)
+            target = _abstract(template)
+        else:
+            # A target on this process's first device: a checkpoint written on another
+            # device count (a mesh run, RSST_JAX_CPU_DEVICES) restores here too.
+            on_one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            target = jax.tree_util.tree_map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=on_one)
+                if hasattr(m, "shape") else m, handler.metadata(path / "state").tree)
+        try:
+            tree = handler.restore(path / "state", args=ocp.args.StandardRestore(target))
+        except Exception as e:  # noqa: BLE001
+            fail(f"cannot read its arrays: {_short(e, path)}")
+    finally:
+        handler.close()
+    sums = meta.get("checksums") or {}  # none in checkpoints from before checksums
+    for name, value in _named_arrays(tree).items():
+        if name in sums and np.dtype(value.dtype) == np.dtype(stored[name].dtype):
+            crc = _crc32(value)
+            if crc is not None and crc != sums[name]:
+                fail(f"the data of {name} does not match its checksum")
+    if template is not None:
+        tree = _retree(template, tree)
+    return tree, meta
+
+
+def _abstract(tree):
+    return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def _retree(template, restored):
+    """Give ``restored`` the exact pytree types of ``template`` (orbax returns tuples/dicts)."""
+    leaves = jax.tree_util.tree_leaves(restored)
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template), leaves)
 
 
 def restore(directory, template: Any, step: Optional[int] = None) -> tuple[Any, dict]:
-    """Restore (tree, meta) of ``step`` (default newest) with the structure of ``template``."""
+    """Restore (tree, meta) of ``step`` (default newest) with the structure of ``template``
+    (a leaf whose dtype differs from the stored one is cast to the template's)."""
     directory = pathlib.Path(directory).absolute()
     step = latest_step(directory) if step is None else step
     if step is None:
         raise CheckpointError(f"no checkpoint in {directory}")
-    meta = read_meta(directory, step)
-    if meta.get("layout_version") != LAYOUT_VERSION:
-        raise CheckpointError(f"checkpoint {directory / str(step)} has layout version "
-                              f"{meta.get('layout_version')}, this rsst-jax reads {LAYOUT_VERSION}")
-    options = ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False)
-    try:
-        with ocp.CheckpointManager(directory, options=options) as mgr:
-            restored = mgr.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(_abstract(template))))
-    except Exception as e:  # orbax raises many types for corrupt/mismatched trees
-        raise CheckpointError(f"cannot restore {directory / str(step)}: "
-                              f"{e.__class__.__name__}: {str(e).splitlines()[0][:300]}") from None
-    return _retree(template, restored.state), meta
+    tree, meta = _load(directory / str(step), template)
+    return tree, _public(meta)
 
 
 def restore_raw(directory, step: Optional[int] = None) -> tuple[Any, dict]:
@@ -203,19 +395,47 @@ def restore_raw(directory, step: Optional[int] = None) -> tuple[Any, dict]:
     step = latest_step(directory) if step is None else step
     if step is None:
         raise CheckpointError(f"no checkpoint in {directory}")
-    meta = read_meta(directory, step)
-    ckptr = ocp.StandardCheckpointer()
-    try:
-        path = directory / str(step) / "state"
-        # A target on this process's first device: a checkpoint written on another
-        # device count (a mesh run, RSST_JAX_CPU_DEVICES) restores here too.
-        on_one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        stored = ckptr.metadata(path).item_metadata.tree
-        target = jax.tree_util.tree_map(
-            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=on_one)
-            if hasattr(m, "shape") else m, stored)
-        tree = ckptr.restore(path, target)
-    except Exception as e:
-        raise CheckpointError(f"cannot restore {directory / str(step)}: "
-                              f"{e.__class__.__name__}: {str(e).splitlines()[0][:300]}") from None
-    return jax.tree_util.tree_map(np.asarray, tree), meta
+    tree, meta = _load(directory / str(step))
+    return jax.tree_util.tree_map(np.asarray, tree), _public(meta)
+
+
+def restore_newest_good(directory, template: Any, *,
+                        check: Optional[Callable[[Any, dict], Optional[str]]] = None,
+                        log: Optional[Callable[[str], None]] = None) -> tuple[Any, dict, int]:
+    """(tree, meta, step) of the newest step under ``directory`` that restores, newest first.
+
+    A step is unusable when a file is missing or unreadable, its layout version is
+    another, its arrays differ from ``template`` in name, shape or dtype, its data does
+    not match the checksums written at save, or ``check(tree, meta)`` returns a reason
+    (a short string; None when the step is fine). An unusable step is set aside
+    (``set_aside``: renamed to ``<step>.bad``, nothing deleted) with one line to ``log``
+    (default: stderr), and the one before it is tried. Committed steps that lost
+    ``meta/`` or ``state/`` are set aside the same way. Raises CheckpointError (one line
+    naming every step tried) when none is usable, or there is none.
+    """
+    directory = pathlib.Path(directory).absolute()
+    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    candidates = sorted(set(steps(directory)) | set(_damaged_steps(directory)), reverse=True)
+    if not candidates:
+        raise CheckpointError(f"no checkpoint in {directory}")
+    tried = []
+    for i, step in enumerate(candidates):
+        path = directory / str(step)
+        try:
+            tree, meta = _load(path, template, exact_dtypes=True)
+            reason = check(tree, _public(meta)) if check is not None else None
+        except CheckpointError as e:
+            reason = e.reason
+        if not reason:
+            return tree, _public(meta), step
+        try:
+            where = f"set aside as {set_aside(path)}"
+        except OSError as e:
+            where = f"could not set it aside ({_short(e)})"
+        then = ", trying the previous one" if i + 1 < len(candidates) else ""
+        log(f"checkpoint {path} is unusable ({reason}); {where}{then}")
+        tried.append(f"{step} ({reason})")
+    raise CheckpointError(
+        f"no usable checkpoint in {directory}: tried {'; '.join(tried)}; each is set aside as "
+        f"<step>{_BAD_SUFFIX}. Start again without --resume in a new --save_dir, or put a good "
+        f"copy of a checkpoint back under {directory}")
