@@ -159,7 +159,8 @@ def test_no_usable_step_is_one_error_line_naming_every_step_tried(tmp_path):
     assert "\n" not in message and message.startswith(f"no usable checkpoint in {d}: tried 3 (")
     assert "; 2 (no meta/metadata)" in message and "without --resume" in message
     assert lines[0].endswith(f"set aside as {d / '3.bad'}, trying the previous one")
-    assert lines[1] == f"checkpoint {d / '2'} is unusable (no meta/metadata); set aside as {d / '2.bad'}"
+    assert lines[1] == (f"checkpoint {d / '2'} is unusable (no meta/metadata); "
+                        f"set aside as {d / '2.bad'}")
     assert ckpt.steps(d) == [] and {p.name for p in d.iterdir()} == {"2.bad", "3.bad"}
     with pytest.raises(ckpt.CheckpointError, match="^no checkpoint in "):
         ckpt.restore_newest_good(d, _template(), log=lines.append)
@@ -213,11 +214,15 @@ CHILD = textwrap.dedent(r"""
     from rsst_jax import checkpoint as ckpt
 
     root = pathlib.Path(sys.argv[1])
-    for i, corrupt in enumerate([t._random_data_files, t._truncate_data_file,
-                                 lambda s: [f.write_bytes(f.read_bytes()[:9]) for f in t._data_files(s)]]):
+    def truncate_all(step):
+        for f in t._data_files(step):
+            f.write_bytes(f.read_bytes()[:9])
+
+    for i, corrupt in enumerate([t._random_data_files, t._truncate_data_file, truncate_all]):
         d = root / str(i)
         for s in (1, 2):
-            ckpt.save(d, s, {f"a{k}": np.full((40, 40), s + k, np.float32) for k in range(12)}, keep=2)
+            tree = {f"a{k}": np.full((40, 40), s + k, np.float32) for k in range(12)}
+            ckpt.save(d, s, tree, keep=2)
         template = {f"a{k}": np.zeros((40, 40), np.float32) for k in range(12)}
         for s in (1, 2):
             corrupt(d / str(s))
@@ -236,7 +241,8 @@ CHILD = textwrap.dedent(r"""
 
 
 def test_failed_restores_print_no_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path), str(pathlib.Path(__file__).parent)],
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path),
+                           str(pathlib.Path(__file__).parent)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.rstrip().endswith("done")
