@@ -1,16 +1,24 @@
-"""Throughput of the train steps: ``python -m experiments.bench --arch res20s --batch_size 128``.
+"""Throughput of training: ``python -m experiments.bench --arch res20s --batch_size 128``.
 
-Measures, on random uint8 images of ``--image_shape`` held on the device:
-- compile time of the dense step and of the masked step (IMP, Refill and RSST share it);
-- steady-state step time (median over ``--steps`` steps after ``--warmup``) and images/s
-  for: ``dense`` (a plain optimizer chain: no masks, no penalty), ``imp`` (random 50%
-  weight masks), ``refill`` (channel masks, half the channels of each layer) and
-  ``rsst`` (weight masks + penalty targets, lambda > 0), with ratios to dense. The
-  variants run interleaved (one step of each in turn) so machine load hits them alike;
-- the fused chunk (``--fused_steps k`` steps as one ``lax.scan``, unrolled on CPU, a loop
-  on accelerators, or as ``--fused_form`` says) against k single steps;
+Measures, on generated uint8 images of ``--image_shape`` held on the device:
+
+- **steps**: compile time of the dense and the masked step (IMP, Refill and RSST share
+  it); median step time and images/s of ``dense`` (a plain optimizer: no masks, no
+  penalty), ``imp`` (random 50% weight masks), ``refill`` (half the channels of each
+  layer) and ``rsst`` (weight masks + penalty targets, lambda > 0), with ratios to
+  dense. The variants run interleaved so machine load hits them alike;
+- **epochs**: whole epochs of ``--train_size`` images through the machinery of
+  ``experiments.run`` (``rsst_jax.engine.Engine``: the in-step gather and augmentation,
+  fused chunks of the run's length with the remainder chunk, evaluation apart), fused
+  chunks against the step loop, and which of the two ``--fused auto`` takes;
+- **tickets** (``--num_seeds 1,4,8``): K RSST tickets trained as one program: epoch
+  images/s of all K together, and XLA's memory estimate of the program;
 - eval images/s, peak device memory where JAX reports it, and the device.
-``--json`` prints one JSON object instead of the table.
+
+``--epoch_table`` times only epochs, fused against the step loop, over every
+combination of the comma-separated ``--arch``, ``--batch_size`` and ``--image_shape``
+(shapes separated by ``:``): the table behind ``--fused auto`` in docs/performance.md.
+``--json`` prints one JSON object instead of the table. Exit 2 on bad input.
 """
 from __future__ import annotations
 
@@ -23,129 +31,349 @@ import sys
 import time
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m experiments.bench",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+def build_parser() -> argparse.ArgumentParser:
+    from experiments.cli import HelpFormatter
+    p = argparse.ArgumentParser(prog="python -m experiments.bench", formatter_class=HelpFormatter,
                                 description=__doc__.split("\n")[0])
-    p.add_argument("--arch", default="res20s")
-    p.add_argument("--batch_size", type=int, default=128)
-    p.add_argument("--image_shape", default="32,32,3", help="H,W,C")
-    p.add_argument("--num_classes", type=int, default=10)
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
-    p.add_argument("--accum_steps", type=int, default=1)
+    p.add_argument("--arch", default="res20s", help="network(s), comma-separated with "
+                   "--epoch_table (see rsst_jax.nets.available_nets())")
+    p.add_argument("--batch_size", default="128", help="training batch size (comma-separated "
+                   "with --epoch_table)")
+    p.add_argument("--image_shape", default="32,32,3", help="H,W,C of the generated images "
+                   "(several separated by ':' with --epoch_table, e.g. 32,32,1:32,32,3)")
+    p.add_argument("--num_classes", type=int, default=10, help="classes of the generated labels")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                   help="compute precision, as experiments.run --precision")
+    p.add_argument("--accum_steps", type=int, default=1, help="gradient accumulation "
+                   "micro-batches per step")
     p.add_argument("--steps", type=int, default=20, help="timed steps per variant")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant after compiling")
-    p.add_argument("--fused_steps", type=int, default=5,
-                   help="steps per fused chunk to compare with the step loop (0: skip)")
-    p.add_argument("--fused_reps", type=int, default=3, help="timed chunks (and step loops)")
-    p.add_argument("--fused_form", choices=("auto", "unrolled", "loop"), default="auto",
-                   help="the chunk as straight-line code or as a loop (auto: as a run does, "
-                        "unrolled on CPU, a loop on accelerators)")
-    p.add_argument("--eval_batch_size", type=int, default=500)
-    p.add_argument("--eval_reps", type=int, default=3)
-    p.add_argument("--variants", default="dense,imp,refill,rsst")
-    p.add_argument("--num_seeds", default="",
-                   help="comma-separated K: time the RSST step vmapped over K tickets (e.g. 1,4,8)")
-    p.add_argument("--seed_steps", type=int, default=3, help="timed steps per K")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant after "
+                   "compiling")
+    p.add_argument("--variants", default="dense,imp,refill,rsst", help="step variants to time "
+                   "(empty: none)")
+    p.add_argument("--train_size", type=int, default=1257, help="training images of the "
+                   "generated data set the epochs run over (1257: digits' size)")
+    p.add_argument("--epochs", type=int, default=2, help="timed epochs per fused setting "
+                   "(after one untimed epoch that compiles; 0: skip the epoch timing)")
+    p.add_argument("--fused_steps", type=int, default=None, help="steps per fused chunk (when "
+                   "not given: what a run uses, 8 on CPU, --print_freq 50 on accelerators)")
+    p.add_argument("--epoch_table", action="store_true", help="time only epochs, fused against "
+                   "the step loop, for every --arch x --image_shape x --batch_size")
+    p.add_argument("--eval_batch_size", type=int, default=500, help="evaluation batch size")
+    p.add_argument("--eval_reps", type=int, default=3, help="timed evaluation batches")
+    p.add_argument("--num_seeds", default="", help="comma-separated K: time epochs of K RSST "
+                   "tickets trained as one program (e.g. 1,4,8)")
     p.add_argument("--cpu_devices", type=int, default=None,
                    help="split the host CPU into this many XLA devices, data parallel "
-                        "(default: $RSST_JAX_CPU_DEVICES, else 1)")
-    p.add_argument("--seed", type=int, default=0)
+                        "(when not given: $RSST_JAX_CPU_DEVICES, else 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated data and weights")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    return p.parse_args(argv)
+    return p
+
+
+class BenchError(ValueError):
+    """Bad bench input; the message says what to change."""
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        out = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise BenchError(f"{flag} wants comma-separated integers, got {text!r}") from None
+    if not out or any(v < 1 for v in out):
+        raise BenchError(f"{flag} wants positive integers, got {text!r}")
+    return out
+
+
+def _shapes(text: str) -> list[tuple[int, int, int]]:
+    out = []
+    for part in str(text).split(":"):
+        try:
+            shape = tuple(int(v) for v in part.split(","))
+        except ValueError:
+            shape = ()
+        if len(shape) != 3 or min(shape) < 1:
+            raise BenchError(f"--image_shape wants H,W,C such as 32,32,3, got {part!r}")
+        out.append(shape)
+    return out
+
+
+def parse_args(argv=None):
+    """Parsed and checked arguments: lists in ``archs``, ``batch_sizes``, ``shapes``,
+    ``seed_counts``; BenchError (one line) on bad input."""
+    from experiments.cli import one_line_parse
+    from rsst_jax import nets
+    from rsst_jax.config import ConfigError
+    try:
+        args = one_line_parse(build_parser(), argv, "python -m experiments.bench")
+    except ConfigError as e:
+        raise BenchError(str(e)) from None
+    args.archs = [a for a in args.arch.split(",") if a]
+    for a in args.archs:
+        if a not in nets.available_nets():
+            raise BenchError(f"unknown --arch {a!r}; choose one of: "
+                             f"{', '.join(nets.available_nets())}")
+    args.batch_sizes = _ints(args.batch_size, "--batch_size")
+    args.shapes = _shapes(args.image_shape)
+    args.seed_counts = _ints(args.num_seeds, "--num_seeds") if args.num_seeds else []
+    for flag in ("steps", "train_size", "eval_batch_size", "eval_reps", "accum_steps",
+                 "num_classes"):
+        if getattr(args, flag) < 1:
+            raise BenchError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    for flag in ("warmup", "epochs"):
+        if getattr(args, flag) < 0:
+            raise BenchError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
+    if args.fused_steps is not None and args.fused_steps < 1:
+        raise BenchError(f"--fused_steps must be >= 1, got {args.fused_steps}")
+    if not args.epoch_table and (len(args.archs), len(args.batch_sizes), len(args.shapes)) != (1, 1, 1):
+        raise BenchError("several --arch, --batch_size or --image_shape values need --epoch_table")
+    for bs in args.batch_sizes:
+        if bs % args.accum_steps:
+            raise BenchError(f"--batch_size {bs} must be a multiple of --accum_steps "
+                             f"{args.accum_steps}")
+        if bs > args.train_size:
+            raise BenchError(f"--batch_size {bs} is larger than --train_size {args.train_size}")
+    unknown = set(v for v in args.variants.split(",") if v) - {"dense", "imp", "refill", "rsst"}
+    if unknown:
+        raise BenchError(f"unknown --variants {sorted(unknown)}; choose from dense, imp, "
+                         f"refill, rsst")
+    return args
 
 
 def _median_ms(times):
     return 1e3 * statistics.median(times)
 
 
+def generated_dataset(shape, n_train: int, num_classes: int, seed: int, n_eval: int = 270):
+    """Random uint8 images and labels with the splits of a real data set."""
+    import numpy as np
+
+    from rsst_jax import data as data_lib
+    rng = np.random.default_rng(seed)
+
+    def split(n):
+        return (rng.integers(0, 256, (n, *shape), dtype=np.uint8),
+                rng.integers(0, num_classes, (n,)).astype(np.int32))
+    (tx, ty), (vx, vy), (ex, ey) = split(n_train), split(n_eval), split(n_eval)
+    return data_lib.Dataset("generated", tx, ty, vx, vy, ex, ey, num_classes=num_classes,
+                            mean=(0.5,) * shape[-1], std=(0.25,) * shape[-1], flip=True)
+
+
+def bench_config(args, arch: str, batch_size: int, **overrides):
+    """The configuration a bench engine runs: an RSST round of 120 epochs (lambda > 0)."""
+    from rsst_jax import config as config_lib
+    values = dict(arch=arch, batch_size=batch_size, precision=args.precision,
+                  accum_steps=args.accum_steps, struct="rsst", epochs=120, warmup=1,
+                  RST_schedule="x", reg_granularity_prune=1e-3, update_reg_interval=1,
+                  eval_batch_size=args.eval_batch_size, fused_steps=args.fused_steps,
+                  save_dir="unused", seed=args.seed)
+    values.update(overrides)
+    return config_lib.validate(config_lib.Config.from_dict(values))
+
+
+def _epoch_state(engine, cfgs):
+    """Stacked states and RSST plans (random 50% weight masks, half the channels as S)."""
+    import jax
+
+    from rsst_jax import masks as masks_lib
+    from rsst_jax import rounds
+    states, plans = [], []
+    for k, cfg in enumerate(cfgs):
+        state = engine.fresh_state(cfg.run.resolved_seed + k)
+        full = rounds.initial_masks(engine.net, state.params, cfg.prune)
+        key = jax.random.PRNGKey(cfg.run.resolved_seed + k)
+        weight = masks_lib.random_prune(jax.random.fold_in(key, 1), full, 0.5)
+        plan = rounds.make_plan(engine.net, engine.param_shapes, cfg.prune, weight,
+                                half_channels(full, key), hyper=engine.hyper(cfg))
+        states.append(state.replace(params=masks_lib.apply_masks(state.params, plan.step.masks)))
+        plans.append(plan.step)
+    return rounds.stack(states), rounds.stack(plans)
+
+
+def half_channels(masks, key):
+    import jax
+    import jax.numpy as jnp
+    leaves, treedef = jax.tree_util.tree_flatten(masks, is_leaf=lambda x: x is None)
+    out = []
+    for i, m in enumerate(leaves):
+        if m is None:
+            out.append(None)
+            continue
+        keep = jax.random.bernoulli(jax.random.fold_in(key, 100 + i), 0.5, (m.shape[-1],))
+        out.append(jnp.broadcast_to(keep, m.shape))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def time_epochs(args, arch, batch_size, shape, fused: str, ds=None, num_seeds: int = 1) -> dict:
+    """Seconds per epoch of ``num_seeds`` tickets on the run's engine: one untimed epoch
+    (it compiles), then the median of ``--epochs`` timed ones."""
+    import jax
+
+    from rsst_jax import engine as engine_lib
+    ds = ds or generated_dataset(shape, args.train_size, args.num_classes, args.seed)
+    cfgs = [bench_config(args, arch, batch_size, fused=fused, seed=args.seed + k)
+            for k in range(num_seeds)]
+    eng = engine_lib.Engine(cfgs, dataset=ds)
+    states, plan = _epoch_state(eng, cfgs)
+    seeds = [c.run.resolved_seed for c in cfgs]
+    t0 = time.perf_counter()
+    states, m = eng.train_epoch(states, plan, eng.epoch_perms(seeds, 0, 0))
+    jax.block_until_ready(states)
+    first = time.perf_counter() - t0
+    if not m["finite"].all():
+        raise BenchError(f"{arch}: the loss became non-finite on the generated data; lower "
+                         f"--batch_size or check --precision")
+    times = []
+    for e in range(max(1, args.epochs)):
+        t0 = time.perf_counter()
+        states, _ = eng.train_epoch(states, plan, eng.epoch_perms(seeds, 0, e + 1))
+        jax.block_until_ready(states)
+        times.append(time.perf_counter() - t0)
+    out = {"fused": eng.fused, "fused_steps": eng.fused_steps, "steps": eng.steps_per_epoch,
+           "first_epoch_s": round(first, 2), "epoch_s": round(statistics.median(times), 3)}
+    if num_seeds > 1 or fused == "auto":
+        out["memory_mb"] = _program_memory(eng, states, plan, seeds)
+    return out
+
+
+def _program_memory(eng, states, plan, seeds):
+    """XLA's estimate of the train program's memory (arguments + outputs + temporaries)."""
+    import numpy as np
+
+    from rsst_jax import parallel
+    perms = eng.epoch_perms(seeds, 0, 0)
+    prog = eng.train_chunk if eng.fused else eng.train_step
+    idx = perms[:, :min(eng.fused_steps, perms.shape[1])] if eng.fused else perms[:, 0]
+    try:
+        a = prog.lower(states, eng.dev["train_x"], eng.dev["train_y"],
+                       parallel.shard_batch(np.asarray(idx), eng.mesh, idx.ndim - 1),
+                       plan).compile().memory_analysis()
+        total = a.argument_size_in_bytes + a.output_size_in_bytes + a.temp_size_in_bytes
+        return round(total / 2 ** 20, 1)
+    except Exception:  # not every backend reports it
+        return None
+
+
+def epoch_table(args) -> list[dict]:
+    """Seconds per epoch, fused against the step loop, and auto's choice, per combination."""
+    from rsst_jax import engine as engine_lib
+    rows = []
+    for arch in args.archs:
+        for shape in args.shapes:
+            ds = generated_dataset(shape, args.train_size, args.num_classes, args.seed)
+            for bs in args.batch_sizes:
+                off = time_epochs(args, arch, bs, shape, "off", ds)
+                on = time_epochs(args, arch, bs, shape, "on", ds)
+                auto = engine_lib.Engine([bench_config(args, arch, bs, fused="auto")],
+                                         dataset=ds).fused
+                best = min(off["epoch_s"], on["epoch_s"])
+                chosen = on["epoch_s"] if auto else off["epoch_s"]
+                rows.append({"arch": arch, "image_shape": list(shape), "batch_size": bs,
+                             "steps": on["steps"], "fused_steps": on["fused_steps"],
+                             "off_s": off["epoch_s"], "on_s": on["epoch_s"],
+                             "speedup": round(off["epoch_s"] / on["epoch_s"], 3),
+                             "auto": "on" if auto else "off",
+                             "auto_vs_best": round(chosen / best, 3)})
+    return rows
+
+
 def run(args) -> dict:
+    import jax
+
+    from rsst_jax import parallel
+    result = {"device": str(jax.devices()[0]), "platform": jax.default_backend(),
+              "device_kind": jax.devices()[0].device_kind, "device_count": jax.device_count(),
+              "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+              "host": platform.node(), "cpu_count": os.cpu_count(), "loadavg": _loadavg(),
+              "precision": args.precision, "train_size": args.train_size}
+    if args.epoch_table:
+        result["epoch_table"] = epoch_table(args)
+        return result
+    arch, bs, shape = args.archs[0], args.batch_sizes[0], args.shapes[0]
+    mesh = parallel.data_mesh(batch_size=bs // args.accum_steps)
+    result.update(arch=arch, batch_size=bs, image_shape=list(shape),
+                  num_classes=args.num_classes, accum_steps=args.accum_steps,
+                  mesh_devices=1 if mesh is None else mesh.size)
+    names = [v for v in args.variants.split(",") if v]
+    if names:
+        result.update(bench_steps(args, arch, bs, shape, mesh, names))
+    ds = generated_dataset(shape, args.train_size, args.num_classes, args.seed)
+    if args.epochs:
+        off = time_epochs(args, arch, bs, shape, "off", ds)
+        on = time_epochs(args, arch, bs, shape, "on", ds)
+        from rsst_jax import engine as engine_lib
+        auto = engine_lib.Engine([bench_config(args, arch, bs, fused="auto")], dataset=ds).fused
+        result["epochs"] = {"off": off, "on": on, "speedup": round(off["epoch_s"] / on["epoch_s"], 3),
+                            "auto": "on" if auto else "off"}
+    if args.seed_counts:
+        result["tickets"] = []
+        for k in args.seed_counts:
+            t = time_epochs(args, arch, bs, shape, "auto", ds, num_seeds=k)
+            t.update(num_seeds=k, images_per_s=round(k * t["steps"] * bs / t["epoch_s"], 1))
+            result["tickets"].append(t)
+    result["eval"] = bench_eval(args, arch, shape, mesh)
+    stats = jax.devices()[0].memory_stats()
+    result["peak_memory_mb"] = (round(stats["peak_bytes_in_use"] / 2**20, 1)
+                                if stats and "peak_bytes_in_use" in stats else None)
+    return result
+
+
+def bench_steps(args, arch, bs, shape, mesh, names) -> dict:
+    """Interleaved single steps of the dense, IMP, Refill and RSST variants."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from rsst_jax import counting
-    from rsst_jax import masks as masks_lib
-    from rsst_jax import nets, parallel, regularizers
+    from rsst_jax import counting, engine as engine_lib, masks as masks_lib, parallel, rounds
     from rsst_jax import train as train_lib
-
-    shape = tuple(int(s) for s in args.image_shape.split(","))
-    bs = args.batch_size
-    # As in a run: the batch split over all devices (CPU: the devices split_cpu made).
-    mesh = parallel.data_mesh(batch_size=bs // args.accum_steps)
-    batch_sh = None if mesh is None else parallel.batch_sharding(mesh)
-    dtype = jnp.bfloat16 if args.precision == "bf16" else jnp.float32
-    model = nets.get_net(args.arch, args.num_classes, dtype=dtype)
+    cfg = bench_config(args, arch, bs)
+    model = engine_lib.build_model(cfg.model, args.num_classes)
     rng = np.random.default_rng(args.seed)
-    n_train = bs * max(4, args.fused_steps)
-    data_x = jax.device_put(rng.integers(0, 256, (n_train, *shape), dtype=np.uint8))
-    data_y = jax.device_put(rng.integers(0, args.num_classes, (n_train,)).astype(np.int32))
-    data_x, data_y = parallel.replicate((data_x, data_y), mesh)
-    cfg = train_lib.StepConfig(flip=True, mean=(0.5,) * shape[-1], std=(0.25,) * shape[-1],
-                               accum_steps=args.accum_steps)
-    steps_per_epoch = 350
-    lr = train_lib.lr_schedule(0.01, steps_per_epoch, 1, (91, 136))
-    # Penalty schedule of a 120-epoch round; the bench runs at its start, lambda > 0 anyway.
-    reg = regularizers.lambda_schedule("x", total_steps=120 * steps_per_epoch,
-                                       steps_per_epoch=steps_per_epoch, update_interval=1,
-                                       granularity=1e-3)
-    opt = dict(optimizer="sgd", lr=lr, momentum=0.9, weight_decay=1e-4)
-    tx_dense = train_lib.make_optimizer(**opt, masked=False)
-    tx_masked = train_lib.make_optimizer(**opt, reg_schedule=reg)
-
+    n_train = bs * 4
+    data_x = rng.integers(0, 256, (n_train, *shape), dtype=np.uint8)
+    data_y = rng.integers(0, args.num_classes, (n_train,)).astype(np.int32)
+    data_x, data_y = parallel.replicate((jax.device_put(data_x), jax.device_put(data_y)), mesh)
+    step_cfg = train_lib.StepConfig(flip=True, mean=(0.5,) * shape[-1], std=(0.25,) * shape[-1],
+                                    accum_steps=args.accum_steps)
+    schedules = train_lib.Schedules(350, 120 * 350, 1, (91, 136), reg_interval=1)
+    opt = dict(optimizer="sgd", momentum=0.9, weight_decay=1e-4)
+    tx = {"dense": train_lib.make_optimizer(**opt, masked=False),
+          "masked": train_lib.make_optimizer(**opt)}
     key = jax.random.PRNGKey(args.seed)
-    base = train_lib.create_train_state(model, tx_masked, key, shape)
+    base = train_lib.create_train_state(model, tx["masked"], key, shape)
     full = masks_lib.init_masks(base.params)
-    weight_masks = masks_lib.random_prune(jax.random.fold_in(key, 1), full, 0.5)
-
-    def half_channels(m, k):
-        keep = jax.random.bernoulli(k, 0.5, (m.shape[-1],))
-        return jnp.broadcast_to(keep, m.shape)
-    leaves, treedef = jax.tree_util.tree_flatten(full, is_leaf=lambda x: x is None)
-    channel_masks = jax.tree_util.tree_unflatten(treedef, [
-        None if m is None else half_channels(m, jax.random.fold_in(key, 100 + i))
-        for i, m in enumerate(leaves)])
-    no_targets = jax.tree_util.tree_map(lambda m: None if m is None else jnp.zeros_like(m),
-                                        full, is_leaf=lambda x: x is None)
-    variants = {  # name -> (optimizer, masks, targets)
-        "dense": (tx_dense, None, None),
-        "imp": (tx_masked, weight_masks, no_targets),
-        "refill": (tx_masked, channel_masks, no_targets),
-        "rsst": (tx_masked, weight_masks, masks_lib.rsst_targets(weight_masks, channel_masks)),
-    }
-    names = [v for v in args.variants.split(",") if v]
-    unknown = set(names) - set(variants)
-    if unknown:
-        raise SystemExit(f"unknown --variants {sorted(unknown)}; choose from {list(variants)}")
-
-    scale = jnp.float32(1.0)
-    compiled, compile_s, states = {}, {}, {}
+    weight = masks_lib.random_prune(jax.random.fold_in(key, 1), full, 0.5)
+    channel = half_channels(full, key)
+    hyper = train_lib.Hyper.make(0.01, "x", 1e-3)
+    variants = {"dense": ("dense", None, None), "imp": ("masked", weight, rounds.no_targets(full)),
+                "refill": ("masked", channel, rounds.no_targets(full)),
+                "rsst": ("masked", weight, masks_lib.rsst_targets(weight, channel))}
+    sharding = None if mesh is None else parallel.batch_sharding(mesh)
+    programs, compile_s, states, plans = {}, {}, {}, {}
+    idx = parallel.shard_batch(np.arange(bs, dtype=np.int32)[None], mesh, 1)
     for name in names:
-        tx, m, t = variants[name]
+        prog, m, t = variants[name]
         params = base.params if m is None else masks_lib.apply_masks(base.params, m)
-        # Own buffers per variant: each step donates its state.
-        states[name] = parallel.replicate(jax.tree_util.tree_map(jnp.copy, train_lib.TrainState(
+        states[name] = parallel.replicate(rounds.stack([train_lib.TrainState(
             step=base.step, params=params, batch_stats=base.batch_stats,
-            opt_state=tx.init(params), rng=base.rng)), mesh)
-        variants[name] = (tx, *parallel.replicate((m, t), mesh))
-        m, t = variants[name][1:]
-        prog = "dense" if tx is tx_dense else "masked"
-        if prog not in compiled:
-            step = parallel.jit_step(train_lib.make_train_step(model, tx, cfg,
-                                                               batch_sharding=batch_sh), mesh)
+            opt_state=tx[prog].init(params), rng=base.rng)]), mesh)
+        plans[name] = parallel.replicate(rounds.stack([train_lib.Plan(
+            masks=m, targets=t, reg_scale=jnp.float32(1.0), hyper=hyper)]), mesh)
+        if prog not in programs:
+            step = train_lib.gather_step(train_lib.make_train_step(
+                model, tx[prog], step_cfg, schedules, batch_sharding=sharding))
+            jitted = parallel.jit_train(train_lib.over_tickets(step, 1), mesh, batch_axis=1)
             t0 = time.perf_counter()
-            idx = parallel.shard_batch(np.arange(bs, dtype=np.int32), mesh)
-            compiled[prog] = step.lower(states[name], data_x, data_y, idx, m, t, scale).compile()
+            programs[prog] = jitted.lower(states[name], data_x, data_y, idx,
+                                          plans[name]).compile()
             compile_s[prog] = time.perf_counter() - t0
-
-    perm = [parallel.shard_batch(np.asarray(jax.random.permutation(
-        jax.random.fold_in(key, 7 + i), n_train)[:bs]).astype(np.int32), mesh) for i in range(4)]
+    perms = [parallel.shard_batch(rng.permutation(n_train)[:bs].astype(np.int32)[None], mesh, 1)
+             for _ in range(4)]
 
     def one_step(name, i):
-        tx, m, t = variants[name]
-        prog = compiled["dense" if tx is tx_dense else "masked"]
+        prog = programs[variants[name][0]]
         t0 = time.perf_counter()
-        states[name], metrics = prog(states[name], data_x, data_y, perm[i % 4], m, t, scale)
+        states[name], metrics = prog(states[name], data_x, data_y, perms[i % 4], plans[name])
         jax.block_until_ready((states[name], metrics))
         return time.perf_counter() - t0, metrics
 
@@ -157,161 +385,51 @@ def run(args) -> dict:
         for name in names:
             dt, metrics = one_step(name, i)
             times[name].append(dt)
-            if not bool(metrics["finite"]):
-                raise SystemExit(f"{name}: non-finite loss at timed step {i}")
-
-    result = {
-        "arch": args.arch, "batch_size": bs, "image_shape": list(shape),
-        "num_classes": args.num_classes, "precision": args.precision,
-        "accum_steps": args.accum_steps, "steps": args.steps,
-        "device": str(jax.devices()[0]), "platform": jax.default_backend(),
-        "device_kind": jax.devices()[0].device_kind, "device_count": jax.device_count(),
-        "mesh_devices": 1 if mesh is None else mesh.size,
-        "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "host": platform.node(), "cpu_count": os.cpu_count(),
-        "loadavg": _loadavg(),
-        "compile_s": {k: round(v, 2) for k, v in compile_s.items()},
-        "step_ms": {}, "images_per_s": {}, "ratio_to_dense": {},
-    }
+            if not bool(np.asarray(metrics["finite"]).all()):
+                raise BenchError(f"{name}: the loss became non-finite at timed step {i}; lower "
+                                 f"--batch_size or check --precision")
+    out = {"compile_s": {k: round(v, 2) for k, v in compile_s.items()}, "steps": args.steps,
+           "step_ms": {}, "images_per_s": {}, "ratio_to_dense": {}}
     for name in names:
-        ms = _median_ms(times[name])
-        result["step_ms"][name] = round(ms, 2)
-        result["images_per_s"][name] = round(bs / ms * 1e3, 1)
+        out["step_ms"][name] = round(_median_ms(times[name]), 2)
+        out["images_per_s"][name] = round(bs / out["step_ms"][name] * 1e3, 1)
     if "dense" in names:
         for name in names:
-            result["ratio_to_dense"][name] = round(result["step_ms"][name]
-                                                   / result["step_ms"]["dense"], 3)
-
+            out["ratio_to_dense"][name] = round(out["step_ms"][name] / out["step_ms"]["dense"], 3)
     n_dev = 1 if mesh is None else mesh.size  # XLA counts one device's share of the program
-    flops = {prog: None if counting.xla_flops(c) is None else counting.xla_flops(c) * n_dev
-             for prog, c in compiled.items()}
-    result["gflop_per_step"] = {k: None if v is None else float(f"{v / 1e9:.4g}")
-                                for k, v in flops.items()}
-    result["achieved_tflop_s"] = {
-        name: (None if flops["dense" if variants[name][0] is tx_dense else "masked"] is None else
-               round(flops["dense" if variants[name][0] is tx_dense else "masked"]
-                     / (result["step_ms"][name] / 1e3) / 1e12, 4)) for name in names}
-    if args.fused_steps > 0:
-        result["fused"] = _bench_fused(args, model, variants, compiled, states, cfg, data_x,
-                                       data_y, n_train, key, mesh)
-    if args.num_seeds:
-        result["seeds"] = _bench_seeds(args, model, variants, cfg, data_x, data_y, n_train, key,
-                                       shape)
-    result["eval"] = _bench_eval(args, model, cfg, states, names, shape, mesh)
-    stats = jax.devices()[0].memory_stats()
-    result["peak_memory_mb"] = (round(stats["peak_bytes_in_use"] / 2**20, 1)
-                                if stats and "peak_bytes_in_use" in stats else None)
-    return result
-
-
-def _bench_fused(args, model, variants, compiled, states, cfg, data_x, data_y, n_train, key,
-                 mesh):
-    """k single steps against one k-step ``lax.scan`` chunk (the RSST program)."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from rsst_jax import parallel
-    from rsst_jax import train as train_lib
-
-    k, bs = args.fused_steps, args.batch_size
-    name = "rsst" if "rsst" in states else next(iter(states))
-    tx, m, t = variants[name]
-    prog = compiled["masked" if m is not None else "dense"]
-    batch_sh = None if mesh is None else parallel.batch_sharding(mesh)
-    unroll = {"auto": train_lib.fused_unroll(), "unrolled": True, "loop": 1}[args.fused_form]
-    chunk = parallel.jit_chunk(train_lib.make_epoch_fn(
-        train_lib.make_train_step(model, tx, cfg, batch_sharding=batch_sh), unroll=unroll), mesh)
-    scale = jnp.float32(1.0)
-    perm = np.asarray(jax.random.permutation(jax.random.fold_in(key, 99), n_train)[: k * bs])
-    perm = perm.reshape(k, bs).astype(np.int32)
-    rows = [parallel.shard_batch(perm[b], mesh) for b in range(k)]
-    perm = parallel.shard_batch(perm, mesh, 1)
-    state = states[name]
-    t0 = time.perf_counter()
-    chunk = chunk.lower(state, data_x, data_y, perm, m, t, scale).compile()
-    compile_s = time.perf_counter() - t0
-    state, _ = chunk(state, data_x, data_y, perm, m, t, scale)  # warm-up
-    jax.block_until_ready(state)
-    loop_t, fused_t = [], []
-    for _ in range(args.fused_reps):
-        t0 = time.perf_counter()
-        for b in range(k):
-            state, metrics = prog(state, data_x, data_y, rows[b], m, t, scale)
-        jax.block_until_ready((state, metrics))
-        loop_t.append((time.perf_counter() - t0) / k)
-        t0 = time.perf_counter()
-        state, metrics = chunk(state, data_x, data_y, perm, m, t, scale)
-        jax.block_until_ready((state, metrics))
-        fused_t.append((time.perf_counter() - t0) / k)
-    states[name] = state
-    loop_ms, fused_ms = _median_ms(loop_t), _median_ms(fused_t)
-    return {"variant": name, "fused_steps": k, "form": "unrolled" if unroll is True else "loop",
-            "compile_s": round(compile_s, 2),
-            "loop_step_ms": round(loop_ms, 2), "fused_step_ms": round(fused_ms, 2),
-            "speedup": round(loop_ms / fused_ms, 3)}
-
-
-def _bench_seeds(args, model, variants, cfg, data_x, data_y, n_train, key, shape):
-    """The RSST step vmapped over K independent tickets (own weights, masks, batches)."""
-    import jax
-    import jax.numpy as jnp
-
-    from rsst_jax import train as train_lib
-
-    bs = args.batch_size
-    tx, m, t = variants["rsst"]
-    # One device: the K tickets are the parallelism here.
-    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    data_x, data_y, m, t = jax.device_put((data_x, data_y, m, t), one)
-    step = train_lib.make_multi_seed_step(train_lib.make_train_step(model, tx, cfg))
-    out = []
-    for k in (int(v) for v in args.num_seeds.split(",") if v):
-        stack = lambda tree: jax.tree_util.tree_map(  # noqa: E731
-            lambda x: None if x is None else jnp.stack([x] * k), tree, is_leaf=lambda x: x is None)
-        states = jax.vmap(lambda kk: train_lib.create_train_state(model, tx, kk, shape))(
-            jax.random.split(key, k))
-        masks, targets = stack(m), stack(t)
-        perms = jnp.stack([jax.random.permutation(jax.random.fold_in(key, 300 + i), n_train)[:bs]
-                           for i in range(k)]).astype(jnp.int32)
-        scale = jnp.ones((k,), jnp.float32)
-        jitted = jax.jit(step, donate_argnums=(0,))
-        t0 = time.perf_counter()
-        compiled = jitted.lower(states, data_x, data_y, perms, masks, targets, scale).compile()
-        compile_s = time.perf_counter() - t0
-        states, _ = compiled(states, data_x, data_y, perms, masks, targets, scale)
-        jax.block_until_ready(states)
-        times = []
-        for _ in range(args.seed_steps):
-            t0 = time.perf_counter()
-            states, metrics = compiled(states, data_x, data_y, perms, masks, targets, scale)
-            jax.block_until_ready((states, metrics))
-            times.append(time.perf_counter() - t0)
-        ms = _median_ms(times)
-        out.append({"num_seeds": k, "step_ms": round(ms, 2), "compile_s": round(compile_s, 2),
-                    "images_per_s": round(k * bs / ms * 1e3, 1)})
+    flops = {p: None if counting.xla_flops(c) is None else counting.xla_flops(c) * n_dev
+             for p, c in programs.items()}
+    out["gflop_per_step"] = {k: None if v is None else float(f"{v / 1e9:.4g}")
+                             for k, v in flops.items()}
+    out["achieved_tflop_s"] = {
+        name: None if flops[variants[name][0]] is None else
+        round(flops[variants[name][0]] / (out["step_ms"][name] / 1e3) / 1e12, 4)
+        for name in names}
     return out
 
 
-def _bench_eval(args, model, cfg, states, names, shape, mesh):
+def bench_eval(args, arch, shape, mesh) -> dict:
     import jax
     import numpy as np
 
-    from rsst_jax import parallel
+    from rsst_jax import engine as engine_lib, parallel
     from rsst_jax import train as train_lib
-
+    cfg = bench_config(args, arch, args.batch_sizes[0])
+    model = engine_lib.build_model(cfg.model, args.num_classes)
     ebs = args.eval_batch_size
-    eval_step = parallel.jit_eval(train_lib.make_eval_step(model, cfg), mesh, ebs)
-    state = states[names[0]]
+    step_cfg = train_lib.StepConfig(flip=True, mean=(0.5,) * shape[-1], std=(0.25,) * shape[-1])
+    eval_step = parallel.jit_eval(train_lib.make_eval_step(model, step_cfg), mesh, ebs)
+    variables = model.init(jax.random.PRNGKey(args.seed), np.zeros((1, *shape), np.float32),
+                           train=False)
     rng = np.random.default_rng(args.seed + 1)
     x = jax.device_put(rng.integers(0, 256, (ebs, *shape), dtype=np.uint8))
     y = jax.device_put(rng.integers(0, args.num_classes, (ebs,)).astype(np.int32))
     valid = jax.device_put(np.ones((ebs,), bool))
-    jax.block_until_ready(eval_step(state.variables, x, y, valid))
+    jax.block_until_ready(eval_step(variables, x, y, valid))
     times = []
     for _ in range(args.eval_reps):
         t0 = time.perf_counter()
-        jax.block_until_ready(eval_step(state.variables, x, y, valid))
+        jax.block_until_ready(eval_step(variables, x, y, valid))
         times.append(time.perf_counter() - t0)
     ms = _median_ms(times)
     return {"batch_size": ebs, "batch_ms": round(ms, 2), "images_per_s": round(ebs / ms * 1e3, 1)}
@@ -325,31 +443,45 @@ def _loadavg():
 
 
 def format_table(r: dict) -> str:
-    lines = [f"device {r['device']} ({r['platform']}, {r['device_count']} device(s), batch "
-             f"split over {r['mesh_devices']}), jax "
-             f"{r['jax']}, load average {r['loadavg']}",
-             f"{r['arch']} batch {r['batch_size']} images {tuple(r['image_shape'])} "
-             f"{r['num_classes']} classes, {r['precision']}"
-             + (f", accum_steps {r['accum_steps']}" if r["accum_steps"] > 1 else ""),
-             "compile: " + ", ".join(f"{k} {v:.1f} s" for k, v in r["compile_s"].items()),
-             f"{'step':<8}{'ms/step':>10}{'images/s':>11}{'vs dense':>10}"]
-    for name, ms in r["step_ms"].items():
-        ratio = r["ratio_to_dense"].get(name)
-        lines.append(f"{name:<8}{ms:>10.1f}{r['images_per_s'][name]:>11.1f}"
-                     f"{'' if ratio is None else f'{ratio:.3f}':>10}")
-    gf = r.get("gflop_per_step", {})
-    if any(v is not None for v in gf.values()):
-        lines.append("XLA flop count per step: " + ", ".join(f"{k} {v} GFLOP" for k, v in gf.items())
-                     + "; achieved " + ", ".join(f"{k} {v} TFLOP/s" for k, v in
-                                                r["achieved_tflop_s"].items() if v is not None))
-    if "fused" in r:
-        f = r["fused"]
-        lines.append(f"fused {f['variant']} chunk of {f['fused_steps']} steps ({f['form']}): "
-                     f"{f['fused_step_ms']:.1f} ms/step vs step loop {f['loop_step_ms']:.1f} "
-                     f"ms/step: speedup {f['speedup']:.3f}x (compile {f['compile_s']:.1f} s)")
-    for row in r.get("seeds", []):
-        lines.append(f"rsst x {row['num_seeds']} tickets (vmap): {row['step_ms']:.1f} ms/step, "
-                     f"{row['images_per_s']:.1f} images/s (compile {row['compile_s']:.1f} s)")
+    lines = [f"device {r['device']} ({r['platform']}, {r['device_count']} device(s)), jax "
+             f"{r['jax']}, load average {r['loadavg']}"]
+    if "epoch_table" in r:
+        lines.append(f"seconds per epoch of {r['train_size']} generated images, {r['precision']}"
+                     f" (fused chunks against the step loop; auto: what --fused auto runs)")
+        lines.append(f"{'arch':<10}{'images':>10}{'batch':>7}{'steps':>7}{'off s':>9}"
+                     f"{'fused s':>9}{'speedup':>9}{'auto':>6}{'auto/best':>10}")
+        for row in r["epoch_table"]:
+            lines.append(f"{row['arch']:<10}{'x'.join(map(str, row['image_shape'])):>10}"
+                         f"{row['batch_size']:>7}{row['steps']:>7}{row['off_s']:>9.2f}"
+                         f"{row['on_s']:>9.2f}{row['speedup']:>9.3f}{row['auto']:>6}"
+                         f"{row['auto_vs_best']:>10.3f}")
+        return "\n".join(lines)
+    lines.append(f"{r['arch']} batch {r['batch_size']} (split over {r['mesh_devices']} "
+                 f"device(s)) images {tuple(r['image_shape'])} {r['num_classes']} classes, "
+                 f"{r['precision']}"
+                 + (f", accum_steps {r['accum_steps']}" if r["accum_steps"] > 1 else ""))
+    if "step_ms" in r:
+        lines.append("compile: " + ", ".join(f"{k} {v:.1f} s" for k, v in r["compile_s"].items()))
+        lines.append(f"{'step':<8}{'ms/step':>10}{'images/s':>11}{'vs dense':>10}")
+        for name, ms in r["step_ms"].items():
+            ratio = r["ratio_to_dense"].get(name)
+            lines.append(f"{name:<8}{ms:>10.1f}{r['images_per_s'][name]:>11.1f}"
+                         f"{'' if ratio is None else f'{ratio:.3f}':>10}")
+        gf = r.get("gflop_per_step", {})
+        if any(v is not None for v in gf.values()):
+            lines.append("XLA flop count per step: " + ", ".join(
+                f"{k} {v} GFLOP" for k, v in gf.items()) + "; achieved " + ", ".join(
+                f"{k} {v} TFLOP/s" for k, v in r["achieved_tflop_s"].items() if v is not None))
+    if "epochs" in r:
+        e = r["epochs"]
+        lines.append(f"epoch of {r['train_size']} images ({e['on']['steps']} steps, rsst): step "
+                     f"loop {e['off']['epoch_s']:.2f} s, fused chunks of "
+                     f"{e['on']['fused_steps']} {e['on']['epoch_s']:.2f} s: speedup "
+                     f"{e['speedup']:.3f}x; --fused auto runs {e['auto']}")
+    for row in r.get("tickets", []):
+        mem = "" if row.get("memory_mb") is None else f", program memory {row['memory_mb']} MiB"
+        lines.append(f"rsst x {row['num_seeds']} tickets as one program: {row['epoch_s']:.2f} s "
+                     f"per epoch, {row['images_per_s']:.1f} images/s in all{mem}")
     e = r["eval"]
     lines.append(f"eval batch {e['batch_size']}: {e['batch_ms']:.1f} ms, "
                  f"{e['images_per_s']:.1f} images/s")
@@ -359,10 +491,20 @@ def format_table(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+    except BenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     from rsst_jax import parallel
     parallel.split_cpu(args.cpu_devices)  # before any JAX operation
-    result = run(args)
+    try:
+        result = run(args)
+    except BenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(result) if args.json else format_table(result))
     return 0
 

@@ -127,7 +127,7 @@ def plot_lambda(run: runs_lib.Run, path: pathlib.Path) -> bool:
         # Rounds of one run share the schedule, so their lines coincide: vary the style.
         style = dict(linestyle=styles[k % len(styles)], marker=markers[k % len(markers)],
                      markersize=4 + 2 * ((len(by_round) - 1 - k) % 3))
-        epochs = [row["epoch"] + 1 for row in rows]
+        epochs = [row["epoch"] for row in rows]  # from 1, as on the screen
         for ax, (key, _, _) in zip(axes, panels):
             ys = [row.get(key) for row in rows]
             ax.plot(epochs, ys, color=color, label=f"round {r}", **style)

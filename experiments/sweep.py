@@ -69,9 +69,9 @@ class Cell:
 
 
 def _run_parser():
-    from rsst_jax import config as config_lib
+    from experiments import cli
 
-    return config_lib.build_parser()
+    return cli.run_parser()
 
 
 def _actions(parser) -> dict:
@@ -206,13 +206,14 @@ def resolve(cell: Cell):
     import contextlib
     import io
 
+    from experiments import cli
     from rsst_jax import config as config_lib
 
     argv = cell.argv + ["--save_dir", str(cell.path)]
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
-            return config_lib.validate(config_lib.parse_args(argv))
+            return cli.parse_run_args(argv)
     except SystemExit:  # argparse printed "usage ... error: ..."
         lines = [l for l in err.getvalue().splitlines() if l.strip()]
         text = lines[-1].split(": error: ", 1)[-1] if lines else "bad flags"
@@ -234,7 +235,7 @@ def classify(cell: Cell, cfg) -> None:
             saved = json.loads(saved_path.read_text())
         except json.JSONDecodeError:
             saved = {}
-        listed = config_lib.semantic_diffs(saved, dict(cfg.to_dict(), seed=cfg.resolved_seed),
+        listed = config_lib.semantic_diffs(saved, dict(cfg.to_dict(), seed=cfg.run.resolved_seed),
                                            limit=4)
         if listed:
             cell.status = "stale"
@@ -246,7 +247,7 @@ def classify(cell: Cell, cfg) -> None:
         rows = len(run.summary)
     except runs_lib.RunDirError:
         rows = 0
-    if rows >= cfg.pruning_times:
+    if rows >= cfg.prune.pruning_times:
         cell.status = "done"
     elif (cell.path / "checkpoints").is_dir() and any((cell.path / "checkpoints").iterdir()):
         cell.status = "partial"

@@ -16,7 +16,8 @@ The functional API, all pure functions on pytrees:
   same function (the function; ``rsst_jax.channel_flow`` decides which channels go and
   each ``rsst_jax.nets`` family registers its rebuilder).
 - ``rsst_jax.counting``: parameters, MACs and FLOPs (dense, masked, compact).
-- ``rsst_jax.lottery``: the iterative procedure behind ``python -m experiments.run``.
+- ``rsst_jax.rounds``: the procedure's rounds as pure functions (prune, structure, plan).
+- ``rsst_jax.driver``: ``run(configs)``, the loop behind ``python -m experiments.run``.
 """
 from rsst_jax import (  # noqa: F401
     checkpoint, config, counting, criteria, data, masks, model_masks, nets, regularizers, train)

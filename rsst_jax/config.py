@@ -1,146 +1,91 @@
-"""Run configuration: one dataclass from which the command line is generated.
+"""Run configuration: typed groups of plain values, nothing else.
 
-Flag names and defaults follow the PyTorch reference's ``main_imp_fillback.py``
-(SPEC section 4); the flags it lacks are marked "new" in their help text.
+A :class:`Config` is six frozen groups, each a dataclass whose field names are the
+command-line flags (the PyTorch reference's ``main_imp_fillback.py`` names, SPEC
+section 4): :class:`DataConfig`, :class:`ModelConfig`, :class:`OptimConfig`,
+:class:`PruneConfig`, :class:`RSSTConfig` and :class:`RunConfig`. Saved and replayed
+as one flat mapping (``config.json``, ``--config`` files): ``to_dict``/``from_dict``.
+
+The command line (argparse, help texts, the flag table) lives in ``experiments/cli.py``;
+the enumerations (schedules, criteria, scopes, methods, networks, data sets) belong to
+the modules that implement them and :func:`validate` reads them from there. Nothing here
+touches the file system.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
-import os
-import pathlib
 import re
-from typing import Any, Optional
-
-STRUCTS = ("none", "refill", "rsst")
-PRUNE_TYPES = ("lt", "pt", "rewind_lt")
-PRUNE_SCOPES = ("global", "layerwise")
-PRUNE_METHODS = ("magnitude", "random", "filter")
-CRITERIA = ("remain", "magnitude", "l1", "l2", "saliency", "hessian")
-SCHEDULES = ("x", "x^2", "x^3", "exp", "exp_custom", "exp_custom_exponents")
-OPTIMIZERS = ("sgd", "adam", "adamw")
-PRECISIONS = ("fp32", "bf16")
+from typing import Any, Mapping, Optional
 
 
 class ConfigError(ValueError):
     """A flag or config value that cannot work; the message says what to change."""
 
 
-def _f(default, help, *, choices=None, flag_type=None, new=False):
-    meta = {"help": ("(new) " if new else "") + help}
-    if choices is not None:
-        meta["choices"] = choices
-    if flag_type is not None:
-        meta["type"] = flag_type
-    return dataclasses.field(default=default, metadata=meta)
+# --------------------------------------------------------------------------- groups
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    data: Optional[str] = None          # directory (None: the data set's usual place)
+    dataset: str = "cifar100"
 
 
-@dataclasses.dataclass
-class Config:
-    # --- data and model
-    data: Optional[str] = _f(None, "data directory (default: the data set's usual place; "
-                             "fashion_mnist: /usr/share/datasets/fashion-mnist, cifar: ./data)",
-                             flag_type=str)
-    dataset: str = _f("cifar100", "data set: digits (bundled, always works), fashion_mnist, "
-                      "cifar10, cifar100, tiny-imagenet")
-    arch: str = _f("res20s", "network (see rsst_jax.nets.available_nets())")
-    shortcut: str = _f("A", "CIFAR ResNet shortcut: A (parameter-free) or B (1x1 conv + BN)",
-                       choices=("A", "B"), new=True)
-    seed: Optional[int] = _f(None, "random seed (None means 0)", flag_type=int)
-    # --- run directory
-    save_dir: str = _f("results", "directory for checkpoints, logs and summaries")
-    resume: bool = _f(False, "continue the run in --save_dir from its newest checkpoint")
-    checkpoint: Optional[str] = _f(None, "checkpoint directory to resume from "
-                                   "(default: the newest one in --save_dir)", flag_type=str)
-    init: Optional[str] = _f(None, "initialization W0: loaded if it exists, else written there "
-                             "(default: SAVE_DIR/init)", flag_type=str)
-    # --- optimization
-    batch_size: int = _f(128, "training batch size")
-    lr: float = _f(0.01, "initial learning rate")
-    momentum: float = _f(0.9, "SGD momentum")
-    weight_decay: float = _f(1e-4, "weight decay, coupled (added to the gradient as PyTorch SGD does)")
-    epochs: int = _f(120, "epochs per round")
-    warmup: int = _f(20, "linear per-step learning-rate warm-up, in epochs")
-    print_freq: int = _f(50, "steps between progress-bar refreshes")
-    decreasing_lr: str = _f("91,136", "epochs at which the learning rate is multiplied by 0.1")
-    optimizer: str = _f("sgd", "optimizer (adam/adamw often suit fine-tuning with lr 0.001)",
-                        choices=OPTIMIZERS, new=True)
-    eval_batch_size: int = _f(500, "evaluation batch size", new=True)
-    # --- pruning
-    pruning_times: int = _f(20, "rounds of training; 1 is plain dense training")
-    rate: float = _f(0.2, "fraction of the remaining prunable weights removed after each round")
-    prune_type: str = _f("lt", "rewinding: lt (to W0), rewind_lt (to epoch --rewind_epoch of "
-                         "round 0), pt (to --pretrained)", choices=PRUNE_TYPES)
-    pretrained: Optional[str] = _f(None, "pretrained weights for --prune_type pt (orbax checkpoint)",
-                                   flag_type=str)
-    conv1: bool = _f(False, "also prune the stem convolution")
-    fc: bool = _f(False, "also prune dense (classifier) kernels")
-    prune_fc: bool = _f(False, "same as --fc", new=True)
-    rewind_epoch: int = _f(24, "epoch of round 0 whose weights are the rewind point (rewind_lt)")
-    prune_scope: str = _f("global", "rank weights over all layers or within each layer",
-                          choices=PRUNE_SCOPES, new=True)
-    prune_method: str = _f("magnitude", "magnitude (IMP), random (baseline) or filter "
-                           "(structured L1 filter pruning)", choices=PRUNE_METHODS, new=True)
-    rate_schedule: str = _f("", "comma-separated multipliers of --rate per prune step "
-                            "(the last one repeats), e.g. 1,1,0.5", new=True)
-    layer_rates: str = _f("", "per-layer multipliers of --rate, REGEX=MULT,... over parameter "
-                          "paths, e.g. layer1=0.5,layer3=1.5 (implies layerwise ranking)", new=True)
-    # --- structure (Refill / RSST)
-    struct: str = _f("rsst", "none (IMP), refill or rsst", choices=STRUCTS)
-    fillback_rate: float = _f(0.0, "Refill+: fraction of the pruned channels given back")
-    criteria: str = _f("l1", "channel criterion: remain, magnitude, l1, l2, saliency, hessian, "
-                       "or any name registered with rsst_jax.criteria.register_criterion")
-    criteria_batches: int = _f(1, "training batches used for activation-based criteria", new=True)
-    hessian_samples: int = _f(8, "Hutchinson probes for --criteria hessian", new=True)
-    mask_bn: Optional[bool] = _f(None, "channel masks also zero and freeze the following "
-                                 "BatchNorm (default: on for refill/rsst)", new=True)
-    # --- RSST regularization
-    block_loss_grad: bool = _f(False, "drop the loss gradient of penalized weights")
-    RST_schedule: str = _f("exp_custom_exponents", "penalty schedule lambda(t)", choices=SCHEDULES)
-    reg_granularity_prune: float = _f(1.0, "penalty scale g")
-    exponents: float = _f(4.0, "exponent of exp_custom_exponents")
-    reg_upper_limit: Optional[float] = _f(None, "cap on lambda", flag_type=float, new=True)
-    update_reg_interval: Optional[int] = _f(None, "steps between penalty updates for the x, x^k "
-                                            "and exp schedules (default: one epoch)",
-                                            flag_type=int, new=True)
-    reg_progress: str = _f("round", "progress p runs over the round, or restarts every epoch "
-                           "as in the reference", choices=("round", "epoch"), new=True)
-    reg_adaptive: bool = _f(False, "halve lambda while validation accuracy < --target_acc", new=True)
-    target_acc: Optional[float] = _f(None, "target validation accuracy (%) for --reg_adaptive",
-                                     flag_type=float, new=True)
-    # --- extras
-    distill: bool = _f(False, "distil from the dense round-0 network in later rounds", new=True)
-    kd_alpha: float = _f(0.5, "weight of the distillation loss", new=True)
-    kd_temperature: float = _f(4.0, "distillation temperature", new=True)
-    accum_steps: int = _f(1, "gradient accumulation micro-batches per step", new=True)
-    precision: str = _f("fp32", "compute precision: bf16 computes in bfloat16 with float32 "
-                        "weights, optimizer state and BatchNorm statistics", choices=PRECISIONS,
-                        new=True)
-    fused: str = _f("auto", "run --fused_steps steps at a time as one compiled program "
-                    "(lax.scan; on CPU unrolled, where XLA runs convolution gradients inside a "
-                    "loop far slower): on, off, or auto (= on)", choices=("auto", "on", "off"),
-                    new=True)
-    fused_steps: Optional[int] = _f(None, "steps per fused chunk; the progress bar advances per "
-                                    "chunk (default: --print_freq on GPU/TPU, 8 on CPU, where "
-                                    "compile time grows with it)", flag_type=int, new=True)
-    num_seeds: int = _f(1, "train this many tickets (seeds --seed, --seed+1, ...) together as "
-                        "one vmapped program, each written to SAVE_DIR/seed_<s>/", new=True)
-    nan_policy: str = _f("stop", "on a NaN/Inf loss: stop the round, or skip the batch",
-                         choices=("stop", "skip"), new=True)
-    config: Optional[str] = _f(None, "YAML or TOML file supplying any flag; command-line "
-                               "flags override it", flag_type=str, new=True)
-    dry_run: bool = _f(False, "check everything, print the plan and exit", new=True)
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "res20s"
+    shortcut: str = "A"                 # CIFAR ResNets: A (padding) or B (1x1 conv + BN)
+    precision: str = "fp32"             # compute dtype; weights and statistics stay fp32
 
-    # ---------------------------------------------------------------- derived
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    batch_size: int = 128
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4          # coupled for sgd/adam, as PyTorch
+    epochs: int = 120                   # per round
+    warmup: int = 20                    # epochs of linear per-step warm-up
+    decreasing_lr: str = "91,136"       # epochs where lr *= 0.1
+    optimizer: str = "sgd"
+    eval_batch_size: int = 500
+    accum_steps: int = 1
+    distill: bool = False               # distil from the dense round-0 network
+    kd_alpha: float = 0.5
+    kd_temperature: float = 4.0
+
     @property
     def milestones(self) -> tuple[int, ...]:
         return parse_int_list(self.decreasing_lr, "--decreasing_lr")
 
+
+@dataclasses.dataclass(frozen=True)
+class PruneConfig:
+    pruning_times: int = 20             # rounds; 1 = dense training only
+    rate: float = 0.2
+    prune_type: str = "lt"              # rewind to W0, to --rewind_epoch, or to --pretrained
+    pretrained: Optional[str] = None
+    conv1: bool = False                 # prune the stem convolution too
+    fc: bool = False                    # the reference's "rewind fc": no effect on pruning
+    prune_fc: bool = False              # prune dense (classifier) kernels too
+    rewind_epoch: int = 24
+    prune_scope: str = "global"
+    prune_method: str = "magnitude"
+    rate_schedule: str = ""             # multipliers of rate per prune step
+    layer_rates: str = ""               # REGEX=MULT,...
+    struct: str = "rsst"
+    fillback_rate: float = 0.0
+    criteria: str = "l1"
+    criteria_batches: int = 1
+    hessian_samples: int = 8
+    mask_bn: Optional[bool] = None      # None: on for refill/rsst
+    score_after_prune: bool = False     # channel scores from the pruned, not the trained, weights
+
     @property
     def prune_dense(self) -> bool:
-        return self.fc or self.prune_fc
+        """Whether dense kernels are prunable: ``--prune_fc`` only (the reference's
+        ``--fc`` is about rewinding the classifier and never prunes it)."""
+        return self.prune_fc
 
     @property
     def use_mask_bn(self) -> bool:
@@ -159,14 +104,107 @@ class Config:
         return parse_layer_rates(self.layer_rates)
 
     @property
+    def scope(self) -> str:
+        """The ranking scope used: per-layer rates imply a layerwise ranking."""
+        return "layerwise" if self.layer_rate_map else self.prune_scope
+
+
+@dataclasses.dataclass(frozen=True)
+class RSSTConfig:
+    block_loss_grad: bool = False
+    RST_schedule: str = "exp_custom_exponents"
+    reg_granularity_prune: float = 1.0
+    exponents: float = 4.0
+    reg_upper_limit: Optional[float] = None
+    update_reg_interval: Optional[int] = None
+    reg_progress: str = "round"
+    reg_adaptive: bool = False
+    target_acc: Optional[float] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    seed: Optional[int] = None          # None means 0
+    save_dir: str = "results"
+    resume: bool = False
+    checkpoint: Optional[str] = None
+    init: Optional[str] = None
+    print_freq: int = 50
+    fused: str = "auto"
+    fused_steps: Optional[int] = None
+    num_seeds: int = 1
+    nan_policy: str = "stop"
+    config: Optional[str] = None        # the --config file this came from
+    dry_run: bool = False
+
+    @property
     def resolved_seed(self) -> int:
         return 0 if self.seed is None else self.seed
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
-    def replace(self, **kw) -> "Config":
-        return dataclasses.replace(self, **kw)
+GROUPS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig,
+          "prune": PruneConfig, "rsst": RSSTConfig, "run": RunConfig}
+
+# Flag order of --help and of the README's flag table (the reference's order first).
+FLAG_ORDER = (
+    "data", "dataset", "arch", "shortcut", "seed", "save_dir", "resume", "checkpoint", "init",
+    "batch_size", "lr", "momentum", "weight_decay", "epochs", "warmup", "print_freq",
+    "decreasing_lr", "optimizer", "eval_batch_size", "pruning_times", "rate", "prune_type",
+    "pretrained", "conv1", "fc", "prune_fc", "rewind_epoch", "prune_scope", "prune_method",
+    "rate_schedule", "layer_rates", "struct", "fillback_rate", "criteria", "criteria_batches",
+    "hessian_samples", "mask_bn", "score_after_prune", "block_loss_grad", "RST_schedule",
+    "reg_granularity_prune", "exponents", "reg_upper_limit", "update_reg_interval",
+    "reg_progress", "reg_adaptive", "target_acc", "distill", "kd_alpha", "kd_temperature",
+    "accum_steps", "precision", "fused", "fused_steps", "num_seeds", "nan_policy", "config",
+    "dry_run")
+
+# flag name -> group attribute
+GROUP_OF = {f.name: g for g, cls in GROUPS.items() for f in dataclasses.fields(cls)}
+assert set(GROUP_OF) == set(FLAG_ORDER) and len(GROUP_OF) == len(FLAG_ORDER)
+
+
+def field_of(name: str) -> dataclasses.Field:
+    """The dataclass field of flag ``name`` (type, default)."""
+    return next(f for f in dataclasses.fields(GROUPS[GROUP_OF[name]]) if f.name == name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One run's configuration, grouped; ``cfg.optim.lr``, ``cfg.prune.struct``, ..."""
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    prune: PruneConfig = dataclasses.field(default_factory=PruneConfig)
+    rsst: RSSTConfig = dataclasses.field(default_factory=RSSTConfig)
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "Config":
+        """A Config from a flat mapping of flag names (missing ones take their default);
+        ConfigError on unknown names."""
+        unknown = sorted(set(values) - set(GROUP_OF))
+        if unknown:
+            raise ConfigError(f"unknown settings {', '.join(unknown)} "
+                              f"(see python -m experiments.run --help)")
+        return cls().replace(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat mapping of every flag, in ``FLAG_ORDER`` (what config.json holds)."""
+        return {name: getattr(getattr(self, GROUP_OF[name]), name) for name in FLAG_ORDER}
+
+    def replace(self, **values) -> "Config":
+        """A copy with the flags named in ``values`` changed (flat names)."""
+        by_group: dict[str, dict] = {}
+        for name, value in values.items():
+            if name not in GROUP_OF:
+                raise ConfigError(f"unknown setting {name!r}")
+            by_group.setdefault(GROUP_OF[name], {})[name] = value
+        return dataclasses.replace(self, **{g: dataclasses.replace(getattr(self, g), **kw)
+                                            for g, kw in by_group.items()})
+
+    def get(self, name: str) -> Any:
+        """The value of flag ``name``."""
+        return getattr(getattr(self, GROUP_OF[name]), name)
 
 
 # Fields that do not change what a run computes, so a resumed run may differ in them.
@@ -176,10 +214,16 @@ NON_SEMANTIC = ("resume", "checkpoint", "print_freq", "dry_run", "config", "save
 
 def semantic_diffs(saved: dict, now: dict, limit: int = 5) -> str:
     """'--k saved (now new), ...' for the semantic fields where ``now`` differs from the
-    ``saved`` config dict (fields ``saved`` lacks are skipped); '' when they agree."""
-    diffs = [k for k, v in now.items() if k not in NON_SEMANTIC and k in saved and saved[k] != v]
-    return ", ".join(f"--{k} {saved[k]!r} (now {now[k]!r})" for k in diffs[:limit])
+    ``saved`` config dict; fields ``saved`` lacks count as their default (a run written
+    before the field existed); '' when they agree."""
+    def before(k):
+        return saved[k] if k in saved else field_of(k).default
+    diffs = [k for k, v in now.items() if k not in NON_SEMANTIC and k in GROUP_OF
+             and before(k) != v]
+    return ", ".join(f"--{k} {before(k)!r} (now {now[k]!r})" for k in diffs[:limit])
 
+
+# --------------------------------------------------------------------------- parsing values
 
 def parse_int_list(text: str, flag: str) -> tuple[int, ...]:
     try:
@@ -210,88 +254,25 @@ def parse_layer_rates(text: str) -> dict[str, float]:
     return out
 
 
-def _bool_flag(parser, name, default, help):
-    if default is None or default is True:
-        parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=default,
-                            help=help)
-    else:
-        parser.add_argument(f"--{name}", action="store_true", default=False, help=help)
+def choices() -> dict[str, tuple[str, ...]]:
+    """The allowed values of every enumerated flag, read from the modules that own them."""
+    from rsst_jax import criteria, data, masks, nets, regularizers, rounds, train
+    from rsst_jax.nets import resnet_cifar
+    return {"dataset": tuple(data.DATASETS), "arch": tuple(nets.available_nets()),
+            "shortcut": tuple(resnet_cifar.SHORTCUTS), "precision": tuple(train.PRECISIONS),
+            "optimizer": tuple(train.OPTIMIZERS), "prune_type": tuple(rounds.PRUNE_TYPES),
+            "prune_scope": tuple(masks.SCOPES), "prune_method": tuple(masks.PRUNE_METHODS),
+            "struct": tuple(rounds.STRUCTS), "criteria": tuple(criteria.available_criteria()),
+            "RST_schedule": tuple(regularizers.SCHEDULES),
+            "reg_progress": tuple(regularizers.PROGRESS), "fused": tuple(train.FUSED_MODES),
+            "nan_policy": tuple(train.NAN_POLICIES)}
 
 
-def build_parser(prog: str = "python -m experiments.run") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Find structurally sparse lottery tickets: IMP, Refill and RSST rounds. "
-                    "Quick start: --dataset digits.",
-        epilog="Environment: RSST_JAX_CACHE=DIR|off keeps compiled programs (default "
-               "~/.cache/rsst_jax/jax); RSST_JAX_CPU_DEVICES=N splits the host CPU into N "
-               "devices and trains data parallel over them (CPU only, opt-in). Exit codes: "
-               "0 done, 2 bad input, 3 training diverged. Details: README.md and docs/.")
-    for field in dataclasses.fields(Config):
-        meta = dict(field.metadata)
-        help_text = meta.pop("help").replace("%", "%%")  # argparse formats help with %
-        if field.type in ("bool", "Optional[bool]"):
-            _bool_flag(parser, field.name, field.default, help_text)
-            continue
-        flag_type = meta.pop("type", None) or type(field.default)
-        parser.add_argument(f"--{field.name}", type=flag_type, default=field.default,
-                            help=help_text, **meta)
-    return parser
-
-
-def load_config_file(path: str) -> dict[str, Any]:
-    """Read a YAML or TOML file of flag values; unknown keys are an error."""
-    p = pathlib.Path(path)
-    if not p.is_file():
-        raise ConfigError(f"--config {path}: no such file")
-    text = p.read_text()
-    try:
-        if p.suffix.lower() == ".toml":
-            try:
-                import tomllib
-            except ImportError:  # Python 3.10
-                import tomli as tomllib
-            values = tomllib.loads(text)
-        elif p.suffix.lower() == ".json":
-            values = json.loads(text)
-        else:
-            import yaml
-            values = yaml.safe_load(text) or {}
-    except Exception as e:  # parser errors differ per format; the message names the file
-        raise ConfigError(f"--config {path}: cannot parse it ({e.__class__.__name__}: {e})") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"--config {path}: expected a mapping of flag names to values")
-    known = {f.name for f in dataclasses.fields(Config)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"--config {path}: unknown keys {', '.join(unknown)} "
-                          f"(see python -m experiments.run --help)")
-    return values
-
-
-def parse_args(argv=None) -> Config:
-    """Command line (and --config file) -> Config. Command-line flags override the file."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    values = vars(args)
-    if args.config:
-        file_values = load_config_file(args.config)
-        # The flags given on the command line, even those equal to their default.
-        probe = build_parser()
-        for action in probe._actions:
-            action.default = argparse.SUPPRESS
-        explicit = set(vars(probe.parse_args(argv)))
-        for key, value in file_values.items():
-            if key not in explicit:
-                values[key] = value
-    cfg = Config(**values)
-    return cfg
-
-
-def _checked_value(field: dataclasses.Field, value: Any) -> Any:
-    """``value`` as the type of ``field`` (values from --config files arrive untyped);
+def _checked_value(name: str, value: Any, allowed: Optional[tuple]) -> Any:
+    """``value`` as the type of flag ``name`` (values from --config files arrive untyped);
     ConfigError when it cannot be one."""
-    flag, kind = f"--{field.name}", str(field.type)
+    field = field_of(name)
+    flag, kind = f"--{name}", str(field.type)
     if value is None and kind.startswith("Optional"):
         return None
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -309,9 +290,10 @@ def _checked_value(field: dataclasses.Field, value: Any) -> Any:
         ok, out, want = isinstance(value, str) or number, str(value), "a string"
     if not ok:
         raise ConfigError(f"{flag} must be {want}, got {value!r}")
-    choices = field.metadata.get("choices")
-    if choices is not None and out not in choices:
-        raise ConfigError(f"{flag} must be one of {', '.join(choices)}, got {out!r}")
+    if allowed is not None and out not in allowed:
+        if name in ("dataset", "arch", "criteria"):  # registries: users add their own
+            raise ConfigError(f"unknown {flag} {out!r}; choose one of: {', '.join(allowed)}")
+        raise ConfigError(f"{flag} must be one of {', '.join(allowed)}, got {out!r}")
     return out
 
 
@@ -323,130 +305,100 @@ def validate(cfg: Config) -> Config:
     """Check every value and combination before any compute; raise ConfigError.
 
     Returns the config with values from a --config file converted to the field types.
+    Pure: nothing here looks at the file system (see ``experiments.cli``).
     """
-    from rsst_jax import data as data_lib
-    from rsst_jax import nets
-
     def need(cond, msg):
         if not cond:
             raise ConfigError(msg)
 
-    cfg = dataclasses.replace(cfg, **{f.name: _checked_value(f, getattr(cfg, f.name))
-                                      for f in dataclasses.fields(Config)})
+    allowed = choices()
+    flat = {name: _checked_value(name, value, allowed.get(name))
+            for name, value in cfg.to_dict().items()}
+    cfg = Config.from_dict(flat)
+    d, m, o, p, s, r = cfg.data, cfg.model, cfg.optim, cfg.prune, cfg.rsst, cfg.run
     for name in _FINITE:
-        value = getattr(cfg, name)
+        value = flat[name]
         need(value is None or math.isfinite(value), f"--{name} must be a finite number, got {value}")
-    need(cfg.seed is None or 0 <= cfg.seed < 2 ** 32, f"--seed must be in [0, 2**32), got {cfg.seed}")
-    for f in dataclasses.fields(Config):  # counts end up in int32 arrays
-        value = getattr(cfg, f.name)
-        need(f.name == "seed" or not isinstance(value, int) or abs(value) < 2 ** 31,
-             f"--{f.name} {value} is out of range")
-    need(cfg.pruning_times <= 1000, f"--pruning_times must be <= 1000, got {cfg.pruning_times}")
-    need(cfg.save_dir.strip() != "", "--save_dir must name a directory")
-    need(cfg.dataset in data_lib.DATASETS,
-         f"unknown --dataset {cfg.dataset!r}; choose one of: {', '.join(data_lib.DATASETS)}")
-    from rsst_jax import criteria as criteria_lib
-    need(cfg.criteria in criteria_lib.available_criteria(),
-         f"unknown --criteria {cfg.criteria!r}; choose one of: "
-         f"{', '.join(criteria_lib.available_criteria())}")
-    need(cfg.arch in nets.available_nets(),
-         f"unknown --arch {cfg.arch!r}; choose one of: {', '.join(nets.available_nets())}")
-    need(cfg.shortcut == "A" or "shortcut" in nets.net_options(cfg.arch),
-         f"--shortcut applies to the CIFAR ResNets (res20s ... res110s), not to {cfg.arch}")
-    need(0.0 <= cfg.rate < 1.0, f"--rate must be in [0, 1), got {cfg.rate}")
-    need(0.0 <= cfg.fillback_rate <= 1.0, f"--fillback_rate must be in [0, 1], got {cfg.fillback_rate}")
-    need(cfg.batch_size >= 1, f"--batch_size must be >= 1, got {cfg.batch_size}")
-    need(cfg.eval_batch_size >= 1, f"--eval_batch_size must be >= 1, got {cfg.eval_batch_size}")
-    need(cfg.epochs >= 1, f"--epochs must be >= 1, got {cfg.epochs}")
-    need(cfg.warmup >= 0, f"--warmup must be >= 0, got {cfg.warmup}")
-    need(cfg.pruning_times >= 1, f"--pruning_times must be >= 1 (1 = dense training only), "
-         f"got {cfg.pruning_times}")
-    need(cfg.lr > 0 and math.isfinite(cfg.lr), f"--lr must be a positive number, got {cfg.lr}")
-    need(0.0 <= cfg.momentum < 1.0, f"--momentum must be in [0, 1), got {cfg.momentum}")
-    need(cfg.weight_decay >= 0, f"--weight_decay must be >= 0, got {cfg.weight_decay}")
-    need(cfg.print_freq >= 1, f"--print_freq must be >= 1, got {cfg.print_freq}")
-    milestones = cfg.milestones
-    need(all(m > 0 for m in milestones), f"--decreasing_lr epochs must be positive: {cfg.decreasing_lr}")
-    mults = cfg.rate_multipliers
-    need(all(0 <= cfg.rate * m < 1 for m in mults),
-         f"--rate_schedule multipliers times --rate must stay in [0, 1): {cfg.rate_schedule}")
-    cfg.layer_rate_map  # parses or raises
-    if cfg.prune_type == "rewind_lt":
-        need(0 <= cfg.rewind_epoch < cfg.epochs,
-             f"--rewind_epoch {cfg.rewind_epoch} must be below --epochs {cfg.epochs} "
+    need(r.seed is None or 0 <= r.seed < 2 ** 32, f"--seed must be in [0, 2**32), got {r.seed}")
+    for name, value in flat.items():  # counts end up in int32 arrays
+        need(name == "seed" or not isinstance(value, int) or abs(value) < 2 ** 31,
+             f"--{name} {value} is out of range")
+    need(p.pruning_times <= 1000, f"--pruning_times must be <= 1000, got {p.pruning_times}")
+    need(r.save_dir.strip() != "", "--save_dir must name a directory")
+    from rsst_jax import nets
+    need(m.shortcut == "A" or "shortcut" in nets.net_options(m.arch),
+         f"--shortcut applies to the CIFAR ResNets (res20s ... res110s), not to {m.arch}")
+    need(0.0 <= p.rate < 1.0, f"--rate must be in [0, 1), got {p.rate}")
+    need(0.0 <= p.fillback_rate <= 1.0, f"--fillback_rate must be in [0, 1], got {p.fillback_rate}")
+    need(o.batch_size >= 1, f"--batch_size must be >= 1, got {o.batch_size}")
+    need(o.eval_batch_size >= 1, f"--eval_batch_size must be >= 1, got {o.eval_batch_size}")
+    need(o.epochs >= 1, f"--epochs must be >= 1, got {o.epochs}")
+    need(o.warmup >= 0, f"--warmup must be >= 0, got {o.warmup}")
+    need(p.pruning_times >= 1, f"--pruning_times must be >= 1 (1 = dense training only), "
+         f"got {p.pruning_times}")
+    need(o.lr > 0, f"--lr must be a positive number, got {o.lr}")
+    need(0.0 <= o.momentum < 1.0, f"--momentum must be in [0, 1), got {o.momentum}")
+    need(o.weight_decay >= 0, f"--weight_decay must be >= 0, got {o.weight_decay}")
+    need(r.print_freq >= 1, f"--print_freq must be >= 1, got {r.print_freq}")
+    need(all(ms > 0 for ms in o.milestones),
+         f"--decreasing_lr epochs must be positive: {o.decreasing_lr}")
+    mults = p.rate_multipliers
+    need(all(0 <= p.rate * mult < 1 for mult in mults),
+         f"--rate_schedule multipliers times --rate must stay in [0, 1): {p.rate_schedule}")
+    p.layer_rate_map  # parses or raises
+    if p.prune_type == "rewind_lt":
+        need(0 <= p.rewind_epoch < o.epochs,
+             f"--rewind_epoch {p.rewind_epoch} must be below --epochs {o.epochs} "
              f"for --prune_type rewind_lt")
-    if cfg.prune_type == "pt":
-        need(cfg.pretrained is not None, "--prune_type pt needs --pretrained CHECKPOINT")
-        need(os.path.exists(cfg.pretrained), f"--pretrained {cfg.pretrained}: no such file or directory")
-    need(not (cfg.struct != "none" and cfg.prune_method == "filter"),
-         f"--struct {cfg.struct} with --prune_method filter makes no sense: filter pruning is "
+    if p.prune_type == "pt":
+        need(p.pretrained is not None, "--prune_type pt needs --pretrained CHECKPOINT")
+    need(not (p.struct != "none" and p.prune_method == "filter"),
+         f"--struct {p.struct} with --prune_method filter makes no sense: filter pruning is "
          f"already channel-wise; use --struct none")
-    need(cfg.criteria_batches >= 1, f"--criteria_batches must be >= 1, got {cfg.criteria_batches}")
-    need(cfg.hessian_samples >= 1, f"--hessian_samples must be >= 1, got {cfg.hessian_samples}")
-    need(cfg.reg_granularity_prune >= 0, "--reg_granularity_prune must be >= 0")
-    need(cfg.reg_upper_limit is None or cfg.reg_upper_limit > 0, "--reg_upper_limit must be > 0")
-    need(cfg.update_reg_interval is None or cfg.update_reg_interval >= 1,
+    need(p.criteria_batches >= 1, f"--criteria_batches must be >= 1, got {p.criteria_batches}")
+    need(p.hessian_samples >= 1, f"--hessian_samples must be >= 1, got {p.hessian_samples}")
+    need(s.reg_granularity_prune >= 0, "--reg_granularity_prune must be >= 0")
+    need(s.reg_upper_limit is None or s.reg_upper_limit > 0, "--reg_upper_limit must be > 0")
+    need(s.update_reg_interval is None or s.update_reg_interval >= 1,
          "--update_reg_interval must be >= 1 step")
-    if cfg.reg_adaptive:
-        need(cfg.target_acc is not None, "--reg_adaptive needs --target_acc (validation accuracy in %)")
-    need(cfg.target_acc is None or 0 <= cfg.target_acc <= 100, "--target_acc is a percentage in [0, 100]")
-    need(cfg.accum_steps >= 1, "--accum_steps must be >= 1")
-    need(cfg.kd_temperature > 0, "--kd_temperature must be > 0")
-    need(0 <= cfg.kd_alpha <= 1, "--kd_alpha must be in [0, 1]")
-    need(cfg.exponents > 0, f"--exponents must be > 0, got {cfg.exponents}")
-    need(cfg.warmup <= cfg.epochs,
-         f"--warmup {cfg.warmup} is longer than --epochs {cfg.epochs}: the learning rate would "
-         f"never reach --lr; pass a --warmup of at most {cfg.epochs} (e.g. --warmup 0)")
-    if cfg.layer_rate_map:
-        need(cfg.prune_method == "magnitude",
-             f"--layer_rates applies to --prune_method magnitude, not {cfg.prune_method}")
-        top = cfg.rate * max(mults)
-        for pattern, mult in cfg.layer_rate_map.items():
+    if s.reg_adaptive:
+        need(s.target_acc is not None, "--reg_adaptive needs --target_acc (validation accuracy in %)")
+    need(s.target_acc is None or 0 <= s.target_acc <= 100, "--target_acc is a percentage in [0, 100]")
+    need(o.accum_steps >= 1, "--accum_steps must be >= 1")
+    need(o.kd_temperature > 0, "--kd_temperature must be > 0")
+    need(0 <= o.kd_alpha <= 1, "--kd_alpha must be in [0, 1]")
+    need(s.exponents > 0, f"--exponents must be > 0, got {s.exponents}")
+    need(o.warmup <= o.epochs,
+         f"--warmup {o.warmup} is longer than --epochs {o.epochs}: the learning rate would "
+         f"never reach --lr; pass a --warmup of at most {o.epochs} (e.g. --warmup 0)")
+    if p.layer_rate_map:
+        need(p.prune_method == "magnitude",
+             f"--layer_rates applies to --prune_method magnitude, not {p.prune_method}")
+        top = p.rate * max(mults)
+        for pattern, mult in p.layer_rate_map.items():
             need(mult >= 0 and top * mult < 1,
-                 f"--layer_rates {pattern}={mult}: --rate {cfg.rate} times it must stay in [0, 1) "
+                 f"--layer_rates {pattern}={mult}: --rate {p.rate} times it must stay in [0, 1) "
                  f"(1 or more would remove every remaining weight of those layers)")
-    need(cfg.pretrained is None or cfg.prune_type == "pt",
+    need(p.pretrained is None or p.prune_type == "pt",
          "--pretrained is only used with --prune_type pt; add --prune_type pt or leave it out")
-    need(cfg.checkpoint is None or cfg.resume,
+    need(r.checkpoint is None or r.resume,
          "--checkpoint names where to resume from; add --resume or leave it out")
-    need(cfg.checkpoint is None or os.path.isdir(cfg.checkpoint),
-         f"--checkpoint {cfg.checkpoint}: no such directory")
-    need(cfg.init is None or not os.path.exists(cfg.init) or os.path.isdir(cfg.init),
-         f"--init {cfg.init} is a file; it must be a checkpoint directory (or a new path)")
-    need(cfg.fillback_rate == 0 or cfg.struct != "none",
+    need(p.fillback_rate == 0 or p.struct != "none",
          "--fillback_rate refills channels, which needs --struct refill or rsst")
-    for flag, on in (("--block_loss_grad", cfg.block_loss_grad),
-                     ("--reg_adaptive", cfg.reg_adaptive)):
-        need(not on or cfg.struct == "rsst", f"{flag} acts on the RSST penalty; it needs "
-             f"--struct rsst (got --struct {cfg.struct})")
-    need(cfg.batch_size % cfg.accum_steps == 0, f"--batch_size {cfg.batch_size} must be a "
-         f"multiple of --accum_steps {cfg.accum_steps} (the micro-batches are equal)")
-    need(cfg.fused_steps is None or cfg.fused_steps >= 1, "--fused_steps must be >= 1")
-    need(cfg.num_seeds >= 1, f"--num_seeds must be >= 1, got {cfg.num_seeds}")
-    need(cfg.num_seeds == 1 or not cfg.distill, "--num_seeds > 1 with --distill is not "
+    for flag, on in (("--block_loss_grad", s.block_loss_grad),
+                     ("--reg_adaptive", s.reg_adaptive)):
+        need(not on or p.struct == "rsst", f"{flag} acts on the RSST penalty; it needs "
+             f"--struct rsst (got --struct {p.struct})")
+    need(o.batch_size % o.accum_steps == 0, f"--batch_size {o.batch_size} must be a "
+         f"multiple of --accum_steps {o.accum_steps} (the micro-batches are equal)")
+    need(r.fused_steps is None or r.fused_steps >= 1, "--fused_steps must be >= 1")
+    need(r.num_seeds >= 1, f"--num_seeds must be >= 1, got {r.num_seeds}")
+    need(r.num_seeds == 1 or not o.distill, "--num_seeds > 1 with --distill is not "
          "supported; run the seeds separately")
     return cfg
 
 
-def check_save_dir(path: str) -> None:
-    """Fail early when the run directory cannot be written."""
-    p = pathlib.Path(path)
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-        probe = p / ".write_probe"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"--save_dir {path} is not writable ({e.strerror}); "
-                          f"choose another directory with --save_dir") from None
-
-
-def flags_markdown() -> str:
-    """The flag table of README.md (a test keeps the two in step)."""
-    lines = ["| flag | default | meaning |", "|---|---|---|"]
-    for field in dataclasses.fields(Config):
-        text = field.metadata["help"].replace("|", "\\|")
-        if field.metadata.get("choices"):
-            text += " (" + ", ".join(field.metadata["choices"]) + ")"
-        lines.append(f"| `--{field.name}` | `{field.default}` | {text} |")
-    return "\n".join(lines)
+__all__ = ["ConfigError", "Config", "DataConfig", "ModelConfig", "OptimConfig", "PruneConfig",
+           "RSSTConfig", "RunConfig", "GROUPS", "FLAG_ORDER", "GROUP_OF", "field_of",
+           "NON_SEMANTIC", "semantic_diffs", "parse_int_list", "parse_float_list",
+           "parse_layer_rates", "choices", "validate"]

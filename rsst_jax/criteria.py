@@ -118,24 +118,28 @@ class ScoringContext:
     Attributes:
       apply_fn: `apply_fn(variables, x, train=False) -> logits`.
       variables: the variables with masked params (pruned entries are exactly 0).
-      masks: `{kernel path: bool mask}` of the prunable leaves.
-      kernels: `{kernel path: masked kernel}`.
+      masks: `{kernel path: bool mask}` of the prunable leaves (what `remain` counts).
+      kernels: `{kernel path: kernel}` as scored: the kernel under the kernel masks
+        (by default `masks`; a run passes the masks before the round's prune, so the
+        criteria see the trained weights as the reference does).
       hessian_samples: Rademacher probes for Hutchinson estimates.
     """
 
-    def __init__(self, apply_fn, variables, masks: Mapping[Path, jax.Array], hessian_samples: int):
+    def __init__(self, apply_fn, variables, masks: Mapping[Path, jax.Array], hessian_samples: int,
+                 kernel_masks: Mapping[Path, jax.Array] | None = None):
         self.apply_fn = apply_fn
         self.masks = dict(masks)
         self.hessian_samples = hessian_samples
         params = variables["params"]
-        self.kernels = {p: _masked(_get(params, p), m) for p, m in self.masks.items()}
+        self.kernel_masks = self.masks if kernel_masks is None else dict(kernel_masks)
+        self.kernels = {p: _masked(_get(params, p), self.kernel_masks[p]) for p in self.masks}
         self.variables = {**variables, "params": _replace_leaves(params, self.kernels)}
 
     def logits(self, x: jax.Array, kernels: Mapping[Path, jax.Array] | None = None) -> jax.Array:
         """Logits with the given (unmasked) kernels, masked here, replacing the prunable ones."""
         variables = self.variables
         if kernels is not None:
-            masked = {p: _masked(k, self.masks[p]) for p, k in kernels.items()}
+            masked = {p: _masked(k, self.kernel_masks[p]) for p, k in kernels.items()}
             variables = {**variables, "params": _replace_leaves(variables["params"], masked)}
         return self.apply_fn(variables, x, train=False)
 
@@ -211,9 +215,9 @@ def _batches(batch: Any, num_batches: int) -> list[tuple[Any, Any]]:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _score_step(fn, apply_fn, hessian_samples, variables, fmasks, x, y, key):
+def _score_step(fn, apply_fn, hessian_samples, variables, fmasks, kmasks, x, y, key):
     """One batch's scores, compiled once per (criterion, apply_fn, hessian_samples, shapes)."""
-    ctx = ScoringContext(apply_fn, variables, fmasks, hessian_samples)
+    ctx = ScoringContext(apply_fn, variables, fmasks, hessian_samples, kmasks)
     return {p: jnp.asarray(s, jnp.float32) for p, s in fn(ctx, x, y, key).items()}
 
 
@@ -227,6 +231,7 @@ def channel_scores(
     key: jax.Array | None = None,
     num_batches: int = 1,
     hessian_samples: int = 8,
+    kernel_masks: Any = None,
 ) -> Any:
     """Per-output-channel scores of every prunable kernel under criterion `criterion`.
 
@@ -239,6 +244,9 @@ def channel_scores(
         iterable of such pairs; the first `num_batches` are used and scores summed.
       key: PRNG key (needed by `hessian`); split over the batches.
       hessian_samples: Rademacher probes per batch for `hessian`.
+      kernel_masks: masks applied to the kernels that are scored (default `masks`);
+        `remain` always counts `masks`. SPEC: the trained weights as they were before
+        the round's prune (pass that round's masks here), with the new mask in `masks`.
 
     Returns:
       Pytree with the structure of `variables['params']`: float32 `[C]` per prunable leaf,
@@ -246,6 +254,8 @@ def channel_scores(
     """
     crit = get_criterion(criterion)
     fmasks = {p: jnp.asarray(m, dtype=bool) for p, m in flat_masks(masks).items()}
+    kmasks = fmasks if kernel_masks is None else {
+        p: jnp.asarray(m, dtype=bool) for p, m in flat_masks(kernel_masks).items()}
     try:
         hash(apply_fn)
         step = functools.partial(_score_step, crit.fn, apply_fn, hessian_samples)
@@ -256,10 +266,10 @@ def channel_scores(
         keys = [None] * len(pairs) if key is None else list(jax.random.split(key, len(pairs)))
         total: dict[Path, jax.Array] = {}
         for (x, y), k in zip(pairs, keys):
-            s = step(variables, fmasks, jnp.asarray(x), jnp.asarray(y), k)
+            s = step(variables, fmasks, kmasks, jnp.asarray(x), jnp.asarray(y), k)
             total = s if not total else {p: total[p] + s[p] for p in total}
     else:
-        total = step(variables, fmasks, None, None, None)
+        total = step(variables, fmasks, kmasks, None, None, None)
 
     for p, m in fmasks.items():
         if p not in total or total[p].shape != (m.shape[-1],):

@@ -64,6 +64,7 @@ __all__ = [
 
 PyTree = Any
 SCOPES = ("global", "layerwise")
+PRUNE_METHODS = ("magnitude", "random", "filter")  # magnitude_prune, random_prune, filter_prune
 
 
 def _is_none(x: Any) -> bool:

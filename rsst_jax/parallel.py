@@ -132,28 +132,16 @@ def shard_batch(x, mesh: Optional[Mesh], batch_axis: int = 0):
     return _put(x, batch_sharding(mesh, batch_axis))
 
 
-def jit_step(train_step, mesh: Optional[Mesh] = None, n_extra: int = 0):
-    """``jax.jit`` of ``train_step(state, data_x, data_y, idx[B], masks, targets, scale, *extra)``.
-
-    The state is donated (its buffers are reused for the new state). On a mesh, ``idx``
-    is split over the devices and all else (``n_extra`` trailing arguments too) replicated.
-    """
-    return _jit_train(train_step, mesh, n_extra, batch_axis=0)
-
-
-def jit_chunk(train_chunk, mesh: Optional[Mesh] = None, n_extra: int = 0):
-    """``jax.jit`` of ``train_chunk(state, data_x, data_y, perm[k, B], masks, targets, scale,
-    *extra)`` (``train.make_epoch_fn``): k steps as one ``lax.scan``, the state donated."""
-    return _jit_train(train_chunk, mesh, n_extra, batch_axis=1)
-
-
-def _jit_train(fn, mesh, n_extra, batch_axis):
+def jit_train(fn, mesh: Optional[Mesh] = None, batch_axis: int = 0):
+    """``jax.jit`` of ``fn(state, data_x, data_y, idx, plan)`` (a train step, or a chunk
+    of steps with ``idx`` [..., k, B]); the state is donated (its buffers are reused for
+    the new state). On a mesh, axis ``batch_axis`` of ``idx`` is split over the devices
+    and everything else is replicated."""
     if mesh is None:
         return jax.jit(fn, donate_argnums=(0,))
     r = replicated(mesh)
     return jax.jit(fn, donate_argnums=(0,),
-                   in_shardings=(r, r, r, batch_sharding(mesh, batch_axis), r, r, r)
-                   + (r,) * n_extra,
+                   in_shardings=(r, r, r, batch_sharding(mesh, batch_axis), r),
                    out_shardings=(r, r))
 
 
@@ -180,4 +168,4 @@ def jit_eval(eval_step, mesh: Optional[Mesh] = None, batch_size: int = 0):
 
 
 __all__ = ["DATA_AXIS", "enable_compilation_cache", "split_cpu", "mesh_size", "data_mesh", "replicated", "batch_sharding",
-           "replicate", "shard_batch", "jit_step", "jit_chunk", "jit_eval"]
+           "replicate", "shard_batch", "jit_train", "jit_eval"]

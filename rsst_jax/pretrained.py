@@ -290,11 +290,10 @@ class MergeReport:
         return text
 
 
-def _stem_and_head(template_params: Mapping) -> tuple[Optional[str], set[str]]:
+def _stem_and_head(template_params: Mapping, stem: Optional[str] = None
+                   ) -> tuple[Optional[str], set[str]]:
     """'params/<stem>/kernel' and the paths of the last dense layer (kernel and bias)."""
-    from rsst_jax import masks as masks_lib
-
-    stem = masks_lib.stem_path(template_params)
+    stem = masks_lib.stem_path(template_params, stem)
     dense = [p for p, v in masks_lib.flat_dict(template_params).items()
              if p.endswith("/kernel") and np.ndim(v) == 2]
     head = set()
@@ -304,13 +303,17 @@ def _stem_and_head(template_params: Mapping) -> tuple[Optional[str], set[str]]:
     return (f"params/{stem}" if stem else None), head
 
 
-def merge_pretrained(template_variables: Mapping, source: Mapping, *, what: str = "pretrained weights"
+def merge_pretrained(template_variables: Mapping, source: Mapping, *, what: str = "pretrained weights",
+                     fresh_stem_and_head: bool = False, stem: Optional[str] = None
                      ) -> tuple[dict, MergeReport]:
     """``template_variables`` with every leaf ``source`` has at the same path and shape.
 
     The stem conv and the classifier stay fresh when their shapes differ (another input
-    size or class count); a missing leaf stays fresh; any other shape mismatch, or no
-    leaf in common at all, raises ``PretrainedError``.
+    size or class count), and always with ``fresh_stem_and_head`` (what ``--prune_type
+    pt`` does, as the reference: its classifier and stem convolution come from the new
+    initialization); a missing leaf stays fresh; any other shape mismatch, or no leaf in
+    common at all, raises ``PretrainedError``. ``stem``: the stem kernel's path in
+    params (default: the first conv kernel in creation order).
     """
     import jax.numpy as jnp
 
@@ -318,12 +321,16 @@ def merge_pretrained(template_variables: Mapping, source: Mapping, *, what: str 
                 "batch_stats": template_variables.get("batch_stats", {})}
     flat_t = masks_lib.flat_dict(template)
     flat_s = masks_lib.flat_dict({"params": source.get("params", {}), "batch_stats": source.get("batch_stats", {})})
-    stem, head = _stem_and_head(template["params"])
+    stem, head = _stem_and_head(template["params"], stem)
     loaded, fresh, values = [], [], {}
     for path, t in flat_t.items():
         s = flat_s.get(path)
         if s is None:
             fresh.append((path, "not in the file"))
+            values[path] = t
+        elif fresh_stem_and_head and (path in head or path == stem):
+            fresh.append((path, "classifier, fresh as in the reference" if path in head
+                          else "stem, fresh as in the reference"))
             values[path] = t
         elif tuple(np.shape(s)) != tuple(np.shape(t)):
             if path in head or path == stem:
@@ -370,14 +377,17 @@ def read_weights(path: str | pathlib.Path) -> tuple[dict, list]:
 
 
 def load_pretrained(path: str | pathlib.Path, template_variables: Mapping, *,
-                    with_report: bool = False):
+                    with_report: bool = False, fresh_stem_and_head: bool = False,
+                    stem: Optional[str] = None):
     """Pretrained ``{'params', 'batch_stats'}`` shaped like ``template_variables``.
 
     ``path``: an rsst-jax checkpoint (a run directory, ``round_<r>/final``, ``init`` or
     one step folder), a PyTorch state_dict file (needs torch) or an ``.npz`` of one.
-    With ``with_report`` returns ``(variables, MergeReport)``.
+    With ``with_report`` returns ``(variables, MergeReport)``; ``fresh_stem_and_head``
+    and ``stem`` as in ``merge_pretrained``.
     """
     source, dropped = read_weights(path)
-    variables, report = merge_pretrained(template_variables, source, what=f"--pretrained {path}")
+    variables, report = merge_pretrained(template_variables, source, what=f"--pretrained {path}",
+                                         fresh_stem_and_head=fresh_stem_and_head, stem=stem)
     report.unused.extend(k for k, _ in dropped)
     return (variables, report) if with_report else variables

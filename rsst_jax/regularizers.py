@@ -62,26 +62,54 @@ class LambdaSchedule:
 
     def __call__(self, step) -> jnp.ndarray:
         """Return lambda at ``step`` as float32 with the shape of ``step``."""
-        t = jnp.clip(jnp.asarray(step, jnp.int32), 0, self.total_steps - 1)
-        g = jnp.float32(self.granularity)
-        if self.name in _COUNT_SCHEDULES:
-            u = ((t + 1) // self.update_interval).astype(jnp.float32)
-            gu = g * u
-            lam = {"x": lambda: gu, "x^2": lambda: gu * gu, "x^3": lambda: gu * gu * gu,
-                   "exp": lambda: jnp.exp(gu)}[self.name]()
-        else:
-            # 'epoch' is the reference's ramp: progress restarts every epoch.
-            period = self.steps_per_epoch if self.progress == "epoch" else self.total_steps
-            done = (t % period) + 1  # steps of the ramp done, 1 .. period
-            p = done.astype(jnp.float32) / jnp.float32(period)
-            q = p if self.name == "exp_custom" else p ** jnp.float32(self.exponents)
-            ramp = g * (jnp.expm1(q) / jnp.float32(math.e - 1.0))
-            # Exactly g at the end of the ramp: XLA may divide by multiplying with the
-            # reciprocal, so p itself can land one ulp below 1.
-            lam = jnp.where(done == period, g, ramp)
-        if self.upper_limit is not None:
-            lam = jnp.minimum(lam, jnp.float32(self.upper_limit))
-        return lam.astype(jnp.float32)
+        return lambda_at(step, kind=self.name, granularity=self.granularity,
+                         exponents=self.exponents, upper_limit=self.upper_limit,
+                         total_steps=self.total_steps, update_interval=self.update_interval,
+                         progress=self.progress, steps_per_epoch=self.steps_per_epoch)
+
+
+def lambda_at(step, *, kind, granularity, exponents, upper_limit, total_steps: int,
+              update_interval: int, progress: str = "round",
+              steps_per_epoch: Optional[int] = None) -> jnp.ndarray:
+    """lambda at ``step`` (int or traced) as float32 with the shape of ``step``.
+
+    ``kind`` is a name of :data:`SCHEDULES`, or its index there as a (traced) int, so
+    that tickets trained as one program may each follow another schedule.
+    ``granularity``, ``exponents`` and ``upper_limit`` may be traced (``upper_limit``
+    None or inf: no cap); the step counts are static.
+    """
+    t = jnp.clip(jnp.asarray(step, jnp.int32), 0, total_steps - 1)
+    g = jnp.asarray(granularity, jnp.float32)
+    named = isinstance(kind, str)
+
+    def by_count(name):
+        gu = g * ((t + 1) // update_interval).astype(jnp.float32)
+        return {"x": lambda: gu, "x^2": lambda: gu * gu, "x^3": lambda: gu * gu * gu,
+                "exp": lambda: jnp.exp(gu)}[name]()
+
+    def by_progress(name):
+        # 'epoch' is the reference's ramp: progress restarts every epoch.
+        period = steps_per_epoch if progress == "epoch" else total_steps
+        done = (t % period) + 1  # steps of the ramp done, 1 .. period
+        p = done.astype(jnp.float32) / jnp.float32(period)
+        q = p if name == "exp_custom" else p ** jnp.asarray(exponents, jnp.float32)
+        ramp = g * (jnp.expm1(q) / jnp.float32(math.e - 1.0))
+        # Exactly g at the end of the ramp: XLA may divide by multiplying with the
+        # reciprocal, so p itself can land one ulp below 1.
+        return jnp.where(done == period, g, ramp)
+
+    def value(name):
+        return by_count(name) if name in _COUNT_SCHEDULES else by_progress(name)
+
+    if named:
+        lam = value(kind)
+    else:
+        index = jnp.asarray(kind, jnp.int32)
+        lam = jnp.select([index == i for i in range(len(SCHEDULES))],
+                         [value(name) for name in SCHEDULES], jnp.float32(jnp.nan))
+    if upper_limit is not None:
+        lam = jnp.minimum(lam, jnp.asarray(upper_limit, jnp.float32))
+    return lam.astype(jnp.float32)
 
 
 def lambda_schedule(
@@ -214,7 +242,7 @@ class RSSTState(NamedTuple):
 
 
 def rsst_penalty(
-    schedule: Callable, *, block_loss_grad: bool = False
+    schedule: Optional[Callable] = None, *, block_loss_grad: bool = False
 ) -> optax.GradientTransformationExtraArgs:
     """Add ``lambda(t) * reg_scale * w`` to the gradient of every targeted weight.
 
@@ -229,21 +257,31 @@ def rsst_penalty(
         whole means no penalty (the step count still advances). A traced argument: one
         compiled step serves every target content.
       reg_scale: float multiplier on lambda (e.g. :func:`adaptive_scale`), may be traced.
-    lambda uses the step ``state.count`` (0 at the first update of a round).
+      reg_lambda: lambda itself (traced float32), used instead of
+        ``schedule(state.count) * reg_scale`` (the train step passes it: it computes
+        lambda from the ticket's own schedule values and logs the value it applied).
+    Without ``reg_lambda``, lambda uses the step ``state.count`` (0 at the first update
+    of a round) and needs ``schedule``.
     """
 
     def init_fn(params):
         del params
         return RSSTState(count=jnp.zeros([], jnp.int32))
 
-    def update_fn(updates, state, params=None, *, reg_targets=None, reg_scale=1.0, **extra):
+    def update_fn(updates, state, params=None, *, reg_targets=None, reg_scale=1.0,
+                  reg_lambda=None, **extra):
         del extra
         new_state = RSSTState(count=optax.safe_int32_increment(state.count))
         if reg_targets is None:
             return updates, new_state
         if params is None:
             raise ValueError("rsst_penalty needs params when reg_targets is given")
-        lam = schedule(state.count) * jnp.asarray(reg_scale, jnp.float32)
+        if reg_lambda is not None:
+            lam = jnp.asarray(reg_lambda, jnp.float32)
+        elif schedule is None:
+            raise ValueError("rsst_penalty needs a schedule or the reg_lambda argument")
+        else:
+            lam = schedule(state.count) * jnp.asarray(reg_scale, jnp.float32)
 
         def penalize(target, grad, weight):
             if target is None:

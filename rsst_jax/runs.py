@@ -50,7 +50,8 @@ def _read_json(path: pathlib.Path) -> Any:
 
 
 def read_log(path: str | pathlib.Path) -> list[dict]:
-    """Rows of ``log.jsonl``; a torn last line (run killed mid-write) is dropped."""
+    """Rows of ``log.jsonl``; a torn last line (run killed mid-write) is dropped.
+    Epochs count from 1 (a log written by rsst-jax 0.1, which counted from 0, is shifted)."""
     path = pathlib.Path(path)
     if not path.is_file():
         return []
@@ -68,6 +69,8 @@ def read_log(path: str | pathlib.Path) -> list[dict]:
         if not isinstance(row, dict) or "round" not in row or "epoch" not in row:
             raise RunDirError(f"{path} line {i + 1} has no round/epoch: not an rsst-jax epoch log")
         rows.append(row)
+    if rows and min(r["epoch"] for r in rows) == 0:
+        rows = [dict(r, epoch=r["epoch"] + 1) for r in rows]
     return rows
 
 

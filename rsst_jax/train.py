@@ -6,7 +6,7 @@ compiled step, so one compiled program serves every round of a run.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+from typing import Any, NamedTuple, Optional
 
 import flax
 import jax
@@ -20,6 +20,12 @@ from rsst_jax import regularizers
 
 Array = jax.Array
 PyTree = Any
+
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+PRECISIONS = ("fp32", "bf16")
+FUSED_MODES = ("auto", "on", "off")
+NAN_POLICIES = ("stop", "skip")
 
 
 @flax.struct.dataclass
@@ -36,6 +42,42 @@ class TrainState:
         return {"params": self.params, "batch_stats": self.batch_stats}
 
 
+@flax.struct.dataclass
+class Hyper:
+    """A ticket's schedule values, traced so that tickets trained as one program may
+    each have their own: the base learning rate and the lambda schedule's kind (an index
+    into ``regularizers.SCHEDULES``), scale g, exponent and cap (inf: none)."""
+    lr: Array
+    reg_kind: Array
+    reg_g: Array
+    reg_exponents: Array
+    reg_upper: Array
+
+    @classmethod
+    def make(cls, lr: float, schedule: str = "exp_custom_exponents", granularity: float = 1.0,
+             exponents: float = 4.0, upper_limit: Optional[float] = None) -> "Hyper":
+        return cls(lr=jnp.float32(lr),
+                   reg_kind=jnp.int32(regularizers.SCHEDULES.index(schedule)),
+                   reg_g=jnp.float32(granularity), reg_exponents=jnp.float32(exponents),
+                   reg_upper=jnp.float32(np.inf if upper_limit is None else upper_limit))
+
+
+@flax.struct.dataclass
+class Plan:
+    """What the train step applies, one pytree so that one compiled program serves every
+    round: ``masks`` (bool per prunable leaf, None elsewhere: the weights kept, and with
+    --mask_bn the BatchNorm scale/bias of live channels), the RSST penalty ``targets``
+    (same structure; all False outside RSST rounds), ``reg_scale`` (float32 multiplier
+    of lambda, e.g. 0.5 while --reg_adaptive halves it), the ticket's ``hyper``
+    values, and with distillation the ``teacher`` variables and ``kd_alpha``."""
+    masks: PyTree
+    targets: PyTree
+    reg_scale: Array
+    hyper: Hyper
+    teacher: PyTree = None
+    kd_alpha: Array = 0.0
+
+
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
     """Static (hashable) settings of the compiled step."""
@@ -45,52 +87,102 @@ class StepConfig:
     nan_skip: bool = False
     pad: int = 4
     accum_steps: int = 1  # micro-batches per step; the batch size must be a multiple
-    distill: bool = False          # the step takes (teacher_variables, kd_alpha) as well
+    distill: bool = False          # the plan carries a teacher and kd_alpha
     kd_temperature: float = 4.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedules:
+    """The step counts of a round's learning-rate and lambda schedules (static, shared
+    by tickets trained together); the values they scale are the ticket's ``Hyper``.
+
+    lr: linear per-step warm-up over ``warmup_epochs``, then x``gamma`` at each milestone
+    epoch. lambda: ``regularizers.lambda_at`` over ``total_steps`` steps.
+    """
+    steps_per_epoch: int
+    total_steps: int
+    warmup_epochs: int = 0
+    milestones: tuple = ()
+    gamma: float = 0.1
+    reg_interval: Optional[int] = None   # default: one epoch
+    reg_progress: str = "round"
+
+    def lr(self, step, base_lr):
+        step = jnp.asarray(step)
+        warmup_steps = self.warmup_epochs * self.steps_per_epoch
+        boundaries = np.asarray([m * self.steps_per_epoch for m in self.milestones], np.int32)
+        decays = jnp.sum(step >= boundaries) if len(boundaries) else 0
+        lr = base_lr * self.gamma ** decays
+        if warmup_steps > 0:
+            lr = jnp.where(step < warmup_steps, base_lr * (step + 1) / warmup_steps, lr)
+        return lr
+
+    def reg_lambda(self, step, hyper: Hyper):
+        return regularizers.lambda_at(
+            step, kind=hyper.reg_kind, granularity=hyper.reg_g, exponents=hyper.reg_exponents,
+            upper_limit=hyper.reg_upper, total_steps=self.total_steps,
+            update_interval=self.reg_interval or self.steps_per_epoch,
+            progress=self.reg_progress, steps_per_epoch=self.steps_per_epoch)
 
 
 def lr_schedule(base_lr: float, steps_per_epoch: int, warmup_epochs: int,
                 milestones: tuple[int, ...], gamma: float = 0.1) -> optax.Schedule:
     """Linear per-step warm-up over ``warmup_epochs``, then x``gamma`` at each milestone epoch."""
-    warmup_steps = warmup_epochs * steps_per_epoch
-    boundaries = np.asarray([m * steps_per_epoch for m in milestones], np.int32)
-
-    def schedule(step):
-        step = jnp.asarray(step)
-        decays = jnp.sum(step >= boundaries) if len(boundaries) else 0
-        lr = base_lr * gamma ** decays
-        if warmup_steps > 0:
-            lr = jnp.where(step < warmup_steps, base_lr * (step + 1) / warmup_steps, lr)
-        return lr
-    return schedule
+    sched = Schedules(steps_per_epoch, 1, warmup_epochs, tuple(milestones), gamma)
+    return lambda step: sched.lr(step, base_lr)
 
 
-def make_optimizer(*, optimizer: str, lr: optax.Schedule, momentum: float, weight_decay: float,
-                   reg_schedule: Optional[Callable] = None,
+class ScaleByLRState(NamedTuple):
+    count: Array  # int32, as optax's ScaleByScheduleState
+
+
+def scale_by_learning_rate_arg() -> optax.GradientTransformationExtraArgs:
+    """``updates * -learning_rate`` with ``learning_rate`` an extra argument of ``update``
+    (traced: each ticket brings its own)."""
+
+    def init_fn(params):
+        del params
+        return ScaleByLRState(count=jnp.zeros([], jnp.int32))
+
+    def update_fn(updates, state, params=None, *, learning_rate, **extra):
+        del params, extra
+        lr = jnp.asarray(learning_rate)
+        updates = jax.tree_util.tree_map(lambda u: (-lr * u).astype(u.dtype), updates)
+        return updates, ScaleByLRState(count=optax.safe_int32_increment(state.count))
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def make_optimizer(*, optimizer: str, momentum: float, weight_decay: float,
                    block_loss_grad: bool = False,
                    masked: bool = True) -> optax.GradientTransformationExtraArgs:
     """penalty -> weight decay -> keep pruned -> optimizer -> keep pruned.
 
+    ``update(grads, state, params, masks=, reg_targets=, reg_lambda=, learning_rate=)``:
+    the learning rate and lambda are arguments, so tickets trained as one program may
+    each have their own (the train step computes them from the plan's ``Hyper``).
     Weight decay is coupled for sgd/adam (added to the gradient, as PyTorch does) and
     decoupled for adamw. Masking the gradient before the optimizer keeps momentum of
     pruned entries at zero; masking again after makes the zero update exact.
     ``masked=False`` leaves out the penalty and both masks: the plain dense optimizer
     the benchmark compares against.
     """
-    reg_schedule = reg_schedule or (lambda step: jnp.zeros((), jnp.float32))
-    parts = [regularizers.rsst_penalty(reg_schedule, block_loss_grad=block_loss_grad)] if masked else []
+    parts = [regularizers.rsst_penalty(block_loss_grad=block_loss_grad)] if masked else []
     if optimizer in ("sgd", "adam") and weight_decay > 0:
         parts.append(optax.add_decayed_weights(weight_decay))
     if masked:
         parts.append(masks_lib.keep_pruned())
+    # Nested as optax.sgd/adam/adamw nest theirs, so the optimizer state keeps its layout.
     if optimizer == "sgd":
-        parts.append(optax.sgd(lr, momentum=momentum or None))
+        parts.append(optax.chain(optax.trace(decay=momentum) if momentum else optax.identity(),
+                                 scale_by_learning_rate_arg()))
     elif optimizer == "adam":
-        parts.append(optax.adam(lr))
+        parts.append(optax.chain(optax.scale_by_adam(), scale_by_learning_rate_arg()))
     elif optimizer == "adamw":
-        parts.append(optax.adamw(lr, weight_decay=weight_decay))
+        parts.append(optax.chain(optax.scale_by_adam(), optax.add_decayed_weights(weight_decay),
+                                 scale_by_learning_rate_arg()))
     else:
-        raise ValueError(f"unknown optimizer {optimizer!r}")
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
     if masked:
         parts.append(masks_lib.keep_pruned())
     return optax.chain(*parts)
@@ -166,21 +258,25 @@ def distillation_loss(student_logits, teacher_logits, temperature: float):
     return temperature ** 2 * jnp.mean(jnp.sum(jnp.exp(t) * (t - s), axis=-1))
 
 
-def make_train_step(model, tx, cfg: StepConfig, *, batch_sharding=None):
-    """Returns ``train_step(state, data_x, data_y, idx, masks, targets, reg_scale)``.
+def make_train_step(model, tx, cfg: StepConfig, schedules: Schedules, *, batch_sharding=None):
+    """Returns ``train_step(state, batch, plan) -> (state, metrics)``, one SGD step.
 
-    ``data_x`` (uint8, NHWC) and ``data_y`` are the whole training split on the device;
-    ``idx`` [B] picks the batch, so no data crosses the host per step.
-    With ``cfg.distill`` it also takes the teacher's variables and ``kd_alpha`` (traced,
-    so round 0 passes 0 and the same program serves every round).
-    Returns (new_state, metrics) with metrics = dict(loss, correct, finite).
+    ``batch`` is ``(images, labels)``: uint8 NHWC images as the data set holds them (the
+    step normalizes with ``cfg.mean``/``cfg.std`` and augments: random crop after
+    ``cfg.pad``-pixel padding, flips if ``cfg.flip``) and int labels, host numpy arrays
+    from any iterator or device arrays. ``plan`` is a :class:`Plan`. The learning rate
+    and lambda at this step come from ``schedules`` and ``plan.hyper``.
+    ``metrics``: ``loss``, ``correct`` (count), ``finite`` (loss and gradients), and the
+    ``lr`` and ``reg_lambda`` applied (lambda after ``plan.reg_scale``).
 
     With ``cfg.accum_steps = N > 1`` the augmented batch is split into N micro-batches
     (rows ``m, m+N, ...``) scanned in order: BatchNorm statistics update per micro-batch,
     gradients and loss are averaged, and the optimizer makes one update. For a network
     without BatchNorm that equals the step on the whole batch up to float rounding.
     ``batch_sharding`` (a ``jax.sharding.Sharding`` of a [B] array, see ``parallel``)
-    pins the batch axis of the gathered images to the data-parallel mesh.
+    pins the batch axis of the images to the data-parallel mesh.
+    ``gather_step(train_step)`` is the same step reading its batch from a device-resident
+    data set by index (the fast path of a run).
     """
     n_micro = int(cfg.accum_steps)
 
@@ -219,18 +315,22 @@ def make_train_step(model, tx, cfg: StepConfig, *, batch_sharding=None):
         grads = jax.tree_util.tree_map(lambda g: g / n_micro, gsum)
         return lsum / n_micro, csum, stats, grads
 
-    def train_step(state: TrainState, data_x, data_y, idx, masks, targets, reg_scale,
-                   teacher=None, kd_alpha=0.0):
+    def train_step(state: TrainState, batch, plan: Plan):
+        images, labels = batch
         key = jax.random.fold_in(state.rng, state.step)
-        x = data_lib.augment(key, data_x[idx], flip=cfg.flip, pad=cfg.pad)
-        y = data_y[idx]
+        x = data_lib.augment(key, jnp.asarray(images), flip=cfg.flip, pad=cfg.pad)
+        y = jnp.asarray(labels)
         if batch_sharding is not None:
             x = jax.lax.with_sharding_constraint(x, batch_sharding)
         grad_fn = loss_and_grads if n_micro == 1 else accumulated
         loss, correct, new_stats, grads = grad_fn(state.params, state.batch_stats, x, y,
-                                                  teacher, kd_alpha)
-        updates, new_opt = tx.update(grads, state.opt_state, state.params, masks=masks,
-                                     reg_targets=targets, reg_scale=reg_scale)
+                                                  plan.teacher, plan.kd_alpha)
+        lr = schedules.lr(state.step, plan.hyper.lr)
+        lam = schedules.reg_lambda(state.step, plan.hyper) * jnp.asarray(plan.reg_scale,
+                                                                          jnp.float32)
+        updates, new_opt = tx.update(grads, state.opt_state, state.params, masks=plan.masks,
+                                     reg_targets=plan.targets, reg_lambda=lam,
+                                     learning_rate=lr)
         new_params = optax.apply_updates(state.params, updates)
         # A NaN activation can vanish in a ReLU and leave the loss finite: check the gradients too.
         finite = jnp.isfinite(loss) & all_finite(grads)
@@ -240,44 +340,58 @@ def make_train_step(model, tx, cfg: StepConfig, *, batch_sharding=None):
             # Skip the whole update on a non-finite loss; the step counter still moves on.
             new_state = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new_state,
                                                state.replace(step=state.step + 1))
-        return new_state, {"loss": loss, "correct": correct, "finite": finite}
+        return new_state, {"loss": loss, "correct": correct, "finite": finite,
+                           "lr": jnp.asarray(lr, jnp.float32), "reg_lambda": lam}
 
     return train_step
 
 
-def make_epoch_fn(train_step, unroll=None):
-    """One epoch (or a chunk of one): the steps over the rows of ``perm`` [k, B].
+def gather_step(train_step):
+    """``step(state, data_x, data_y, idx, plan)``: ``train_step`` on the batch
+    ``(data_x[idx], data_y[idx])`` of a data set held on the device (``idx`` [B] int32),
+    so no image crosses the host per step."""
+    def step(state, data_x, data_y, idx, plan):
+        return train_step(state, (data_x[idx], data_y[idx]), plan)
+    return step
 
-    ``train_epoch(state, data_x, data_y, perm, masks, targets, reg_scale, *extras)``
-    returns (state, metrics) with every metric stacked to [k]; ``extras`` are the step's
-    (teacher, kd_alpha) with distillation. ``unroll`` (default: ``fused_unroll()`` of the
-    default backend): True traces the k steps one after another into straight-line code
-    (a Python loop, so no ``while`` for any k: ``lax.scan(unroll=True)`` of length 1 is a
-    rolled one-trip loop, 40x slower on XLA:CPU); an int is ``lax.scan``'s ``unroll``.
+
+def make_epoch_fn(step, unroll=None):
+    """One epoch (or a chunk of one): ``step`` (a ``gather_step``) over the rows of
+    ``perm`` [k, B].
+
+    ``train_epoch(state, data_x, data_y, perm, plan)`` returns (state, metrics) with
+    every metric stacked to [k]. ``unroll`` (default: ``fused_unroll()`` of the default
+    backend) is ``lax.scan``'s: True makes straight-line code of the k steps, and for
+    k = 1, where ``lax.scan(unroll=True)`` would still be a (one-trip) loop, 40x slower
+    on XLA:CPU, the step is called directly.
     """
     unroll = fused_unroll() if unroll is None else unroll
 
-    def train_epoch(state, data_x, data_y, perm, masks, targets, reg_scale, *extras):
-        if unroll is True:
-            metrics = []
-            for i in range(perm.shape[0]):
-                state, m = train_step(state, data_x, data_y, perm[i], masks, targets,
-                                      reg_scale, *extras)
-                metrics.append(m)
-            return state, jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *metrics)
+    def train_epoch(state, data_x, data_y, perm, plan):
+        if unroll is True and perm.shape[0] == 1:
+            state, m = step(state, data_x, data_y, perm[0], plan)
+            return state, jax.tree_util.tree_map(lambda x: x[None], m)
 
         def body(s, idx):
-            return train_step(s, data_x, data_y, idx, masks, targets, reg_scale, *extras)
+            return step(s, data_x, data_y, idx, plan)
         return jax.lax.scan(body, state, perm, unroll=unroll)
 
     return train_epoch
 
 
-def make_multi_seed_step(train_step):
-    """``train_step`` (or a ``make_epoch_fn`` chunk) vmapped over K independent tickets:
-    state, idx [K, B] (perm [K, k, B]), masks, targets and reg_scale [K] carry a leading
-    seed axis; the data set is shared."""
-    return jax.vmap(train_step, in_axes=(0, None, None, 0, 0, 0, 0))
+def over_tickets(fn, num_tickets: int):
+    """``fn(state, data_x, data_y, idx_or_perm, plan)`` for a leading ticket axis K on
+    the state, the indices and the plan (the data set is shared): ``jax.vmap`` for K > 1;
+    for K = 1 the axis is dropped and restored around ``fn``, so a single ticket runs
+    exactly the program it would run alone."""
+    if num_tickets > 1:
+        return jax.vmap(fn, in_axes=(0, None, None, 0, 0))
+
+    def one(state, data_x, data_y, idx, plan):
+        first = lambda t: jax.tree_util.tree_map(lambda a: a[0], t)  # noqa: E731
+        out = fn(first(state), data_x, data_y, idx[0], first(plan))
+        return jax.tree_util.tree_map(lambda a: a[None], out)
+    return one
 
 
 def make_eval_step(model, cfg: StepConfig):
@@ -293,8 +407,22 @@ def make_eval_step(model, cfg: StepConfig):
     return eval_step
 
 
-def evaluate(eval_step, variables, x: Array, y: Array, batch_size: int) -> dict:
-    """Accuracy (%) and mean loss over all of (x, y); the last batch is padded, not recompiled."""
+def eval_over_tickets(eval_step, num_tickets: int):
+    """``eval_step`` for variables with a leading ticket axis K (the batch is shared):
+    returns ([K] loss sums, [K] correct counts); vmapped for K > 1, the axis dropped and
+    restored for K = 1."""
+    if num_tickets > 1:
+        return jax.vmap(eval_step, in_axes=(0, None, None, None))
+
+    def one(variables, x, y, valid):
+        loss, correct = eval_step(jax.tree_util.tree_map(lambda a: a[0], variables), x, y, valid)
+        return loss[None], correct[None]
+    return one
+
+
+def evaluate(eval_step, variables, x: Array, y: Array, batch_size: int):
+    """Accuracy (%) and mean loss over all of (x, y); the last batch is padded, not
+    recompiled. With an ``eval_over_tickets`` step, a list of one such dict per ticket."""
     n = int(x.shape[0])
     bs = min(batch_size, n)
     total_loss, total_correct = 0.0, 0
@@ -307,9 +435,12 @@ def evaluate(eval_step, variables, x: Array, y: Array, batch_size: int) -> dict:
             xb = jnp.concatenate([xb, jnp.zeros((pad, *xb.shape[1:]), xb.dtype)])
             yb = jnp.concatenate([yb, jnp.zeros((pad,), yb.dtype)])
         loss, correct = eval_step(variables, xb, yb, valid)
-        total_loss += float(loss)
-        total_correct += int(correct)
-    return {"acc": 100.0 * total_correct / n, "loss": total_loss / n}
+        total_loss = total_loss + np.asarray(loss, np.float64)
+        total_correct = total_correct + np.asarray(correct, np.int64)
+    if np.ndim(total_correct) == 0:
+        return {"acc": 100.0 * int(total_correct) / n, "loss": float(total_loss) / n}
+    return [{"acc": 100.0 * int(c) / n, "loss": float(lo) / n}
+            for lo, c in zip(total_loss, total_correct)]
 
 
 def steps_per_epoch(n_train: int, batch_size: int) -> int:
@@ -335,8 +466,11 @@ def tree_is_finite(tree) -> bool:
     return bool(all_finite(tree))
 
 
-__all__ = ["TrainState", "StepConfig", "lr_schedule", "make_optimizer", "compute_dtype",
-           "use_fused", "fused_unroll", "default_fused_steps", "create_train_state",
-           "reset_optimizer", "make_train_step", "make_epoch_fn", "make_multi_seed_step",
-           "make_eval_step", "evaluate", "steps_per_epoch", "epoch_permutation",
-           "cross_entropy", "all_finite", "tree_is_finite"]
+__all__ = ["OPTIMIZERS", "PRECISIONS", "FUSED_MODES", "NAN_POLICIES", "TrainState", "Hyper",
+           "Plan", "StepConfig", "Schedules", "lr_schedule", "scale_by_learning_rate_arg",
+           "make_optimizer", "compute_dtype", "use_fused", "fused_unroll",
+           "default_fused_steps", "create_train_state", "reset_optimizer", "make_train_step",
+           "gather_step", "make_epoch_fn", "over_tickets", "make_eval_step", "eval_over_tickets",
+           "evaluate",
+           "steps_per_epoch", "epoch_permutation", "cross_entropy", "all_finite",
+           "tree_is_finite"]

@@ -19,7 +19,6 @@ import pytest
 
 from experiments import run as run_cli
 from rsst_jax import checkpoint as ckpt
-from rsst_jax import lottery
 
 import tiny
 
@@ -189,7 +188,7 @@ def test_every_bad_flag_or_combination_is_refused_before_compute(tmp_path, capsy
                                                                  monkeypatch):
     def no_data(*a, **k):
         raise AssertionError("validation must fail before the data are loaded")
-    monkeypatch.setattr(run_cli.config_lib, "check_save_dir", lambda p: None)
+    monkeypatch.setattr(run_cli.cli, "check_save_dir", lambda p: None)
     from rsst_jax import data as data_lib
     monkeypatch.setattr(data_lib, "load_dataset", no_data)
     existing = tmp_path / "exists"
@@ -300,14 +299,15 @@ def test_dry_run_prints_config_data_parameters_and_planned_densities(tmp_path, c
         "  round 2: expected remaining weights 64.00% (1,659 prunable weights)",
         "  round 3: expected remaining weights 51.20% (1,327 prunable weights)"]
     assert report[-1] == f"save_dir {save}: new run"
-    assert sorted(p.name for p in save.iterdir()) == []  # nothing computed, nothing written
+    assert not save.exists()  # nothing computed, nothing written, not even the directory
 
     # On a directory that holds a run: refused without --resume, described with it.
-    from rsst_jax import config as config_lib
-    cfg = config_lib.validate(config_lib.parse_args([a for a in argv if a != "--dry_run"]))
+    from experiments import cli
+    from tiny import quiet_run
+    cfg = cli.parse_run_args([a for a in argv if a != "--dry_run"])
     monkeypatch.setenv("RSST_JAX_STOP_AFTER", "1")  # stop after the first epoch's checkpoint
     with pytest.raises(SystemExit):
-        lottery.LotteryRun(cfg, progress=False, log=lambda s: None).run()
+        quiet_run(cfg)
     code, _, err = _main(argv, capsys)
     assert code == 2 and "already holds a run; pass --resume" in err
     code, out, _ = _main(argv + ["--resume"], capsys)

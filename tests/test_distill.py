@@ -4,9 +4,9 @@ import json
 import numpy as np
 import pytest
 
-from rsst_jax import lottery, train
+from rsst_jax import train
 
-from tiny import tiny_config, use_tiny_data
+from tiny import quiet_run, tiny_config, use_tiny_data
 
 
 def test_distillation_loss_matches_numpy_kl_times_t_squared():
@@ -29,14 +29,12 @@ def test_distillation_loss_matches_numpy_kl_times_t_squared():
 def test_distill_run_uses_round0_teacher_and_changes_later_rounds(tmp_path, monkeypatch):
     use_tiny_data(monkeypatch)
     kw = dict(struct="none", pruning_times=2, epochs=1)
-    lottery.LotteryRun(tiny_config(tmp_path / "plain", **kw), progress=False, log=lambda s: None).run()
-    run = lottery.LotteryRun(tiny_config(tmp_path / "kd", distill=True, kd_alpha=0.9, **kw),
-                             progress=False, log=lambda s: None)
-    run.run()
+    quiet_run(tiny_config(tmp_path / "plain", **kw))
+    run = quiet_run(tiny_config(tmp_path / "kd", distill=True, kd_alpha=0.9, **kw))[1]
     plain = [json.loads(x) for x in (tmp_path / "plain" / "log.jsonl").read_text().splitlines()]
     kd = [json.loads(x) for x in (tmp_path / "kd" / "log.jsonl").read_text().splitlines()]
     # Round 0 is identical (alpha 0 there); round 1 trains against the teacher.
     assert plain[0]["train_loss"] == pytest.approx(kd[0]["train_loss"], rel=1e-6)
     assert plain[1]["train_loss"] != pytest.approx(kd[1]["train_loss"], rel=1e-3)
     assert run.teacher is not None
-    assert run.step_traces == 1
+    assert run.engine.step_traces == 1

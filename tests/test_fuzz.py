@@ -31,7 +31,8 @@ FIXTURES_OK = settings(suppress_health_check=[HealthCheck.function_scoped_fixtur
 
 NUMBERS = ["0", "1", "2", "-1", "0.5", "0.2", "1.5", "nan", "inf", "-inf", "1e309", "abc", "",
            "2147483648", "99999999999999999999", "3", "0x10"] + ["1", "2", "0.5", "0.1"] * 3
-FIELDS = {f.name: f for f in dataclasses.fields(config_lib.Config)}
+FIELDS = {name: config_lib.field_of(name) for name in config_lib.FLAG_ORDER}
+CHOICES = config_lib.choices()
 SPECIAL = {
     "dataset": ["digits", "digits", "digits", "fashion_mnist", "cifar10", "tiny-imagenet", "nope", ""],
     "arch": ["tiny_cnn", "tiny_cnn", "tiny_cnn", "res20s", "nope", ""],
@@ -61,8 +62,8 @@ def flag_lists(draw):
             continue
         if name in SPECIAL:
             value = draw(st.sampled_from(SPECIAL[name]))
-        elif field.metadata.get("choices"):
-            value = draw(st.sampled_from(list(field.metadata["choices"]) + ["bogus"]))
+        elif name in CHOICES:
+            value = draw(st.sampled_from(list(CHOICES[name]) + ["bogus"]))
         else:
             value = draw(st.sampled_from(NUMBERS))
         argv += [f"--{name}", value]

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from rsst_jax import checkpoint as ckpt
-from rsst_jax import lottery
+from rsst_jax import driver, rounds
 from rsst_jax import masks as masks_lib
 
-from tiny import tiny_config, use_tiny_data
+from tiny import quiet_run, tiny_config, use_tiny_data
 
 pytestmark = pytest.mark.slow
 
@@ -45,10 +45,9 @@ def _kernels_and_masks(tree):
 def test_imp_density_follows_rate_and_pruned_weights_stay_zero(tmp_path, monkeypatch):
     use_tiny_data(monkeypatch)
     cfg = tiny_config(tmp_path / "imp", struct="none", pruning_times=4, rate=0.2)
-    run = lottery.LotteryRun(cfg, progress=False, log=lambda s: None)
-    rows = run.run()
+    rows, run = quiet_run(cfg)
     total = sum(m.size for m in _mask_leaves(masks_lib.init_masks(
-        run._fresh_state().params)))
+        run.engine.fresh_state(0).params)))
     kept = total
     for r, row in enumerate(rows):
         tree, _ = _final(tmp_path / "imp", r)
@@ -60,16 +59,15 @@ def test_imp_density_follows_rate_and_pruned_weights_stay_zero(tmp_path, monkeyp
         for path, w, m in leaves:  # masked weights are exactly 0 after training
             assert np.all(w[~m] == 0.0), path
         kept -= int(np.round(0.2 * kept))
-    # one compiled train step served every round
-    assert run.step_traces == 1
+    # one compiled train program served every round
+    assert run.engine.step_traces == 1
 
 
 def test_refill_rounds_are_channelwise_with_spec_k(tmp_path, monkeypatch):
     use_tiny_data(monkeypatch)
     cfg = tiny_config(tmp_path / "refill", struct="refill", criteria="l1", pruning_times=3,
                       rate=0.3, fillback_rate=0.25)
-    run = lottery.LotteryRun(cfg, progress=False, log=lambda s: None)
-    run.run()
+    _, run = quiet_run(cfg)
     for r in (1, 2):
         tree, _ = _final(tmp_path / "refill", r)
         for path, w, m in _kernels_and_masks(tree):
@@ -81,7 +79,11 @@ def test_refill_rounds_are_channelwise_with_spec_k(tmp_path, monkeypatch):
     variables = {"params": tree["params"], "batch_stats": tree["batch_stats"]}
     masks = _np_masks(tree["masks"])
     pruned = masks_lib.magnitude_prune(variables["params"], masks, 0.3)
-    plan = run.prune_and_plan(variables, masks, 1)
+    eng = run.engine
+    m_next, _ = rounds.prune_round(
+        eng.net, variables, masks, cfg.prune, 1, key=jax.random.PRNGKey(0), mean=eng.ds.mean,
+        std=eng.ds.std, score_batches=lambda: eng.score_batches(0, 1, 1))
+    plan = rounds.make_plan(eng.net, eng.param_shapes, cfg.prune, m_next, hyper=eng.hyper(cfg))
     for (path, _, m_imp), (_, _, m_s) in zip(
             _kernels_and_masks({"params": variables["params"], "masks": pruned}),
             _kernels_and_masks({"params": variables["params"], "masks": plan.masks})):
@@ -97,13 +99,12 @@ def test_rsst_penalty_shrinks_targets_and_applies_channel_mask(tmp_path, monkeyp
     cfg = tiny_config(tmp_path / "rsst", struct="rsst", criteria="magnitude", pruning_times=2,
                       rate=0.5, epochs=3, RST_schedule="x", reg_granularity_prune=1.0,
                       update_reg_interval=1)
-    run = lottery.LotteryRun(cfg, progress=False, log=lambda s: None)
-    rows = run.run()
+    rows, run = quiet_run(cfg)
     log = [json.loads(line) for line in (tmp_path / "rsst" / "log.jsonl").read_text().splitlines()]
     round1 = [row for row in log if row["round"] == 1]
     assert len(round1) == 3 and round1[0]["target_count"] > 0
     assert round1[-1]["target_norm_rel"] <= 0.1
-    assert round1[-1]["reg_lambda"] == pytest.approx(3 * run.steps_per_epoch)
+    assert round1[-1]["reg_lambda"] == pytest.approx(3 * run.engine.steps_per_epoch)
     assert "rsst_acc_before" in rows[1] and "rsst_acc_after" in rows[1]
     tree, _ = _final(tmp_path / "rsst", 1)
     for path, w, m in _kernels_and_masks(tree):  # S applied: channel-wise and zero outside
@@ -123,12 +124,13 @@ def test_rsst_penalty_shrinks_targets_and_applies_channel_mask(tmp_path, monkeyp
     assert dead_total > 0
     # The plan's targets: kernel entries kept by M and removed by S, plus the BatchNorm
     # entries of the channels S removes.
-    params = run._fresh_state().params
+    eng = run.engine
+    params = eng.fresh_state(0).params
     m = masks_lib.init_masks(params)
     s = jax.tree_util.tree_map(lambda x: x, m, is_leaf=lambda x: x is None)
     s["conv2"]["kernel"] = s["conv2"]["kernel"].at[..., 3].set(False)
-    plan = run.make_plan(m, s)
-    t = plan.targets
+    plan = rounds.make_plan(eng.net, eng.param_shapes, cfg.prune, m, s, hyper=eng.hyper(cfg))
+    t = plan.step.targets
     assert np.asarray(t["conv2"]["kernel"]).sum() == 3 * 3 * 8
     assert np.flatnonzero(np.asarray(t["bn2"]["scale"])).tolist() == [3]
     assert np.flatnonzero(np.asarray(t["bn2"]["bias"])).tolist() == [3]
@@ -140,7 +142,7 @@ def test_rsst_targets_untouched_by_penalty_when_lambda_is_zero(tmp_path, monkeyp
     use_tiny_data(monkeypatch)
     a = tiny_config(tmp_path / "a", struct="rsst", criteria="magnitude", pruning_times=2,
                     reg_granularity_prune=0.0)
-    lottery.LotteryRun(a, progress=False, log=lambda s: None).run()
+    quiet_run(a)[0]
     log = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     assert all(row["reg_lambda"] == 0.0 for row in log if row["round"] == 1)
     assert log[-1]["target_norm_rel"] > 0.5
@@ -154,19 +156,19 @@ def test_rewinding_restores_saved_weights_bit_for_bit(tmp_path, monkeypatch, pru
                       rewind_epoch=1, epochs=2)
     monkeypatch.setenv("RSST_JAX_STOP_AFTER", "1")
     with pytest.raises(SystemExit):
-        lottery.LotteryRun(cfg, progress=False, log=lambda s: None).run()
+        quiet_run(cfg)[0]
     after_epoch1, _ = ckpt.restore_raw(save / "checkpoints")
     # Resume and stop again right after the checkpoint that opens round 1.
     monkeypatch.setenv("RSST_JAX_STOP_AFTER", "2")
     with pytest.raises(SystemExit):
-        lottery.LotteryRun(cfg.replace(resume=True), progress=False, log=lambda s: None).run()
+        quiet_run(cfg.replace(resume=True))[0]
     if prune_type == "lt":
         expected, _ = ckpt.restore_raw(save / "init")
     else:
         expected = {"params": after_epoch1["state"]["params"],
                     "batch_stats": after_epoch1["state"]["batch_stats"]}
     # The checkpoint written at the start of round 1 holds the rewound state.
-    start_r1, meta = ckpt.restore_raw(save / "checkpoints", step=1 * (cfg.epochs + 1) + 0)
+    start_r1, meta = ckpt.restore_raw(save / "checkpoints", step=1 * (cfg.optim.epochs + 1) + 0)
     assert meta["round"] == 1 and meta["epoch"] == 0
     masks = start_r1["masks"]
     for a, b in zip(jax.tree_util.tree_leaves(start_r1["rewind"]),
@@ -186,13 +188,13 @@ def test_resume_reproduces_uninterrupted_summary(tmp_path, monkeypatch, stop_aft
     use_tiny_data(monkeypatch)
     kw = dict(struct="rsst", criteria="l1", pruning_times=3, epochs=2)
     full = tiny_config(tmp_path / "full", **kw)
-    lottery.LotteryRun(full, progress=False, log=lambda s: None).run()
+    quiet_run(full)[0]
     part = tiny_config(tmp_path / "part", **kw)
     monkeypatch.setenv("RSST_JAX_STOP_AFTER", str(stop_after))
     with pytest.raises(SystemExit):
-        lottery.LotteryRun(part, progress=False, log=lambda s: None).run()
+        quiet_run(part)[0]
     monkeypatch.delenv("RSST_JAX_STOP_AFTER")
-    lottery.LotteryRun(part.replace(resume=True), progress=False, log=lambda s: None).run()
+    quiet_run(part.replace(resume=True))[0]
 
     def strip(rows):
         return [{k: v for k, v in row.items() if "time" not in k} for row in rows]
@@ -208,34 +210,51 @@ def test_resume_reproduces_uninterrupted_summary(tmp_path, monkeypatch, stop_aft
 def test_resume_refuses_other_config_and_fresh_run_refuses_existing_dir(tmp_path, monkeypatch):
     use_tiny_data(monkeypatch)
     cfg = tiny_config(tmp_path / "r", pruning_times=1, epochs=1)
-    lottery.LotteryRun(cfg, progress=False, log=lambda s: None).run()
+    quiet_run(cfg)[0]
     before = sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir())
-    with pytest.raises(lottery.RunError, match="already holds a run"):
-        lottery.LotteryRun(cfg, progress=False, log=lambda s: None).run()
-    with pytest.raises(lottery.RunError, match="--lr 0.1 .now 0.05"):
-        lottery.LotteryRun(cfg.replace(resume=True, lr=0.05), progress=False,
-                           log=lambda s: None).run()
+    with pytest.raises(driver.RunError, match="already holds a run"):
+        quiet_run(cfg)[0]
+    with pytest.raises(driver.RunError, match="--lr 0.1 .now 0.05"):
+        quiet_run(cfg.replace(resume=True, lr=0.05))[0]
     assert sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir()) == before
     # A finished run resumes to the same rows without training again.
-    rows = lottery.LotteryRun(cfg.replace(resume=True), progress=False, log=lambda s: None).run()
+    rows = quiet_run(cfg.replace(resume=True))[0]
     assert len(rows) == 1
 
 
 def test_pt_rewinds_to_pretrained_weights_and_rejects_mismatched_files(tmp_path, monkeypatch):
     use_tiny_data(monkeypatch)
     donor = tiny_config(tmp_path / "donor", pruning_times=1, epochs=1)
-    lottery.LotteryRun(donor, progress=False, log=lambda s: None).run()
+    quiet_run(donor)[0]
     cfg = tiny_config(tmp_path / "pt", prune_type="pt", pretrained=str(tmp_path / "donor"),
                       pruning_times=2, epochs=1)
-    lottery.LotteryRun(cfg, progress=False, log=lambda s: None).run()
+    quiet_run(cfg)[0]
     w_pre, _ = ckpt.restore_raw(tmp_path / "donor" / "round_0" / "final")
+    w0, _ = ckpt.restore_raw(tmp_path / "pt" / "init")
     last, _ = ckpt.restore_raw(tmp_path / "pt" / "checkpoints")
-    for a, b in zip(jax.tree_util.tree_leaves(last["rewind"]["params"]),
-                    jax.tree_util.tree_leaves(w_pre["params"])):
-        np.testing.assert_array_equal(a, b)
+    fresh = {"conv1/kernel", "fc/kernel", "fc/bias"}  # the stem and the classifier
+    got = masks_lib.flat_dict(last["rewind"]["params"])
+    pre, init = masks_lib.flat_dict(w_pre["params"]), masks_lib.flat_dict(w0["params"])
+    assert fresh <= set(got)
+    for path, value in got.items():  # as the reference: stem and classifier freshly initialized
+        np.testing.assert_array_equal(value, (init if path in fresh else pre)[path])
+        assert path in fresh or not np.array_equal(value, init[path])
     # A checkpoint of another architecture stops with a message naming the layer.
     other = tiny_config(tmp_path / "other", arch="res20s", pruning_times=1, epochs=1,
                         batch_size=32)
-    with pytest.raises(lottery.RunError):
-        lottery.LotteryRun(other.replace(prune_type="pt", pretrained=str(tmp_path / "donor")),
-                           progress=False, log=lambda s: None).run()
+    with pytest.raises(driver.RunError):
+        quiet_run(other.replace(prune_type="pt", pretrained=str(tmp_path / "donor")))
+
+
+def test_fc_flag_prunes_nothing_and_prune_fc_prunes_the_classifier(tmp_path, monkeypatch):
+    """--fc is the reference's "rewind fc" (every layer is rewound here): the classifier
+    stays whole; --prune_fc adds it to the prunable kernels."""
+    use_tiny_data(monkeypatch)
+    kw = dict(struct="none", pruning_times=2, epochs=1, rate=0.5)
+    quiet_run(tiny_config(tmp_path / "fc", fc=True, **kw))
+    quiet_run(tiny_config(tmp_path / "prune_fc", prune_fc=True, **kw))
+    a, _ = _final(tmp_path / "fc", 1)
+    b, _ = _final(tmp_path / "prune_fc", 1)
+    assert a["masks"]["fc"]["kernel"] is None or np.asarray(a["masks"]["fc"]["kernel"]).all()
+    fc = np.asarray(b["masks"]["fc"]["kernel"], bool)
+    assert 0 < fc.sum() < fc.size

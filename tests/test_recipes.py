@@ -19,7 +19,7 @@ import textwrap
 
 import pytest
 
-from rsst_jax import config as config_lib
+from experiments import cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -149,7 +149,7 @@ def test_every_documented_command_line_parses():
 
     parsers = {"experiments.compare": compare.build_parser(), "experiments.plot": plot.build_parser(),
                "experiments.analyze": analyze.build_parser(), "experiments.sweep": sweep.build_parser(),
-               "experiments.run": config_lib.build_parser()}
+               "experiments.run": cli.run_parser()}
     seen = set()
     for name in ("comparison.md", "recipes.md", "pretrained.md"):
         for lang in ("bash", "sh"):
@@ -168,26 +168,28 @@ def test_every_documented_command_line_parses():
 
 def test_yaml_and_toml_supply_flags_and_the_command_line_wins(tmp_path):
     (tmp_path / "a.yaml").write_text("dataset: digits\nstruct: refill\nfillback_rate: 0.25\n"
-                                     "epochs: 3\nconv1: true\nreg_upper_limit: 2.5\n")
+                                     "epochs: 3\nwarmup: 0\nconv1: true\nreg_upper_limit: 2.5\n")
     (tmp_path / "a.toml").write_text('dataset = "digits"\nstruct = "none"\nrate = 0.3\n'
                                      'decreasing_lr = "2,4"\nprune_scope = "layerwise"\n')
-    y = config_lib.parse_args(["--config", str(tmp_path / "a.yaml"), "--epochs", "7"])
-    assert (y.dataset, y.struct, y.fillback_rate, y.epochs, y.conv1, y.reg_upper_limit) == \
-           ("digits", "refill", 0.25, 7, True, 2.5)
-    assert y.lr == 0.01 and y.batch_size == 128  # defaults where neither says anything
-    t = config_lib.parse_args(["--config", str(tmp_path / "a.toml"), "--rate", "0.1"])
-    assert (t.struct, t.rate, t.milestones, t.prune_scope) == ("none", 0.1, (2, 4), "layerwise")
+    y = cli.parse_run_args(["--config", str(tmp_path / "a.yaml"), "--epochs", "7"]).to_dict()
+    assert [y[k] for k in ("dataset", "struct", "fillback_rate", "epochs", "conv1",
+                           "reg_upper_limit")] == ["digits", "refill", 0.25, 7, True, 2.5]
+    assert y["lr"] == 0.01 and y["batch_size"] == 128  # defaults where neither says anything
+    t = cli.parse_run_args(["--config", str(tmp_path / "a.toml"), "--rate", "0.1"])
+    assert (t.prune.struct, t.prune.rate, t.optim.milestones, t.prune.prune_scope) == (
+        "none", 0.1, (2, 4), "layerwise")
 
 
 def test_saved_config_round_trips_through_parse_args(tmp_path):
     """A config.json as the run writes it resolves to the same Config."""
-    cfg = config_lib.validate(config_lib.parse_args(
+    cfg = cli.parse_run_args(
         ["--dataset", "digits", "--struct", "rsst", "--criteria", "l2", "--epochs", "2", "--warmup", "0",
-         "--reg_upper_limit", "3", "--layer_rates", "layer1=0.5", "--save_dir", str(tmp_path / "a")]))
-    saved = dict(cfg.to_dict(), seed=cfg.resolved_seed, resume=False, checkpoint=None)
+         "--reg_upper_limit", "3", "--layer_rates", "layer1=0.5", "--save_dir", str(tmp_path / "a")])
+    seed = cfg.run.resolved_seed
+    saved = dict(cfg.to_dict(), seed=seed, resume=False, checkpoint=None)
     (tmp_path / "config.json").write_text(json.dumps(saved))
-    again = config_lib.parse_args(["--config", str(tmp_path / "config.json")])
-    assert dict(again.to_dict(), config=None, seed=cfg.resolved_seed) == dict(cfg.to_dict(), seed=cfg.resolved_seed)
+    again = cli.parse_run_args(["--config", str(tmp_path / "config.json")])
+    assert dict(again.to_dict(), config=None, seed=seed) == dict(cfg.to_dict(), seed=seed)
 
 
 def test_bad_config_files_are_one_clear_line(tmp_path, capsys):

@@ -73,7 +73,7 @@ def hit(event, path=""):
             sys.stdout.flush(); sys.stderr.flush()
             os.kill(os.getpid(), signal.SIGKILL)
 
-from rsst_jax import checkpoint as ckpt, lottery
+from rsst_jax import callbacks, checkpoint as ckpt, engine
 from orbax.checkpoint._src.path import atomicity
 
 _create = atomicity._create_tmp_directory
@@ -106,27 +106,25 @@ def rmtree(path, *a, **kw):
     return _rmtree(path, *a, **kw)
 shutil.rmtree = rmtree
 
-_summary = lottery.summary_rows_to_files
-def summary_rows_to_files(save_dir, rows):
-    _summary(save_dir, rows)
-    hit("summary", save_dir)
-lottery.summary_rows_to_files = summary_rows_to_files
+_summary = callbacks.write_summary
+def write_summary(paths, rows):
+    _summary(paths, rows)
+    hit("summary", paths.root)
+callbacks.write_summary = write_summary
 
-_run = lottery.LotteryRun.run
-def run(self):
-    step = self.train_step
+_init = engine.Engine.__init__
+def init(self, *a, **kw):
+    _init(self, *a, **kw)
+    step, chunk = self.train_step, self.train_chunk
     def counted(*a, **kw):
         hit("step")
         return step(*a, **kw)
-    self.train_step = counted
-    chunk = self.train_chunk
     def counted_chunk(state, data_x, data_y, perm, *a):
-        for _ in range(perm.shape[0]):  # a fused chunk: dies before the chunk holding step n
+        for _ in range(perm.shape[1]):  # a fused chunk: dies before the chunk holding step n
             hit("step")
         return chunk(state, data_x, data_y, perm, *a)
-    self.train_chunk = counted_chunk
-    return _run(self)
-lottery.LotteryRun.run = run
+    self.train_step, self.train_chunk = counted, counted_chunk
+engine.Engine.__init__ = init
 
 from experiments import run as cli
 sys.exit(cli.main(sys.argv[1:]))
@@ -352,10 +350,11 @@ def test_nan_loss_stops_with_round_epoch_step_and_keeps_last_checkpoint(tmp_path
     code, _, err = _main(argv + ["--resume"], capsys)
     assert code == 3
     line = err.strip().splitlines()[-1]
-    assert line.startswith("error: the loss became nan at round 1, epoch 0, step "), line
+    # rounds count from 0, epochs and steps from 1 (as everywhere)
+    assert line.startswith("error: the loss became nan at round 1, epoch 1, step "), line
     assert "last good checkpoint is kept" in line
     stop_step = int(STEP_RE.search(line).group(3))
-    assert 0 <= stop_step < 5
+    assert 1 <= stop_step <= 5
     assert ckpt.steps(save / "checkpoints") == before  # nothing written after the NaN
     tree, meta = ckpt.restore_raw(save / "checkpoints")
     assert (meta["round"], meta["epoch"]) == (1, 0)
@@ -372,7 +371,7 @@ def test_nan_loss_stops_with_round_epoch_step_and_keeps_last_checkpoint(tmp_path
     assert len(skipped) == 2  # one batch in each epoch
     assert all(n.startswith("skipped 1 batches with a non-finite loss") for n in skipped)
     where = [tuple(map(int, STEP_RE.search(n).groups())) for n in skipped]
-    assert [w[:2] for w in where] == [(0, 0), (1, 0)]
+    assert [w[:2] for w in where] == [(0, 1), (1, 1)]
     assert where[1][2] == stop_step
     rows = read_rows(skip / "summary.json")
     assert len(rows) == 2 and all(np.isfinite(r["final_test_acc"]) for r in rows)
@@ -389,7 +388,7 @@ def test_huge_learning_rate_diverges_with_exit_code_3(tmp_path, monkeypatch, cap
                                        "2", "--epochs", "1", "--save_dir", str(save)], capsys)
     assert code == 3, err
     line = err.strip().splitlines()[-1]
-    assert "round 0, epoch 0" in line and "Lower --lr" in line, line
+    assert "round 0, epoch 1" in line and "Lower --lr" in line, line
     assert "Traceback" not in err
     assert ckpt.latest_step(save / "checkpoints") is None  # nothing good was ever reached
 
@@ -405,7 +404,7 @@ def test_exploding_rsst_lambda_is_caught(tmp_path, monkeypatch, capsys):
     assert code == 3, err
     assert "warning: lr * lambda crosses" in out  # said before training
     line = err.strip().splitlines()[-1]
-    assert re.search(r"round 1, epoch 0", line) and "--reg_upper_limit" in line, line
+    assert re.search(r"round 1, epoch 1", line) and "--reg_upper_limit" in line, line
     # Round 0 (no penalty) finished and its checkpoints stay.
     assert ckpt.latest_step(save / "checkpoints") == 2
     assert len(read_rows(save / "summary.json")) == 1

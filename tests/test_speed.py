@@ -16,16 +16,15 @@ import numpy as np
 import pytest
 
 from rsst_jax import checkpoint as ckpt
-from rsst_jax import lottery
 from rsst_jax import train as train_lib
 
-from tiny import tiny_config, use_tiny_data
+from tiny import quiet_run, tiny_config, use_tiny_data
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _quiet(cfg):
-    return lottery.LotteryRun(cfg, progress=False, log=lambda s: None)
+    return quiet_run(cfg)[1]
 
 
 def _final_tree(save_dir, r):
@@ -56,10 +55,10 @@ def test_fused_is_on_by_default_and_unrolled_in_short_chunks_on_cpu():
 def test_cpu_chunks_compile_to_straight_line_code_and_accelerator_chunks_to_a_loop(k):
     """Any chunk length, 1 included (the remainder chunk of a 9-step epoch in chunks of
     8: ``lax.scan(unroll=True)`` of length 1 is a one-trip loop, 40x slower on CPU)."""
-    def step(s, data_x, data_y, idx, masks, targets, scale):
+    def step(s, data_x, data_y, idx, scale):
         return s + jnp.sum(data_x[idx]) * scale, {"loss": s}
     args = (jnp.float32(0), jnp.ones((8,)), jnp.ones((8,)), jnp.zeros((k, 2), jnp.int32),
-            None, None, jnp.float32(1))
+            jnp.float32(1))
     for unroll, loops in ((train_lib.fused_unroll("cpu"), False),
                           (train_lib.fused_unroll("gpu"), True)):
         chunk = jax.jit(train_lib.make_epoch_fn(step, unroll=unroll))
@@ -79,10 +78,8 @@ def test_fused_chunks_equal_the_step_loop(tmp_path, monkeypatch, unroll):
     monkeypatch.setattr(train_lib, "fused_unroll", lambda platform=None: unroll)
     kw = dict(struct="rsst", criteria="magnitude", pruning_times=2, epochs=2, rate=0.5,
               RST_schedule="x", update_reg_interval=1, reg_granularity_prune=0.5)
-    loop = _quiet(tiny_config(tmp_path / "loop", fused="off", **kw))
-    loop.run()
-    fused = _quiet(tiny_config(tmp_path / "fused", fused="on", fused_steps=3, **kw))
-    fused.run()
+    loop = _quiet(tiny_config(tmp_path / "loop", fused="off", **kw)).engine
+    fused = _quiet(tiny_config(tmp_path / "fused", fused="on", fused_steps=3, **kw)).engine
     assert fused.fused and not loop.fused
     assert fused.train_chunk._cache_size() == 2  # chunk of 3 and the remainder, every round
     for r in (0, 1):
@@ -101,10 +98,9 @@ def test_fused_chunks_equal_the_step_loop(tmp_path, monkeypatch, unroll):
 def test_bf16_computes_in_bf16_keeps_fp32_state_and_trains_like_fp32(tmp_path, monkeypatch):
     use_tiny_data(monkeypatch)
     kw = dict(pruning_times=1, epochs=3)
-    _quiet(tiny_config(tmp_path / "fp32", **kw)).run()
-    run = _quiet(tiny_config(tmp_path / "bf16", precision="bf16", **kw))
-    run.run()
-    state = run._fresh_state()
+    _quiet(tiny_config(tmp_path / "fp32", **kw))
+    run = _quiet(tiny_config(tmp_path / "bf16", precision="bf16", **kw)).engine
+    state = run.fresh_state(0)
     x = jnp.zeros((2, *run.ds.image_shape), jnp.float32)
     jaxpr = jax.make_jaxpr(lambda v: run.model.apply(v, x, train=True,
                                                      mutable=["batch_stats"]))(state.variables)
@@ -140,15 +136,18 @@ def _one_step(model, accum_steps, *, batch=16, bn_free=True):
     rng = np.random.default_rng(0)
     data_x = jnp.asarray(rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8))
     data_y = jnp.asarray(rng.integers(0, 10, (40,)).astype(np.int32))
-    tx = train_lib.make_optimizer(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4)
+    tx = train_lib.make_optimizer(optimizer="sgd", momentum=0.9, weight_decay=1e-4)
     cfg = train_lib.StepConfig(flip=True, mean=(0.5,) * 3, std=(0.25,) * 3,
                                accum_steps=accum_steps)
     state = train_lib.create_train_state(model, tx, jax.random.PRNGKey(0), (8, 8, 3))
-    step = jax.jit(train_lib.make_train_step(model, tx, cfg))
+    step = jax.jit(train_lib.gather_step(train_lib.make_train_step(
+        model, tx, cfg, train_lib.Schedules(steps_per_epoch=10, total_steps=10))))
+    plan = train_lib.Plan(masks=None, targets=None, reg_scale=1.0,
+                          hyper=train_lib.Hyper.make(0.1))
     idx = jnp.asarray(rng.permutation(40)[:batch].astype(np.int32))
     metrics = []
     for _ in range(2):  # the second step sees momentum from the first
-        state, m = step(state, data_x, data_y, idx, None, None, 1.0)
+        state, m = step(state, data_x, data_y, idx, plan)
         metrics.append(m)
     return state, metrics
 
@@ -183,10 +182,10 @@ def test_accumulation_needs_a_divisible_batch(tmp_path):
 # ------------------------------------------------------------------------ data parallel
 
 _PARALLEL_SCRIPT = textwrap.dedent("""
-    import json, sys
+    import json, pathlib, sys
     sys.path.insert(0, {tests!r})
     import jax, numpy as np
-    from rsst_jax import checkpoint as ckpt, lottery, masks as masks_lib, parallel
+    from rsst_jax import checkpoint as ckpt, masks as masks_lib, parallel, rounds
     import tiny
     from rsst_jax import data as data_lib
     ds = tiny.tiny_digits(320)
@@ -194,21 +193,23 @@ _PARALLEL_SCRIPT = textwrap.dedent("""
     cfg = tiny.tiny_config({save!r}, struct="rsst", criteria="magnitude", pruning_times=2,
                            epochs=1, rate=0.5, RST_schedule="x", update_reg_interval=1,
                            reg_granularity_prune=0.5, fused={fused!r}, fused_steps=2)
-    run = lottery.LotteryRun(cfg, progress=False, log=lambda s: None)
-    run.run()
+    run = tiny.quiet_run(cfg)[1].engine
+    save = pathlib.Path({save!r})
     for r in (0, 1):
-        tree, _ = ckpt.restore_raw(run.dir / f"round_{{r}}" / "final")
+        tree, _ = ckpt.restore_raw(save / f"round_{{r}}" / "final")
         leaves = jax.tree_util.tree_leaves({{"p": tree["params"], "b": tree["batch_stats"]}})
-        np.savez(run.dir / f"final_{{r}}.npz", *leaves)
+        np.savez(save / f"final_{{r}}.npz", *leaves)
     out = dict(devices=jax.device_count(), mesh=None if run.mesh is None else run.mesh.size)
-    state = run._fresh_state()
+    state = run.fresh_state(0)
     if run.mesh is not None:
-        masks = parallel.replicate(run.make_plan(masks_lib.init_masks(state.params)).train_masks,
-                                   run.mesh)
-        st = parallel.replicate(state, run.mesh)
-        idx = parallel.shard_batch(np.arange(cfg.batch_size, dtype=np.int32), run.mesh)
-        hlo = run.train_step.lower(st, run.dev["train_x"], run.dev["train_y"], idx, masks,
-                                   masks, np.float32(1.0)).compile().as_text()
+        plan = rounds.make_plan(run.net, run.param_shapes, cfg.prune,
+                                masks_lib.init_masks(state.params), hyper=run.hyper(cfg))
+        plan = parallel.replicate(rounds.stack([plan.step]), run.mesh)
+        st = parallel.replicate(rounds.stack([state]), run.mesh)
+        idx = parallel.shard_batch(np.arange(cfg.optim.batch_size, dtype=np.int32)[None],
+                                   run.mesh, 1)
+        hlo = run.train_step.lower(st, run.dev["train_x"], run.dev["train_y"], idx,
+                                   plan).compile().as_text()
         out["all_reduce"] = "all-reduce" in hlo
         sharding = jax.tree_util.tree_leaves(st.params)[0].sharding
         out["params_replicated_on"] = len(sharding.device_set) if sharding.is_fully_replicated else 0
@@ -300,22 +301,43 @@ def test_two_devices_equal_one_device(tmp_path):
 
 # ------------------------------------------------------------------------ benchmark
 
-def test_bench_reports_every_variant_and_the_fused_speedup():
+def test_bench_reports_every_variant_epochs_and_tickets():
     from experiments import bench
     args = bench.parse_args(["--arch", "tiny_cnn", "--batch_size", "8", "--image_shape", "8,8,3",
-                             "--steps", "2", "--warmup", "1", "--fused_steps", "2",
-                             "--fused_reps", "1", "--eval_batch_size", "16", "--eval_reps", "1"])
+                             "--steps", "2", "--warmup", "1", "--train_size", "40",
+                             "--epochs", "1", "--fused_steps", "2", "--num_seeds", "1,2",
+                             "--eval_batch_size", "16", "--eval_reps", "1"])
     r = bench.run(args)
     assert set(r["step_ms"]) == {"dense", "imp", "refill", "rsst"}
     assert r["ratio_to_dense"]["dense"] == 1.0
     assert all(v > 0 for v in r["images_per_s"].values())
     assert set(r["compile_s"]) == {"dense", "masked"}  # IMP, Refill and RSST share a program
-    assert r["fused"]["speedup"] > 0 and r["eval"]["images_per_s"] > 0
-    assert r["fused"]["form"] == "unrolled"  # as a run does on CPU
-    assert "(unrolled)" in bench.format_table(r)
-    assert r["device"] and "peak_memory_mb" in r
-    assert "vs dense" in bench.format_table(r)
+    e = r["epochs"]  # a run's epoch: 5 steps in chunks of 2, 2 and the remainder 1
+    assert e["on"]["steps"] == 5 and e["on"]["fused"] and not e["off"]["fused"]
+    assert e["speedup"] > 0 and e["auto"] in ("on", "off")
+    assert [t["num_seeds"] for t in r["tickets"]] == [1, 2]
+    assert all(t["images_per_s"] > 0 for t in r["tickets"])
+    assert r["eval"]["images_per_s"] > 0 and "peak_memory_mb" in r
+    text = bench.format_table(r)
+    assert "vs dense" in text and "--fused auto runs" in text and "2 tickets" in text
     json.dumps(r)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--arch", "resnet999"], "unknown --arch 'resnet999'"),
+    (["--batch_size", "0"], "--batch_size wants positive integers"),
+    (["--image_shape", "32,32"], "--image_shape wants H,W,C"),
+    (["--arch", "res20s,vgg16_bn"], "need --epoch_table"),
+    (["--batch_size", "128", "--train_size", "64"], "larger than --train_size"),
+    (["--num_seeds", "0"], "--num_seeds wants positive integers"),
+    (["--variants", "foo"], "unknown --variants"),
+    (["--steps", "x"], "argument --steps: invalid int value"),
+])
+def test_bench_bad_input_is_one_line_and_exit_2(argv, message, capsys):
+    from experiments import bench
+    assert bench.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
 
 
 # ------------------------------------------------------------------------ many tickets
@@ -339,9 +361,9 @@ def _rounding_tolerance(run_dir, perturbed_dir, make_cfg, reduction: int) -> lis
         if a.dtype.kind == "f" else a, raw)
     ckpt.save(pathlib.Path(perturbed_dir) / "init", 0, scaled, meta)
     cfg = make_cfg(perturbed_dir)
-    _quiet(cfg.replace(init=str(pathlib.Path(perturbed_dir) / "init"))).run()
+    _quiet(cfg.replace(init=str(pathlib.Path(perturbed_dir) / "init")))
     out = []
-    for r in range(cfg.pruning_times):
+    for r in range(cfg.prune.pruning_times):
         a, b = _final_tree(run_dir, r), _final_tree(perturbed_dir, r)
         out.append(max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in
                        zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))))
@@ -356,16 +378,17 @@ def test_vmapped_seeds_equal_separate_runs(tmp_path, monkeypatch):
     weights within the rounding tolerance of this computation (``_rounding_tolerance``:
     the largest reduction of the tiny step is a BatchNorm mean over 64 x 8 x 8 values).
     A ticket given another's batches, masks or keys differs by orders of magnitude more."""
-    from rsst_jax import multiseed
+    from experiments.run import seed_configs
+    from rsst_jax import driver
     use_tiny_data(monkeypatch)
     kw = dict(struct="rsst", criteria="remain", prune_method="random", pruning_times=2,
               epochs=2, rate=0.5, RST_schedule="x", update_reg_interval=1,
               reg_granularity_prune=0.5)
-    rows = multiseed.run(tiny_config(tmp_path / "multi", seed=3, num_seeds=2, **kw),
-                         log=lambda s: None)
+    rows = driver.run(seed_configs(tiny_config(tmp_path / "multi", seed=3, num_seeds=2, **kw)),
+                      progress=False, log=lambda s: None)
     assert len(rows) == 2 and all(len(r) == 2 for r in rows)
     for seed in (3, 4):
-        _quiet(tiny_config(tmp_path / f"single_{seed}", seed=seed, **kw)).run()
+        _quiet(tiny_config(tmp_path / f"single_{seed}", seed=seed, **kw))
     tol = _rounding_tolerance(tmp_path / "single_3", tmp_path / "perturbed_3",
                               lambda d: tiny_config(d, seed=3, **kw), reduction=64 * 8 * 8)
     for seed in (3, 4):
@@ -383,7 +406,8 @@ def test_vmapped_seeds_equal_separate_runs(tmp_path, monkeypatch):
 
 
 def test_cli_num_seeds_writes_one_run_per_seed(tmp_path, monkeypatch):
-    """experiments.run --num_seeds K goes through multiseed and writes SAVE_DIR/seed_<s>/."""
+    """experiments.run --num_seeds K trains K tickets as one program and writes
+    SAVE_DIR/seed_<s>/."""
     from experiments import run as run_cli
     from tiny import use_tiny_data
     use_tiny_data(monkeypatch)

@@ -50,10 +50,31 @@ def tiny_config(save_dir, **overrides) -> config_lib.Config:
                   batch_size=64, lr=0.1, warmup=0, decreasing_lr="100", pruning_times=3,
                   eval_batch_size=100, struct="none", seed=0)
     values.update(overrides)
-    return config_lib.validate(config_lib.Config(**values))
+    return config_lib.validate(config_lib.Config.from_dict(values))
 
 
 def use_tiny_data(monkeypatch, n_train: int = 320):
     """Make every run in this test load ``tiny_digits`` whatever --dataset says."""
     ds = tiny_digits(n_train)
     monkeypatch.setattr(data_lib, "load_dataset", lambda name, data_dir=None, seed=0: ds)
+
+
+class _Capture:
+    """A callback that keeps the driver's ``Run`` (engine, tickets, states)."""
+    run = None
+
+    def __getattr__(self, name):
+        return lambda *args: None
+
+    def run_start(self, run):
+        self.run = run
+
+
+def quiet_run(cfgs, **kw):
+    """``driver.run`` without output; returns (summary rows of the first ticket, the Run)."""
+    from rsst_jax import callbacks, driver
+    cfgs = cfgs if isinstance(cfgs, list) else [cfgs]
+    capture = _Capture()
+    rows = driver.run(cfgs, callbacks=callbacks.default_callbacks(cfgs[0], progress=False)
+                      + [capture], log=lambda s: None, **kw)
+    return rows[0], capture.run

@@ -1,0 +1,275 @@
+"""The command's run: a short loop over rounds and epochs of K tickets, with callbacks.
+
+``run(configs)`` trains the tickets of ``configs`` (one configuration, or several that
+differ only in ``rounds.GROUPABLE`` settings: seeds, learning rate, lambda schedule,
+rates, criteria) as one program on an :class:`engine.Engine`; each ticket writes an
+ordinary run directory (``paths.RunPaths``) that resumes, analyses and compares on its
+own. Per round: train the epochs (``Engine.train_epoch``), evaluate, then finish the
+round (RSST applies S), prune and plan the next (``rounds``), rewind. Side effects are
+callbacks (``rsst_jax.callbacks``); where a run stands is each ticket's ``Progress``,
+saved with every checkpoint, so a resumed run continues where it stopped and ends
+with the numbers of an uninterrupted one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import time
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from rsst_jax import callbacks as cb
+from rsst_jax import checkpoint as ckpt
+from rsst_jax import config as config_lib
+from rsst_jax import masks as masks_lib
+from rsst_jax import paths as paths_lib
+from rsst_jax import regularizers, rounds
+from rsst_jax import starting
+from rsst_jax.engine import Engine, model_options
+
+TrainingDiverged = cb.TrainingDiverged
+RunError = starting.RunError
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where a ticket stands; saved as JSON with every checkpoint."""
+    round: int = 0
+    epoch: int = 0                 # epochs finished in this round
+    history: list = dataclasses.field(default_factory=list)   # one row per epoch, all rounds
+    rows: list = dataclasses.field(default_factory=list)      # one summary row per round
+    best: Optional[dict] = None
+    elapsed: float = 0.0           # training wall time so far, seconds
+    round_start: float = 0.0
+    last_val_acc: Optional[float] = None
+    target_norm0: Optional[float] = None
+
+
+@dataclasses.dataclass
+class Ticket:
+    cfg: config_lib.Config
+    paths: paths_lib.RunPaths
+    progress: Progress
+    failed: Optional[BaseException] = None
+
+    @property
+    def seed(self) -> int:
+        return self.cfg.run.resolved_seed
+
+
+class Run:
+    """The driver's state, as callbacks see it: engine, tickets, stacked states, plans
+    (``rounds.RoundPlan``) and rewind points, and ``log``."""
+
+    def __init__(self, engine: Engine, tickets: list[Ticket], log: Callable[[str], None]):
+        self.engine, self.tickets, self.log = engine, tickets, log
+        cfg = tickets[0].cfg
+        self.rounds, self.epochs = cfg.prune.pruning_times, cfg.optim.epochs
+        self.batch_size = cfg.optim.batch_size
+        self.states = self.plan = self.rewind = None
+        self.teacher = None
+
+    def live_tickets(self) -> list[Ticket]:
+        return [t for t in self.tickets if t.failed is None]
+
+    @property
+    def lead(self) -> Progress:
+        """Where the run stands: the progress of its first ticket still training."""
+        return self.live_tickets()[0].progress
+
+    def fail(self, k: int, error: BaseException) -> None:
+        """Ticket k stops here (its checkpoints stay as they are); with one ticket the
+        error ends the run."""
+        if len(self.tickets) == 1:
+            raise error
+        self.tickets[k].failed = error
+        self.log(f"seed {self.tickets[k].seed} stopped: {error}")
+
+    def ticket_meta(self, k: int) -> dict:
+        """What a checkpoint of ticket k records about the network (for the loaders)."""
+        cfg, ds = self.tickets[k].cfg, self.engine.ds
+        return {"arch": cfg.model.arch, "dataset": cfg.data.dataset,
+                "num_classes": ds.num_classes, "image_shape": list(ds.image_shape),
+                "model_options": model_options(cfg.model)}
+
+    def checkpoint_tree(self, k: int) -> dict:
+        plan = rounds.ticket(self.plan, k)
+        return {"state": rounds.ticket(self.states, k), "masks": plan.masks,
+                "channel_masks": plan.channel_masks, "rewind": rounds.ticket(self.rewind, k)}
+
+    def checkpoint_meta(self, k: int) -> dict:
+        t = self.tickets[k]
+        return dict(dataclasses.asdict(t.progress), has_channel_masks=self.plan.rsst,
+                    config=t.cfg.to_dict(), **self.ticket_meta(k))
+
+
+def run(configs, *, callbacks: Optional[Sequence[cb.Callback]] = None, progress: bool = True,
+        log: Optional[Callable[[str], None]] = None, dataset=None) -> list[list[dict]]:
+    """Run (or resume) ``configs`` (a Config or a list of groupable ones) to the end;
+    returns each ticket's summary rows."""
+    configs = [configs] if isinstance(configs, config_lib.Config) else list(configs)
+    log = log or starting.print_flushed
+    engine = Engine(configs, dataset=dataset)
+    tickets = [Ticket(c, paths_lib.RunPaths.of(c.run.save_dir), Progress()) for c in configs]
+    callbacks = list(callbacks if callbacks is not None
+                     else cb.default_callbacks(configs[0], progress=progress))
+    for t in tickets:
+        t.paths.root.mkdir(parents=True, exist_ok=True)
+    locks = cb.RunLocks([t.paths.root for t in tickets], log=log).acquire()
+    r = Run(engine, tickets, log)
+    try:
+        starting.start(r, Progress)
+        for c in callbacks:
+            c.run_start(r)
+        while r.live_tickets() and r.lead.round < r.rounds:
+            _train_round(r, callbacks)
+    finally:
+        for c in callbacks:
+            c.run_end(r)
+        locks.run_end(r)
+    failed = [t.failed for t in tickets if t.failed is not None]
+    if failed:
+        raise failed[0]
+    return [t.progress.rows for t in tickets]
+
+
+def _train_round(run: Run, callbacks) -> None:
+    ticks = run.tickets
+    r = run.lead.round
+    if run.lead.epoch == 0:
+        for k, t in enumerate(ticks):
+            p = t.progress
+            p.best = {"val_acc": -1.0, "epoch": -1, "test_acc": None}
+            p.round_start = p.elapsed
+            p.target_norm0 = (rounds.target_stats(rounds.ticket(run.states, k).params,
+                                                  rounds.ticket(run.plan.step.targets, k))[0]
+                              if run.plan.rsst else None)
+    for epoch in range(run.lead.epoch + 1, run.epochs + 1):
+        _train_epoch(run, callbacks, r, epoch)
+        if not run.live_tickets():
+            return
+    t1 = time.time()
+    rows = _finish_round(run, r)
+    for c in callbacks:
+        c.round_finished(run, r, rows)
+    if r == 0 and ticks[0].cfg.optim.distill:
+        run.teacher = starting.load_teacher(run)
+    if r + 1 < run.rounds:
+        starting.plan_next_round(run, r)
+    for t, row in zip(ticks, rows):
+        p = t.progress
+        p.elapsed += time.time() - t1
+        if row is None:
+            continue
+        row.update(round_time_s=round(p.elapsed - p.round_start, 2),
+                   wall_time_s=round(p.elapsed, 2))
+        p.rows.append(row)
+        p.round, p.epoch = r + 1, 0
+    for c in callbacks:
+        c.round_end(run, r, rows)
+
+
+def _train_epoch(run: Run, callbacks, r: int, epoch: int) -> None:
+    """Epoch ``epoch`` (from 1) of round r for every ticket: train, evaluate, record."""
+    eng, ticks = run.engine, run.tickets
+    t0 = time.time()
+    scales = [regularizers.adaptive_scale(t.progress.last_val_acc, t.cfg.rsst.target_acc)
+              if t.cfg.rsst.reg_adaptive else 1.0 for t in ticks]
+    run.plan = run.plan.replace(step=run.plan.step.replace(
+        reg_scale=jnp.asarray(scales, jnp.float32)))
+    perms = eng.epoch_perms([t.seed for t in ticks], r, epoch - 1)
+    for c in callbacks:
+        c.epoch_start(run, r, epoch, perms.shape[1])
+    run.states, metrics = eng.train_epoch(
+        run.states, run.plan.step, perms,
+        on_chunk=lambda done, n, m: [c.chunk(run, done, n, m) for c in callbacks])
+    for c in callbacks:
+        c.epoch_trained(run, r, epoch, metrics)
+    val = eng.evaluate(run.states.variables, "val")
+    test = eng.evaluate(run.states.variables, "test")
+    rows = []
+    for k, t in enumerate(ticks):
+        if t.failed is None and not _params_finite(run, k):
+            run.fail(k, TrainingDiverged(
+                f"parameters became NaN/Inf in round {r}, epoch {epoch}; the last good "
+                f"checkpoint is kept. Lower --lr or set --reg_upper_limit"))
+        if t.failed is not None:
+            rows.append(None)
+            continue
+        rows.append(_epoch_row(run, k, r, epoch, metrics, val[k], test[k], scales[k], t0))
+    for c in callbacks:
+        c.epoch_end(run, r, epoch, rows)
+
+
+def _params_finite(run: Run, k: int) -> bool:
+    from rsst_jax import train as train_lib
+    return train_lib.tree_is_finite(rounds.ticket(run.states.params, k))
+
+
+def _epoch_row(run: Run, k: int, r: int, epoch: int, metrics, val, test, scale, t0) -> dict:
+    t, p = run.tickets[k], run.tickets[k].progress
+    finite = metrics["finite"][k].astype(bool)
+    loss, correct = metrics["loss"][k], metrics["correct"][k]
+    row = {"round": r, "epoch": epoch,
+           "train_loss": float(loss[finite].mean()) if finite.any() else float("nan"),
+           "train_acc": 100.0 * float(correct[finite].sum())
+           / max(1, int(finite.sum()) * run.batch_size),
+           "val_acc": val["acc"], "val_loss": val["loss"], "test_acc": test["acc"],
+           "test_loss": test["loss"], "lr": float(metrics["lr"][k, -1])}
+    p.last_val_acc = val["acc"]
+    if run.plan.rsst:
+        norm, small, count = rounds.target_stats(rounds.ticket(run.states.params, k),
+                                                 rounds.ticket(run.plan.step.targets, k))
+        row.update(reg_lambda=float(metrics["reg_lambda"][k, -1]), reg_scale=scale,
+                   target_count=count, target_small_frac=small,
+                   target_norm_rel=norm / p.target_norm0 if p.target_norm0 else 0.0)
+    if val["acc"] > p.best["val_acc"]:  # the Checkpointer saves round_<r>/best
+        p.best = {"val_acc": val["acc"], "epoch": epoch, "test_acc": test["acc"]}
+    if r == 0 and t.cfg.prune.prune_type == "rewind_lt" and epoch == t.cfg.prune.rewind_epoch:
+        run.rewind = starting.replace_ticket(run.rewind, k, starting.snapshot(
+            rounds.ticket(run.states, k)))
+    row["time_s"] = time.time() - t0
+    p.history.append(row)
+    p.epoch = epoch
+    p.elapsed += time.time() - t0
+    return row
+
+
+def _finish_round(run: Run, r: int) -> list:
+    """The round's summary rows; RSST: apply S, evaluate before and after."""
+    eng, ticks = run.engine, run.tickets
+    rows = []
+    for t in ticks:
+        p = t.progress
+        if t.failed is not None:
+            rows.append(None)
+            continue
+        last = p.history[-1]
+        row = rounds.summary_row(r, run.epochs, p.best, last)
+        if run.plan.rsst:
+            row.update(rsst_acc_before=last["test_acc"], final_lambda=last.get("reg_lambda"),
+                       target_norm_rel=last.get("target_norm_rel"))
+        rows.append(row)
+    if run.plan.rsst:
+        run.states, run.plan = rounds.for_each(
+            lambda k, s, pl: rounds.apply_channel_masks(eng.net, eng.param_shapes,
+                                                        ticks[k].cfg.prune, s, pl),
+            len(ticks), run.states, run.plan)
+        val = eng.evaluate(run.states.variables, "val")
+        test = eng.evaluate(run.states.variables, "test")
+        for k, row in enumerate(rows):
+            if row is not None:
+                row.update(final_val_acc=val[k]["acc"], final_test_acc=test[k]["acc"],
+                           rsst_acc_after=test[k]["acc"])
+    for k, row in enumerate(rows):
+        if row is not None:
+            m = rounds.ticket(run.plan.masks, k)
+            row.update(remaining_weight_pct=100.0 * masks_lib.density(m),
+                       channel_sparsity_pct=100.0 * masks_lib.channel_sparsity(m))
+    return rows
+
+
+__all__ = ["run", "Run", "Ticket", "Progress", "TrainingDiverged", "RunError"]

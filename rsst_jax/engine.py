@@ -1,0 +1,170 @@
+"""The compiled programs of K tickets that train as one program, and the data they read.
+
+An :class:`Engine` is built from K configurations that differ only in
+``rounds.GROUPABLE`` settings (seeds, learning rate, lambda schedule, rates, criteria):
+one network, one data set on the device, one optimizer chain, and jit-compiled
+programs over a leading ticket axis: the train step, the fused chunk of steps and the
+evaluation (``train.over_tickets``: ``jax.vmap`` for K > 1; for K = 1 the very program a
+ticket runs alone, data parallel over a mesh where there are several devices).
+Everything a ticket has of its own (weights, masks, targets, learning rate, lambda
+values, batch order) is an argument, so the programs compile once per run.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import jax
+import numpy as np
+
+from rsst_jax import data as data_lib
+from rsst_jax import nets, parallel, rounds
+from rsst_jax import train as train_lib
+
+
+class EngineError(ValueError):
+    """Settings the engine cannot run; the message says what to change."""
+
+
+def model_options(model_cfg) -> dict:
+    """Keyword options of ``nets.get_net`` that the configuration sets (``--shortcut``)."""
+    if model_cfg.shortcut != "A" and "shortcut" in nets.net_options(model_cfg.arch):
+        return {"shortcut": model_cfg.shortcut}
+    return {}
+
+
+def build_model(model_cfg, num_classes: int, **kwargs):
+    """The network of ``model_cfg`` (``--arch``, its options, ``--precision``)."""
+    kwargs.setdefault("dtype", train_lib.compute_dtype(model_cfg.precision))
+    return nets.get_net(model_cfg.arch, num_classes, **model_options(model_cfg), **kwargs)
+
+
+class Engine:
+    """Data on the device and the compiled programs of ``len(configs)`` tickets."""
+
+    def __init__(self, configs: Sequence, *, dataset: Optional[data_lib.Dataset] = None):
+        try:
+            rounds.check_groupable(configs)
+        except ValueError as e:
+            raise EngineError(str(e)) from None
+        cfg = configs[0]
+        self.configs, self.k = list(configs), len(configs)
+        o, r = cfg.optim, cfg.run
+        self.ds = dataset if dataset is not None else data_lib.load_dataset(cfg.data.dataset,
+                                                                            cfg.data.data)
+        # One ticket: batches split over a data-parallel mesh; K tickets: one device.
+        self.mesh = parallel.data_mesh(batch_size=o.batch_size // o.accum_steps) \
+            if self.k == 1 else None
+        n_dev = 1 if self.mesh is None else self.mesh.size
+        if o.batch_size % (n_dev * o.accum_steps):
+            raise EngineError(f"--batch_size {o.batch_size} must be a multiple of {n_dev} "
+                              f"devices x --accum_steps {o.accum_steps}; choose another batch "
+                              f"size, or fewer devices with CUDA_VISIBLE_DEVICES")
+        self.dev = parallel.replicate(data_lib.to_device(self.ds), self.mesh)
+        self.model = build_model(cfg.model, self.ds.num_classes)
+        self.net = rounds.Network(self.model, self.ds.image_shape)
+        self.steps_per_epoch = train_lib.steps_per_epoch(self.ds.train_x.shape[0], o.batch_size)
+        self.schedules = train_lib.Schedules(
+            self.steps_per_epoch, self.steps_per_epoch * o.epochs, o.warmup, o.milestones,
+            reg_interval=cfg.rsst.update_reg_interval, reg_progress=cfg.rsst.reg_progress)
+        self.tx = train_lib.make_optimizer(optimizer=o.optimizer, momentum=o.momentum,
+                                           weight_decay=o.weight_decay,
+                                           block_loss_grad=cfg.rsst.block_loss_grad)
+        self.step_cfg = train_lib.StepConfig(
+            flip=self.ds.flip, mean=tuple(self.ds.mean), std=tuple(self.ds.std),
+            nan_skip=r.nan_policy == "skip", distill=o.distill,
+            kd_temperature=o.kd_temperature, accum_steps=o.accum_steps)
+        sharding = None if self.mesh is None else parallel.batch_sharding(self.mesh)
+        step = train_lib.gather_step(train_lib.make_train_step(
+            self.model, self.tx, self.step_cfg, self.schedules, batch_sharding=sharding))
+        self.step_traces = 0  # JAX traces (so compiles) of the step, alone or in a chunk
+
+        def counted(*args):
+            self.step_traces += 1  # Python runs here only while JAX traces
+            return step(*args)
+
+        self.train_step = parallel.jit_train(train_lib.over_tickets(counted, self.k),
+                                             self.mesh, batch_axis=1)
+        self.train_chunk = parallel.jit_train(
+            train_lib.over_tickets(train_lib.make_epoch_fn(counted), self.k), self.mesh,
+            batch_axis=2)
+        self.fused = train_lib.use_fused(r.fused)
+        self.fused_steps = r.fused_steps or train_lib.default_fused_steps(r.print_freq)
+        self._eval = self._eval_program(min(o.eval_batch_size, len(self.ds.val_y),
+                                            len(self.ds.test_y)))
+        self._param_shapes = None
+
+    # ------------------------------------------------------------------ tickets
+    def hyper(self, cfg) -> train_lib.Hyper:
+        """Ticket ``cfg``'s schedule values."""
+        s = cfg.rsst
+        return train_lib.Hyper.make(cfg.optim.lr, s.RST_schedule, s.reg_granularity_prune,
+                                    s.exponents, s.reg_upper_limit)
+
+    def fresh_state(self, seed: int) -> train_lib.TrainState:
+        """A ticket's initial state: W0 drawn from ``seed``, a fresh optimizer."""
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), rounds.KEY_INIT)
+        return train_lib.create_train_state(self.model, self.tx, key, self.ds.image_shape)
+
+    @property
+    def param_shapes(self):
+        """The parameters' shapes and dtypes (for masks and plans without weights)."""
+        if self._param_shapes is None:
+            self._param_shapes = jax.eval_shape(lambda: self.fresh_state(0)).params
+        return self._param_shapes
+
+    def epoch_perms(self, seeds: Sequence[int], round_idx: int, epoch: int) -> np.ndarray:
+        """[K, steps, B] batch indices of every ticket's epoch (drop_last)."""
+        n, bs = self.ds.train_x.shape[0], self.configs[0].optim.batch_size
+        return np.stack([np.asarray(train_lib.epoch_permutation(
+            rounds.epoch_key(jax.random.PRNGKey(s), round_idx, epoch), n, bs)) for s in seeds])
+
+    def score_batches(self, seed: int, round_idx: int, count: int):
+        """The criterion's (batches, key) of ticket ``seed`` after round ``round_idx``."""
+        return rounds.criteria_batches(jax.random.PRNGKey(seed), self.dev["train_x"],
+                                       self.dev["train_y"], self.configs[0].optim.batch_size,
+                                       round_idx, count)
+
+    # ------------------------------------------------------------------ programs
+    def train_epoch(self, states, plan: train_lib.Plan, perms: np.ndarray,
+                    on_chunk: Optional[Callable] = None):
+        """Train every ticket through ``perms`` [K, steps, B]: fused chunks of
+        ``fused_steps`` steps (the last one shorter) or one step at a time.
+        ``on_chunk(done, total, metrics)`` follows along. Returns the states and the
+        metrics as numpy arrays [K, steps]."""
+        states, plan = parallel.replicate((states, plan), self.mesh)
+        nb, done, chunks = perms.shape[1], 0, []
+        while done < nb:
+            if self.fused:
+                n = min(self.fused_steps, nb - done)
+                idx = parallel.shard_batch(perms[:, done:done + n], self.mesh, 2)
+                states, m = self.train_chunk(states, self.dev["train_x"], self.dev["train_y"],
+                                             idx, plan)
+            else:
+                n = 1
+                idx = parallel.shard_batch(perms[:, done], self.mesh, 1)
+                states, m = self.train_step(states, self.dev["train_x"], self.dev["train_y"],
+                                            idx, plan)
+                m = {key: v[:, None] for key, v in m.items()}
+            chunks.append(m)
+            done += n
+            if on_chunk is not None:
+                on_chunk(done, nb, m)
+        return states, {key: np.concatenate([np.asarray(c[key]) for c in chunks], axis=1)
+                        for key in chunks[0]}
+
+    def evaluate(self, variables, split: str) -> list[dict]:
+        """Accuracy (%) and mean loss of every ticket (``variables`` stacked [K, ...]) on
+        the ``val`` or ``test`` split."""
+        x, y, bs = self.dev[f"{split}_x"], self.dev[f"{split}_y"], self.configs[0].optim.eval_batch_size
+        if self.k == 1:
+            return [train_lib.evaluate(self._eval, rounds.ticket(variables, 0), x, y, bs)]
+        return train_lib.evaluate(self._eval, variables, x, y, bs)
+
+    def _eval_program(self, batch_size: int):
+        eval_step = train_lib.make_eval_step(self.model, self.step_cfg)
+        if self.k > 1:
+            return jax.jit(train_lib.eval_over_tickets(eval_step, self.k))
+        return parallel.jit_eval(eval_step, self.mesh, batch_size)
+
+
+__all__ = ["Engine", "EngineError", "build_model", "model_options"]

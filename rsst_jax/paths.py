@@ -1,0 +1,112 @@
+"""Where a run keeps its files: the one module that knows the run-directory layout.
+
+::
+
+    SAVE_DIR/
+      config.json             the resolved configuration (replay it with --config)
+      init/<0>/               W0 (params, batch_stats); also wherever --init points
+      checkpoints/<n>/        resume checkpoints, one per finished epoch (n counts the
+                              epochs done in the run, one extra per round end); the
+                              newest two are kept
+      round_<r>/final/<e>/    round r's final ticket (params, batch_stats, masks)
+      round_<r>/best/<e>/     round r's best-validation weights (e = the epoch, from 1)
+      log.jsonl               one line per epoch
+      summary.json, .csv      one row per round
+      run.lock                held by the process running it
+      seed_<s>/               with --num_seeds: one such directory per ticket
+
+Every path a command reads or writes comes from :class:`RunPaths`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from typing import Optional, Union
+
+PathLike = Union[str, os.PathLike]
+
+CONFIG = "config.json"
+INIT = "init"
+CHECKPOINTS = "checkpoints"
+LOG = "log.jsonl"
+SUMMARY_JSON = "summary.json"
+SUMMARY_CSV = "summary.csv"
+LOCK = "run.lock"
+FINAL, BEST = "final", "best"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPaths:
+    """The paths of the run in ``root``."""
+    root: pathlib.Path
+
+    @classmethod
+    def of(cls, save_dir: PathLike) -> "RunPaths":
+        return cls(pathlib.Path(save_dir))
+
+    @property
+    def config(self) -> pathlib.Path:
+        return self.root / CONFIG
+
+    @property
+    def checkpoints(self) -> pathlib.Path:
+        return self.root / CHECKPOINTS
+
+    @property
+    def log(self) -> pathlib.Path:
+        return self.root / LOG
+
+    @property
+    def summary_json(self) -> pathlib.Path:
+        return self.root / SUMMARY_JSON
+
+    @property
+    def summary_csv(self) -> pathlib.Path:
+        return self.root / SUMMARY_CSV
+
+    @property
+    def lock(self) -> pathlib.Path:
+        return self.root / LOCK
+
+    def init(self, override: Optional[PathLike] = None) -> pathlib.Path:
+        """W0's checkpoint directory: ``--init`` if given, else ``init/``."""
+        return pathlib.Path(override) if override else self.root / INIT
+
+    def round_dir(self, r: int) -> pathlib.Path:
+        return self.root / f"round_{r}"
+
+    def final(self, r: int) -> pathlib.Path:
+        return self.round_dir(r) / FINAL
+
+    def best(self, r: int) -> pathlib.Path:
+        return self.round_dir(r) / BEST
+
+    def seed(self, s: int) -> "RunPaths":
+        """The run of ticket ``s`` of a ``--num_seeds`` run."""
+        return RunPaths(self.root / f"seed_{s}")
+
+    def rounds(self) -> list[int]:
+        """Indices r of the ``round_<r>`` directories present, sorted."""
+        if not self.root.is_dir():
+            return []
+        out = []
+        for child in self.root.iterdir():
+            name = child.name
+            if child.is_dir() and name.startswith("round_") and name[6:].isdigit():
+                out.append(int(name[6:]))
+        return sorted(out)
+
+
+def seed_dir(save_dir: PathLike, s: int) -> pathlib.Path:
+    return RunPaths.of(save_dir).seed(s).root
+
+
+def checkpoint_step(round_idx: int, epochs_done: int, epochs_per_round: int) -> int:
+    """The number of the resume checkpoint after ``epochs_done`` epochs of round
+    ``round_idx`` (each round ends with one more, after its pruning)."""
+    return round_idx * (epochs_per_round + 1) + epochs_done
+
+
+__all__ = ["RunPaths", "seed_dir", "checkpoint_step", "CONFIG", "INIT", "CHECKPOINTS", "LOG",
+           "SUMMARY_JSON", "SUMMARY_CSV", "LOCK", "FINAL", "BEST"]

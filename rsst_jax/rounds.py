@@ -1,0 +1,284 @@
+"""The iterative procedure's rounds as pure functions (SPEC section 2).
+
+After training round r: prune the trained weights (IMP step), structure the result for
+Refill/RSST (channel scores, refill), and plan the next round (masks with the BatchNorm
+extension, RSST penalty targets); at a round's end RSST applies its channel mask S.
+Everything here is a function of values: no files, no printing, no globals. The driver
+(``rsst_jax.driver``) calls these and does the side effects; ``docs/api.md`` uses them
+in a custom loop.
+
+A ticket's plan is a :class:`RoundPlan`: the kernel masks M, the channel masks S of an
+RSST round, and the :class:`rsst_jax.train.Plan` the compiled step reads. These functions
+take one ticket; tickets trained as one program are planned one by one with
+:func:`for_each` (each may prune with its own rate and criterion) and stacked with
+:func:`stack` for the step, which runs over the ticket axis (``train.over_tickets``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rsst_jax import criteria as criteria_lib
+from rsst_jax import data as data_lib
+from rsst_jax import masks as masks_lib
+from rsst_jax import model_masks
+from rsst_jax import train as train_lib
+
+PyTree = Any
+STRUCTS = ("none", "refill", "rsst")
+PRUNE_TYPES = ("lt", "pt", "rewind_lt")
+_IS_NONE = lambda x: x is None  # noqa: E731
+
+# Settings in which tickets trained as one program may differ: none changes a shape or
+# the compiled step's code (the learning rate and lambda schedule reach the step as
+# values of train.Hyper).
+GROUPABLE = ("seed", "save_dir", "init", "lr", "rate", "rate_schedule", "fillback_rate",
+             "criteria", "criteria_batches", "hessian_samples", "score_after_prune",
+             "RST_schedule", "reg_granularity_prune", "exponents", "reg_upper_limit",
+             "num_seeds", "config", "resume", "checkpoint", "print_freq", "dry_run",
+             "data", "eval_batch_size")
+
+# Derived keys of the random streams, as fold_in(PRNGKey(seed), stream).
+KEY_INIT, KEY_ROUND, KEY_EPOCH, KEY_RANDOM_PRUNE, KEY_CRITERIA = 0, 1, 2, 7, 11
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Network:
+    """A model with what pruning needs to know of it: one image's shape, the stem
+    kernel's path (the first conv the input meets) and which BatchNorm follows which
+    conv (found by tracing, never by names)."""
+    model: Any
+    image_shape: tuple
+
+    @property
+    def stem(self) -> Optional[str]:
+        return _cached(self, "_stem", lambda: model_masks.stem_kernel(self.model,
+                                                                       self.image_shape))
+
+    def bn_masks(self, params_like, masks):
+        return model_masks.bn_masks(self.model, params_like, masks, self.image_shape)
+
+
+def _cached(obj, name, make):
+    if name not in obj.__dict__:
+        object.__setattr__(obj, name, make())
+    return obj.__dict__[name]
+
+
+@flax.struct.dataclass
+class RoundPlan:
+    """A round of one ticket: kernel masks ``masks`` (M; Refill: S), ``channel_masks``
+    (S in an RSST round, applied at its end; else the same as ``masks``), and ``step``,
+    the :class:`train.Plan` the compiled step applies. ``rsst`` is static."""
+    masks: PyTree
+    channel_masks: PyTree
+    step: train_lib.Plan
+    rsst: bool = flax.struct.field(pytree_node=False, default=False)
+
+
+# --------------------------------------------------------------------------- masks
+
+def initial_masks(net: Network, params, prune_cfg) -> PyTree:
+    """All-True masks of the prunable kernels (every conv but the stem; ``--conv1`` adds
+    it, ``--prune_fc`` the dense kernels)."""
+    return masks_lib.init_masks(params, conv1=prune_cfg.conv1, fc=prune_cfg.prune_dense,
+                                stem=net.stem)
+
+
+def train_masks(net: Network, params_like, masks, prune_cfg) -> PyTree:
+    """Kernel masks plus, with --mask_bn, masks of the BatchNorm scale/bias that follow
+    each conv (False for channels whose kernel slice is all pruned)."""
+    if not prune_cfg.use_mask_bn:
+        return masks
+    return model_masks.merge_masks(masks, net.bn_masks(params_like, masks))
+
+
+def no_targets(masks) -> PyTree:
+    return jax.tree_util.tree_map(lambda m: None if m is None else jnp.zeros_like(m), masks,
+                                  is_leaf=_IS_NONE)
+
+
+def make_plan(net: Network, params_like, prune_cfg, masks, channel_masks=None, *,
+              hyper: train_lib.Hyper, reg_scale: float = 1.0, teacher=None,
+              kd_alpha: float = 0.0) -> RoundPlan:
+    """The plan of a round trained with kernel masks M = ``masks`` (and, in an RSST round,
+    channel masks S = ``channel_masks``).
+
+    RSST targets are the weights kept by M and removed by S; with --mask_bn also the
+    BatchNorm scale and bias of the channels S removes, because BatchNorm undoes any
+    shrinking of a conv channel's weights until they reach zero.
+    """
+    alive = train_masks(net, params_like, masks, prune_cfg)
+    if channel_masks is None:
+        targets = no_targets(alive)
+    else:
+        alive_s = train_masks(net, params_like, channel_masks, prune_cfg)
+        targets = jax.tree_util.tree_map(
+            lambda m, s: None if m is None else jnp.logical_and(m, jnp.logical_not(s)),
+            alive, alive_s, is_leaf=_IS_NONE)
+    step = train_lib.Plan(masks=alive, targets=targets, reg_scale=jnp.float32(reg_scale),
+                          hyper=hyper, teacher=teacher, kd_alpha=jnp.float32(kd_alpha))
+    return RoundPlan(masks=masks, channel_masks=masks if channel_masks is None else channel_masks,
+                     step=step, rsst=channel_masks is not None)
+
+
+# --------------------------------------------------------------------------- pruning
+
+def prune_weights(params, masks, prune_cfg, round_idx: int, key) -> PyTree:
+    """The IMP step after round ``round_idx``: remove ``rate_at(round_idx)`` of the
+    remaining prunable weights (magnitude of the trained weights, random, or whole
+    filters by L1 norm), globally or per layer."""
+    rate = prune_cfg.rate_at(round_idx)
+    if prune_cfg.prune_method == "magnitude":
+        return masks_lib.magnitude_prune(params, masks, rate, scope=prune_cfg.scope,
+                                         layer_rates=prune_cfg.layer_rate_map or None)
+    if prune_cfg.prune_method == "random":
+        k = jax.random.fold_in(jax.random.fold_in(key, KEY_RANDOM_PRUNE), round_idx)
+        return masks_lib.random_prune(k, masks, rate, scope=prune_cfg.scope)
+    return masks_lib.filter_prune(params, masks, rate)
+
+
+def criteria_batches(key, train_x, train_y, batch_size: int, round_idx: int, count: int
+                     ) -> tuple[list, Any]:
+    """The training batches (raw uint8 images, labels) a round's channel scores see, and
+    the key the criterion gets (``hessian``'s probes)."""
+    k = jax.random.fold_in(jax.random.fold_in(key, KEY_CRITERIA), round_idx)
+    perm = train_lib.epoch_permutation(k, train_x.shape[0], batch_size)
+    return [(train_x[perm[b]], train_y[perm[b]])
+            for b in range(min(count, perm.shape[0]))], k
+
+
+def score_channels(net: Network, variables, masks_before, masks_after, prune_cfg, batches,
+                   *, key, mean, std) -> PyTree:
+    """Per-output-channel scores (``--criteria``) of the trained ticket.
+
+    As the reference: the kernels are the trained weights as they were before this
+    round's magnitude prune (``masks_before``); only ``remain`` counts the new mask
+    ``masks_after``. ``--score_after_prune`` scores the pruned kernels instead.
+    ``batches``: (uint8 images, labels) pairs, normalized here with ``mean``/``std``.
+    """
+    normalized = [(data_lib.normalize(x, mean, std), y) for x, y in batches]
+    kernel_masks = masks_after if prune_cfg.score_after_prune else masks_before
+    return criteria_lib.channel_scores(
+        prune_cfg.criteria, net.model.apply, variables, masks_after, normalized, key=key,
+        num_batches=len(normalized), hessian_samples=prune_cfg.hessian_samples,
+        kernel_masks=kernel_masks)
+
+
+def prune_round(net: Network, variables, masks, prune_cfg, round_idx: int, *, key,
+                score_batches: Callable[[], tuple[list, Any]], mean, std
+                ) -> tuple[PyTree, Optional[PyTree]]:
+    """After round ``round_idx``: the next round's (M, S): IMP prune of the trained
+    weights, then for Refill/RSST channel scores and ``masks.refill``.
+
+    --struct none: (pruned, None); refill: (channel mask, None); rsst: (pruned, channel
+    mask). ``score_batches()`` gives (batches, criterion key) and is called only when
+    channel scores are needed.
+    """
+    new = prune_weights(variables["params"], masks, prune_cfg, round_idx, key)
+    if prune_cfg.struct == "none":
+        return new, None
+    batches, crit_key = score_batches()
+    scores = score_channels(net, variables, masks, new, prune_cfg, batches, key=crit_key,
+                            mean=mean, std=std)
+    channel = masks_lib.refill(new, scores, prune_cfg.fillback_rate)
+    if prune_cfg.struct == "refill":
+        return channel, None
+    return new, channel
+
+
+def rewind_to(point: dict, plan: RoundPlan) -> dict:
+    """``point`` (params and batch_stats) with the plan's masks applied: a new round's
+    weights (lt: W0, rewind_lt: the saved epoch, pt: the pretrained weights)."""
+    return {"params": masks_lib.apply_masks(point["params"], plan.step.masks),
+            "batch_stats": point["batch_stats"]}
+
+
+def start_round(state: train_lib.TrainState, tx, key, round_idx: int) -> train_lib.TrainState:
+    """Fresh optimizer state, step counter (the schedules restart) and augmentation
+    stream for round ``round_idx``."""
+    state = train_lib.reset_optimizer(state, tx)
+    return state.replace(rng=jax.random.fold_in(jax.random.fold_in(key, KEY_ROUND), round_idx))
+
+
+def epoch_key(key, round_idx: int, epoch: int):
+    return jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, KEY_EPOCH),
+                                                 round_idx), epoch)
+
+
+def apply_channel_masks(net: Network, params_like, prune_cfg, state, plan: RoundPlan
+                        ) -> tuple[train_lib.TrainState, RoundPlan]:
+    """End of an RSST round: M := S, the weights S removes set to zero."""
+    after = make_plan(net, params_like, prune_cfg, plan.channel_masks, hyper=plan.step.hyper,
+                      teacher=plan.step.teacher, kd_alpha=float(plan.step.kd_alpha))
+    return state.replace(params=masks_lib.apply_masks(state.params, after.step.masks)), after
+
+
+# --------------------------------------------------------------------------- records
+
+def target_stats(params, targets) -> tuple[float, float, int]:
+    """(L2 norm of the targeted weights, fraction of them below 1e-3, count)."""
+    sq, small, count = 0.0, 0, 0
+    for w, t in zip(jax.tree_util.tree_leaves(params),
+                    jax.tree_util.tree_leaves(targets, is_leaf=_IS_NONE)):
+        if t is None:
+            continue
+        w, t = np.asarray(w), np.asarray(t)
+        sq += float(np.sum((w * t) ** 2))
+        small += int(np.sum((np.abs(w) < 1e-3) & t))
+        count += int(t.sum())
+    return float(np.sqrt(sq)), (small / count if count else 0.0), count
+
+
+def summary_row(round_idx: int, epochs: int, best: dict, last: dict) -> dict:
+    """A round's summary row as far as training tells it: the best validation epoch
+    (from 1), the test accuracy there, the final accuracies."""
+    return {"round": round_idx, "best_val_acc": best["val_acc"],
+            "best_val_epoch": best["epoch"], "test_acc_at_best_val": best["test_acc"],
+            "epochs": epochs, "final_val_acc": last["val_acc"],
+            "final_test_acc": last["test_acc"]}
+
+
+# --------------------------------------------------------------------------- tickets
+
+def stack(trees: Sequence[PyTree]) -> PyTree:
+    """K trees of one structure -> one tree with a leading ticket axis (None stays)."""
+    flat = [jax.tree_util.tree_flatten(t, is_leaf=_IS_NONE) for t in trees]
+    leaves = [None if xs[0] is None else jnp.stack(xs) for xs in zip(*(f[0] for f in flat))]
+    return jax.tree_util.tree_unflatten(flat[0][1], leaves)
+
+
+def ticket(tree: PyTree, k: int) -> PyTree:
+    """Ticket ``k`` of a stacked tree."""
+    return jax.tree_util.tree_map(lambda x: None if x is None else x[k], tree, is_leaf=_IS_NONE)
+
+
+def for_each(fn: Callable, num: int, *stacked: PyTree):
+    """``fn(k, *ticket_k_of_each)`` for every ticket, the results stacked (tuples of
+    results become tuples of stacked trees)."""
+    outs = [fn(k, *(ticket(t, k) for t in stacked)) for k in range(num)]
+    if isinstance(outs[0], tuple):
+        return tuple(stack([o[i] for o in outs]) for i in range(len(outs[0])))
+    return stack(outs)
+
+
+def check_groupable(configs: Sequence) -> None:
+    """ValueError unless ``configs`` differ only in :data:`GROUPABLE` settings."""
+    first = configs[0].to_dict()
+    for cfg in configs[1:]:
+        other = cfg.to_dict()
+        diff = sorted(k for k in first if k not in GROUPABLE and first[k] != other[k])
+        if diff:
+            raise ValueError(f"tickets trained as one program must agree on {', '.join(diff)}")
+
+
+__all__ = ["STRUCTS", "PRUNE_TYPES", "GROUPABLE", "Network", "RoundPlan", "initial_masks",
+           "train_masks", "no_targets", "make_plan", "prune_weights", "criteria_batches",
+           "score_channels", "prune_round", "rewind_to", "start_round", "epoch_key",
+           "apply_channel_masks", "target_stats", "summary_row", "stack", "ticket",
+           "for_each", "check_groupable"]

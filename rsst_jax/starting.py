@@ -1,0 +1,278 @@
+"""How the driver's tickets start, resume and move to the next round.
+
+``start(run)`` gives every ticket its state, plan and rewind point: from its newest
+usable resume checkpoint (``--resume``), else from W0 (``--init`` or ``init/``, made
+from the seed and saved there; ``--prune_type pt`` merges the pretrained weights in).
+``plan_next_round(run, r)`` prunes each trained ticket, plans its next round and
+rewinds it. Both leave the stacked values in ``run.states``, ``run.plan`` and
+``run.rewind``.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from rsst_jax import checkpoint as ckpt
+from rsst_jax import config as config_lib
+from rsst_jax import masks as masks_lib
+from rsst_jax import pretrained as pretrained_lib
+from rsst_jax import regularizers, rounds
+from rsst_jax.engine import model_options  # noqa: F401  (re-exported for the driver)
+
+
+class RunError(RuntimeError):
+    """A run directory or input that cannot be used; the message says what to do."""
+
+
+def print_flushed(message: str) -> None:
+    print(message, flush=True)  # flushed: runs are often followed through a log file
+
+
+def copy(tree):
+    """An independent copy: the train step donates its input buffers."""
+    return jax.tree_util.tree_map(jnp.copy, tree)
+
+
+def snapshot(state) -> dict:
+    return copy({"params": state.params, "batch_stats": state.batch_stats})
+
+
+def replace_ticket(stacked, k: int, tree):
+    """``stacked`` with ticket k replaced by ``tree``."""
+    return jax.tree_util.tree_map(lambda s, x: s.at[k].set(x), stacked, tree)
+
+
+def check_same_shapes(template, tree, what: str):
+    ts = jax.tree_util.tree_structure(template)
+    try:
+        ls = jax.tree_util.tree_structure(tree)
+    except Exception:
+        ls = None
+    if ts != ls:
+        raise RunError(f"{what} does not match the network: different parameter structure")
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(template)[0],
+                            jax.tree_util.tree_leaves(tree)):
+        if jnp.shape(a) != jnp.shape(b):
+            name = "/".join(str(getattr(k, "key", k)) for k in path)
+            raise RunError(f"{what} does not match the network at {name}: "
+                           f"shape {jnp.shape(b)} vs {jnp.shape(a)}")
+
+
+def resume_source(cfg) -> Optional[pathlib.Path]:
+    """The checkpoint directory a run of ``cfg`` resumes from, or None when it starts
+    afresh; raises RunError where the run must not go on (a --save_dir holding a run
+    without --resume, nothing to resume from, or checkpoints made with other flags).
+    ``--resume`` on a run killed before its first checkpoint starts afresh (None)."""
+    from rsst_jax import paths as paths_lib
+    r = cfg.run
+    ckpt_dir = paths_lib.RunPaths.of(r.save_dir).checkpoints
+    if not r.resume:
+        if ckpt.latest_step(ckpt_dir) is not None:
+            raise RunError(f"--save_dir {r.save_dir} already holds a run; pass --resume to "
+                           f"continue it, or choose another --save_dir")
+        return None
+    if r.checkpoint is None and ckpt.latest_step(ckpt_dir) is None:
+        return None
+    source = pathlib.Path(r.checkpoint) if r.checkpoint else ckpt_dir
+    if ckpt.latest_step(source) is None:
+        raise RunError(f"--resume: no checkpoint in {source}; start without --resume, or "
+                       f"point --save_dir/--checkpoint at an existing run")
+    listed = config_lib.semantic_diffs(ckpt.read_meta(source).get("config", {}), cfg.to_dict())
+    if listed:
+        raise RunError(f"--resume: {source} was made with a different configuration: "
+                       f"{listed}; resume with the same flags, or start a new --save_dir")
+    return source
+
+
+# --------------------------------------------------------------------------- start
+
+def start(run, progress_cls) -> None:
+    """Fresh or resumed states, plans and rewind points of every ticket of ``run``."""
+    eng, ticks = run.engine, run.tickets
+    sources = [resume_source(t.cfg) for t in ticks]
+    if any(t.cfg.run.resume for t in ticks) and not all(sources):
+        run.log(f"--resume: {', '.join(str(t.paths.checkpoints) for t, s in zip(ticks, sources) if s is None)} "
+                f"holds no checkpoint yet; starting the run")
+        sources = [None] * len(ticks)
+    _startup_line(run)
+    if all(sources):
+        _resume(run, sources, progress_cls)
+    else:
+        per = [_fresh(run, k) for k in range(len(ticks))]
+        run.states = rounds.stack([p[0] for p in per])
+        run.plan = rounds.stack([p[1] for p in per])
+        run.rewind = rounds.stack([p[2] for p in per])
+        for t in ticks:
+            t.progress = progress_cls()
+    for t in ticks:
+        resolved = dict(t.cfg.to_dict(), seed=t.seed, resume=False, checkpoint=None)
+        from rsst_jax.callbacks import atomic_write
+        atomic_write(t.paths.config, json.dumps(resolved, indent=1))
+    cfg = ticks[0].cfg
+    if cfg.prune.struct == "rsst" and cfg.optim.optimizer == "sgd" and run.rounds > 1:
+        _warn_stability(run)
+    if cfg.optim.distill and ticks[0].progress.round > 0:
+        run.teacher = load_teacher(run)
+    _set_teacher(run, ticks[0].progress.round)
+
+
+def _startup_line(run) -> None:
+    eng, cfg = run.engine, run.tickets[0].cfg
+    ds, p = eng.ds, cfg.prune
+    where = (str(run.tickets[0].paths.root) if len(run.tickets) == 1 else
+             ", ".join(str(t.paths.root) for t in run.tickets))
+    run.log(f"{cfg.data.dataset}: {len(ds.train_y)} train / {len(ds.val_y)} val / "
+            f"{len(ds.test_y)} test images {'x'.join(map(str, ds.image_shape))}, "
+            f"{ds.num_classes} classes; {cfg.model.arch}; {run.rounds} round(s) x "
+            f"{run.epochs} epochs, struct {p.struct}; {len(run.tickets)} ticket(s) writing "
+            f"to {where}. Compiling (a minute or two on a CPU)...")
+
+
+def _fresh(run, k: int):
+    eng, t = run.engine, run.tickets[k]
+    template = eng.fresh_state(t.seed)
+    masks = rounds.initial_masks(eng.net, template.params, t.cfg.prune)
+    state = _load_or_make_init(run, k, template)
+    plan = rounds.make_plan(eng.net, eng.param_shapes, t.cfg.prune, masks, hyper=eng.hyper(t.cfg))
+    state = state.replace(params=masks_lib.apply_masks(state.params, plan.step.masks))
+    rewind = snapshot(state)
+    state = rounds.start_round(state, eng.tx, jax.random.PRNGKey(t.seed), 0)
+    return state, plan, rewind
+
+
+def _load_or_make_init(run, k: int, state):
+    """W0 from --init if it exists, else written there (two runs can share a ticket's init)."""
+    t, eng = run.tickets[k], run.engine
+    init_dir = t.paths.init(t.cfg.run.init)
+    template = {"params": state.params, "batch_stats": state.batch_stats}
+    if ckpt.latest_step(init_dir) is not None:
+        raw, _ = ckpt.restore_raw(init_dir)
+        check_same_shapes(template, {"params": raw.get("params"),
+                                     "batch_stats": raw.get("batch_stats", {})},
+                          f"--init {init_dir}")
+        w0, _ = ckpt.restore(init_dir, template)
+        run.log(f"loaded initialization from {init_dir}")
+    else:
+        w0 = template
+        ckpt.save(init_dir, 0, w0, {"arch": t.cfg.model.arch, "dataset": t.cfg.data.dataset,
+                                    "seed": t.seed, **run.ticket_meta(k)})
+    if t.cfg.prune.prune_type == "pt":
+        try:
+            variables, report = pretrained_lib.load_pretrained(
+                t.cfg.prune.pretrained, w0, with_report=True, fresh_stem_and_head=True,
+                stem=eng.net.stem)
+        except pretrained_lib.PretrainedError as e:
+            raise RunError(str(e)) from None
+        run.log(f"--pretrained {t.cfg.prune.pretrained}: loaded {len(report.loaded)} arrays, "
+                f"kept {len(report.fresh)} freshly initialized"
+                + (f" ({', '.join(p for p, _ in report.fresh[:4])})" if report.fresh else ""))
+        w0 = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+    return state.replace(params=w0["params"], batch_stats=w0["batch_stats"])
+
+
+def _resume(run, sources, progress_cls) -> None:
+    eng, ticks = run.engine, run.tickets
+    steps = []
+    for t, source in zip(ticks, sources):
+        steps.append(ckpt.latest_step(source))
+    target = min(steps)  # tickets save one after another: a kill can leave one behind
+    per = []
+    for k, (t, source) in enumerate(zip(ticks, sources)):
+        template = eng.fresh_state(t.seed)
+        masks = rounds.initial_masks(eng.net, template.params, t.cfg.prune)
+        tree_t = {"state": template, "masks": masks, "channel_masks": masks,
+                  "rewind": snapshot(template)}
+        tree, meta = ckpt.restore(source, tree_t, step=target)
+        plan = rounds.make_plan(eng.net, eng.param_shapes, t.cfg.prune, tree["masks"],
+                                tree["channel_masks"] if meta["has_channel_masks"] else None,
+                                hyper=eng.hyper(t.cfg))
+        fields = {f for f in progress_cls.__dataclass_fields__}
+        t.progress = progress_cls(**{key: v for key, v in meta.items() if key in fields})
+        per.append((tree["state"], plan, tree["rewind"]))
+        run.log(f"resuming {t.paths.root} at round {t.progress.round}, epoch {t.progress.epoch}")
+    run.states = rounds.stack([p[0] for p in per])
+    run.plan = rounds.stack([p[1] for p in per])
+    run.rewind = rounds.stack([p[2] for p in per])
+
+
+def _warn_stability(run) -> None:
+    eng, cfg = run.engine, run.tickets[0].cfg
+    for t in run.tickets:
+        lam = regularizers.lambda_schedule(
+            t.cfg.rsst.RST_schedule, total_steps=eng.schedules.total_steps,
+            granularity=t.cfg.rsst.reg_granularity_prune, exponents=t.cfg.rsst.exponents,
+            update_interval=t.cfg.rsst.update_reg_interval, upper_limit=t.cfg.rsst.reg_upper_limit,
+            progress=t.cfg.rsst.reg_progress, steps_per_epoch=eng.steps_per_epoch)
+        lr = lambda step, t=t: eng.schedules.lr(step, t.cfg.optim.lr)  # noqa: E731
+        step = regularizers.first_unstable_step(lam, lr, cfg.optim.momentum,
+                                                eng.schedules.total_steps)
+        if step is not None:
+            run.log(f"warning: lr * lambda crosses 2 * (1 + momentum) at step {step} of "
+                    f"{eng.schedules.total_steps} in each RSST round; SGD will diverge there. "
+                    f"Set --reg_upper_limit or a smaller --reg_granularity_prune")
+            return
+
+
+# --------------------------------------------------------------------------- rounds
+
+def load_teacher(run):
+    """The dense round-0 network (round_0/final), teacher of later rounds with --distill."""
+    t, eng = run.tickets[0], run.engine
+    if ckpt.latest_step(t.paths.final(0)) is None:
+        return None
+    template = eng.fresh_state(t.seed)
+    tree, _ = ckpt.restore(t.paths.final(0), {
+        "params": template.params, "batch_stats": template.batch_stats,
+        "masks": rounds.initial_masks(eng.net, template.params, t.cfg.prune)})
+    return {"params": tree["params"], "batch_stats": tree["batch_stats"]}
+
+
+def _set_teacher(run, round_idx: int) -> None:
+    """--distill: the plan carries the teacher (round 0 trains the teacher itself: alpha 0
+    and a finite stand-in that is not the state's own, donated, buffers)."""
+    cfg = run.tickets[0].cfg
+    if not cfg.optim.distill:
+        return
+    if round_idx == 0 or run.teacher is None:
+        teacher, alpha = copy(run.states.variables), 0.0
+    else:
+        teacher = rounds.stack([run.teacher])
+        alpha = cfg.optim.kd_alpha
+    run.plan = run.plan.replace(step=run.plan.step.replace(
+        teacher=teacher, kd_alpha=jnp.full((len(run.tickets),), alpha, jnp.float32)))
+
+
+def plan_next_round(run, r: int) -> None:
+    """After round r: prune and plan round r+1 of every ticket, then rewind it."""
+    eng, ticks = run.engine, run.tickets
+
+    def one(k, state, plan, rewind):
+        t = ticks[k]
+        masks, channel = rounds.prune_round(
+            eng.net, state.variables, plan.masks, t.cfg.prune, r,
+            key=jax.random.PRNGKey(t.seed), mean=eng.ds.mean, std=eng.ds.std,
+            score_batches=lambda: eng.score_batches(t.seed, r, t.cfg.prune.criteria_batches))
+        nxt = rounds.make_plan(eng.net, eng.param_shapes, t.cfg.prune, masks, channel,
+                               hyper=eng.hyper(t.cfg))
+        point = rounds.rewind_to(copy(rewind), nxt)
+        state = state.replace(params=point["params"], batch_stats=point["batch_stats"])
+        return rounds.start_round(state, eng.tx, jax.random.PRNGKey(t.seed), r + 1), nxt
+
+    plain = run.plan.replace(step=run.plan.step.replace(teacher=None, kd_alpha=jnp.zeros(
+        (len(ticks),), jnp.float32)))
+    live = [k for k, t in enumerate(ticks) if t.failed is None]
+    done = {k: one(k, rounds.ticket(run.states, k), rounds.ticket(plain, k),
+                   rounds.ticket(run.rewind, k)) for k in live}
+    # A stopped ticket's lane computes a live one's copy, never written anywhere.
+    outs = [done.get(k, done[live[0]]) for k in range(len(ticks))]
+    run.states = rounds.stack([o[0] for o in outs])
+    run.plan = rounds.stack([o[1] for o in outs])
+    _set_teacher(run, r + 1)
+
+
+__all__ = ["RunError", "start", "resume_source", "plan_next_round", "load_teacher", "snapshot",
+           "copy", "replace_ticket", "check_same_shapes", "print_flushed"]
