@@ -23,6 +23,7 @@ restore here compares what it read with those crc32s.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -35,10 +36,6 @@ from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
-
-# Orbax logs every save at INFO/WARNING; a run prints its own progress.
-logging.getLogger("absl").setLevel(logging.ERROR)
 
 LAYOUT_VERSION = 1
 
@@ -86,13 +83,39 @@ def _run_until_all_done(coro):
             loop.close()
 
 
+def _orbax():
+    """``orbax.checkpoint``, imported at the first checkpoint read or written; its import
+    adds a handler to the root logger, which is taken off again (``import rsst_jax``
+    leaves logging as it was)."""
+    root = logging.getLogger()
+    before = list(root.handlers)
+    import orbax.checkpoint as ocp
+    for handler in root.handlers[:]:
+        if handler not in before:
+            root.removeHandler(handler)
+    return ocp
+
+
 def _install_loop_fix() -> None:
     from orbax.checkpoint._src import asyncio_utils
     if callable(getattr(asyncio_utils, "_run_sync_via_new_loop", None)):
         asyncio_utils._run_sync_via_new_loop = _run_until_all_done
 
 
-_install_loop_fix()
+@contextlib.contextmanager
+def _orbax_quietly():
+    """Around every orbax call here: orbax's event loops closed only when done (see
+    ``_run_until_all_done``; installed at the first checkpoint read or written, not at
+    import) and its INFO/WARNING logging of every save silenced for the call only (a run
+    prints its own progress; ``import rsst_jax`` changes no logger)."""
+    _install_loop_fix()
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 # --------------------------------------------------------------------------- arrays by name
@@ -162,10 +185,11 @@ def save(directory: str | os.PathLike, step: int, tree: Any, meta: Optional[dict
     _remove_trash(directory)
     if (directory / str(step)).exists():
         _discard(directory / str(step))
+    ocp = _orbax()
     options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True,
                                            enable_async_checkpointing=False)
     meta = dict(meta or {}, layout_version=LAYOUT_VERSION, checksums=checksums(tree))
-    with ocp.CheckpointManager(directory, options=options) as mgr:
+    with _orbax_quietly(), ocp.CheckpointManager(directory, options=options) as mgr:
         mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
                                                meta=ocp.args.JsonSave(meta)), force=True)
         mgr.wait_until_finished()
@@ -330,6 +354,23 @@ def _load(path: pathlib.Path, template: Any = None, *, exact_dtypes: bool = Fals
         fail(e.reason)
     if meta.get("layout_version") != LAYOUT_VERSION:
         fail(f"layout version {meta.get('layout_version')}, this rsst-jax reads {LAYOUT_VERSION}")
+    with _orbax_quietly():
+        tree, stored = _read_arrays(path, template, exact_dtypes, fail)
+    sums = meta.get("checksums") or {}  # none in checkpoints from before checksums
+    # A leaf cast to the template's dtype (``restore`` allows it) cannot be compared.
+    read = {k: v for k, v in _named_arrays(tree).items()
+            if k in sums and k in stored and np.dtype(v.dtype) == np.dtype(stored[k].dtype)}
+    for name, crc in checksums(read).items():
+        if crc != sums[name]:
+            fail(f"the data of {name} does not match its checksum")
+    if template is not None:
+        tree = _retree(template, tree)
+    return tree, meta
+
+
+def _read_arrays(path: pathlib.Path, template, exact_dtypes: bool, fail):
+    """(tree, {name: stored array metadata}) of ``path/state`` against ``template``."""
+    ocp = _orbax()
     handler = ocp.StandardCheckpointHandler()
     try:
         try:
@@ -355,20 +396,11 @@ def _load(path: pathlib.Path, template: Any = None, *, exact_dtypes: bool = Fals
             fail(f"cannot read its arrays: {_short(e, path)}")
     finally:
         handler.close()
-    sums = meta.get("checksums") or {}  # none in checkpoints from before checksums
-    # A leaf cast to the template's dtype (``restore`` allows it) cannot be compared.
-    read = {k: v for k, v in _named_arrays(tree).items()
-            if k in sums and k in stored and np.dtype(v.dtype) == np.dtype(stored[k].dtype)}
-    for name, crc in checksums(read).items():
-        if crc != sums[name]:
-            fail(f"the data of {name} does not match its checksum")
-    if template is not None:
-        tree = _retree(template, tree)
-    return tree, meta
+    return tree, stored
 
 
 def _abstract(tree):
-    return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
+    return jax.tree_util.tree_map(_orbax().utils.to_shape_dtype_struct, tree)
 
 
 def _retree(template, restored):

@@ -66,7 +66,9 @@ def resume_source(cfg) -> Optional[pathlib.Path]:
     """The checkpoint directory a run of ``cfg`` resumes from, or None when it starts
     afresh; raises RunError where the run must not go on (a --save_dir holding a run
     without --resume, nothing to resume from, or checkpoints made with other flags).
-    ``--resume`` on a run killed before its first checkpoint starts afresh (None)."""
+    ``--resume`` on a run killed before its first checkpoint starts afresh (None).
+    The configuration is compared with the newest checkpoint whose metadata reads (an
+    unreadable one is set aside when the run restores, see ``_resume``)."""
     from rsst_jax import paths as paths_lib
     r = cfg.run
     ckpt_dir = paths_lib.RunPaths.of(r.save_dir).checkpoints
@@ -81,11 +83,27 @@ def resume_source(cfg) -> Optional[pathlib.Path]:
     if ckpt.latest_step(source) is None:
         raise RunError(f"--resume: no checkpoint in {source}; start without --resume, or "
                        f"point --save_dir/--checkpoint at an existing run")
-    listed = config_lib.semantic_diffs(ckpt.read_meta(source).get("config", {}), cfg.to_dict())
-    if listed:
-        raise RunError(f"--resume: {source} was made with a different configuration: "
-                       f"{listed}; resume with the same flags, or start a new --save_dir")
+    for step in reversed(ckpt.steps(source)):
+        try:
+            saved = ckpt.read_meta(source, step).get("config", {})
+        except ckpt.CheckpointError:
+            continue
+        listed = config_lib.semantic_diffs(saved, cfg.to_dict())
+        if listed:
+            raise RunError(f"--resume: {source} was made with a different configuration: "
+                           f"{listed}; resume with the same flags, or start a new --save_dir")
+        break
     return source
+
+
+def _finite_state(tree, meta) -> Optional[str]:
+    """``restore_newest_good``'s check: a resume checkpoint holds finite weights (a run
+    stops before it writes NaN/Inf, so any there is damage)."""
+    from rsst_jax import train as train_lib
+    for name in ("state", "rewind"):
+        if not train_lib.tree_is_finite(tree[name]):
+            return f"non-finite values in its {name}"
+    return None
 
 
 # --------------------------------------------------------------------------- start
@@ -175,18 +193,24 @@ def _load_or_make_init(run, k: int, state):
 
 
 def _resume(run, sources, progress_cls) -> None:
+    """Every ticket from its newest usable checkpoint (unusable ones are set aside with a
+    line each, see ``checkpoint.restore_newest_good``); tickets save one after another,
+    so a kill can leave one a checkpoint ahead: all then resume from the older one."""
     eng, ticks = run.engine, run.tickets
-    steps = []
+    templates, found = [], []
     for t, source in zip(ticks, sources):
-        steps.append(ckpt.latest_step(source))
-    target = min(steps)  # tickets save one after another: a kill can leave one behind
-    per = []
-    for k, (t, source) in enumerate(zip(ticks, sources)):
         template = eng.fresh_state(t.seed)
         masks = rounds.initial_masks(eng.net, template.params, t.cfg.prune)
-        tree_t = {"state": template, "masks": masks, "channel_masks": masks,
-                  "rewind": snapshot(template)}
-        tree, meta = ckpt.restore(source, tree_t, step=target)
+        templates.append({"state": template, "masks": masks, "channel_masks": masks,
+                          "rewind": snapshot(template)})
+        found.append(ckpt.restore_newest_good(source, templates[-1], check=_finite_state,
+                                              log=run.log))
+    target = min(step for _, _, step in found)
+    per = []
+    for k, (t, source) in enumerate(zip(ticks, sources)):
+        tree, meta, step = found[k]
+        if step != target:
+            tree, meta = ckpt.restore(source, templates[k], step=target)
         plan = rounds.make_plan(eng.net, eng.param_shapes, t.cfg.prune, tree["masks"],
                                 tree["channel_masks"] if meta["has_channel_masks"] else None,
                                 hyper=eng.hyper(t.cfg))
