@@ -12,6 +12,7 @@ event                        when
 ``epoch_end(run, r, e, rows)`` after evaluation: one log row per ticket
 ``round_finished(run, r, rows)`` a round's final tickets (RSST: after S), before pruning
 ``round_end(run, r, rows)``   the next round planned: one summary row per ticket
+``run_finished(run)``         every round done
 ``run_end(run)``              always, also when the run stops on an error
 ============================ ================================================================
 
@@ -56,6 +57,7 @@ class Callback:
     def epoch_end(self, run, r: int, epoch: int, rows: list): pass
     def round_finished(self, run, r: int, rows: list): pass
     def round_end(self, run, r: int, rows: list): pass
+    def run_finished(self, run): pass
     def run_end(self, run): pass
 
 
@@ -261,11 +263,22 @@ class RunLocks(Callback):
             lock.release()
 
 
+class NextSteps(Callback):
+    """At the end: where the results are and the commands that read them."""
+
+    def run_finished(self, run):
+        dirs = [str(t.paths.root) for t in run.tickets]
+        where = dirs[0] if len(dirs) == 1 else str(run.tickets[0].paths.root.parent)
+        run.log(f"done: {', '.join(str(t.paths.summary_json) for t in run.tickets)}")
+        run.log(f"next: python -m experiments.compare {' '.join(dirs)}  |  python -m "
+                f"experiments.plot {where}  |  python -m experiments.analyze {dirs[0]}")
+
+
 def default_callbacks(cfg, *, progress: bool = True) -> list[Callback]:
     """What ``python -m experiments.run`` does (the run lock is taken by the driver)."""
     # The summary before the checkpoint: a run killed between the two redoes the round's end.
     return [NanGuard(cfg.run.nan_policy), ProgressBar(progress), EpochLog(), SummaryWriter(),
-            Checkpointer()]
+            Checkpointer(), NextSteps()]
 
 
 def terminal_has_bar() -> bool:
@@ -273,5 +286,5 @@ def terminal_has_bar() -> bool:
 
 
 __all__ = ["Callback", "ProgressBar", "EpochLog", "NanGuard", "Checkpointer", "SummaryWriter",
-           "RunLocks", "TrainingDiverged", "Interrupted", "SUMMARY_FIELDS", "epoch_line",
+           "RunLocks", "NextSteps", "TrainingDiverged", "Interrupted", "SUMMARY_FIELDS", "epoch_line",
            "round_line", "write_summary", "atomic_write", "default_callbacks"]

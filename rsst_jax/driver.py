@@ -54,6 +54,7 @@ class Ticket:
     paths: paths_lib.RunPaths
     progress: Progress
     failed: Optional[BaseException] = None
+    predicted_norm_rel: Optional[float] = None  # starting.penalty_report, RSST on SGD
 
     @property
     def seed(self) -> int:
@@ -126,6 +127,9 @@ def run(configs, *, callbacks: Optional[Sequence[cb.Callback]] = None, progress:
             c.run_start(r)
         while r.live_tickets() and r.lead.round < r.rounds:
             _train_round(r, callbacks)
+        if all(t.failed is None for t in tickets):
+            for c in callbacks:
+                c.run_finished(r)
     finally:
         for c in callbacks:
             c.run_end(r)
@@ -251,7 +255,8 @@ def _finish_round(run: Run, r: int) -> list:
         row = rounds.summary_row(r, run.epochs, p.best, last)
         if run.plan.rsst:
             row.update(rsst_acc_before=last["test_acc"], final_lambda=last.get("reg_lambda"),
-                       target_norm_rel=last.get("target_norm_rel"))
+                       target_norm_rel=last.get("target_norm_rel"),
+                       predicted_norm_rel=t.predicted_norm_rel)
         rows.append(row)
     if run.plan.rsst:
         run.states, run.plan = rounds.for_each(

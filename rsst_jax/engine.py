@@ -38,6 +38,13 @@ def build_model(model_cfg, num_classes: int, **kwargs):
     return nets.get_net(model_cfg.arch, num_classes, **model_options(model_cfg), **kwargs)
 
 
+def hyper_of(cfg) -> train_lib.Hyper:
+    """A ticket's schedule values (``train.Hyper``) from its configuration."""
+    s = cfg.rsst
+    return train_lib.Hyper.make(cfg.optim.lr, s.RST_schedule, s.reg_granularity_prune,
+                                s.exponents, s.reg_upper_limit)
+
+
 class Engine:
     """Data on the device and the compiled programs of ``len(configs)`` tickets."""
 
@@ -63,9 +70,7 @@ class Engine:
         self.model = build_model(cfg.model, self.ds.num_classes)
         self.net = rounds.Network(self.model, self.ds.image_shape)
         self.steps_per_epoch = train_lib.steps_per_epoch(self.ds.train_x.shape[0], o.batch_size)
-        self.schedules = train_lib.Schedules(
-            self.steps_per_epoch, self.steps_per_epoch * o.epochs, o.warmup, o.milestones,
-            reg_interval=cfg.rsst.update_reg_interval, reg_progress=cfg.rsst.reg_progress)
+        self.schedules = train_lib.Schedules.of(o, cfg.rsst, self.steps_per_epoch)
         self.tx = train_lib.make_optimizer(optimizer=o.optimizer, momentum=o.momentum,
                                            weight_decay=o.weight_decay,
                                            block_loss_grad=cfg.rsst.block_loss_grad)
@@ -96,9 +101,7 @@ class Engine:
     # ------------------------------------------------------------------ tickets
     def hyper(self, cfg) -> train_lib.Hyper:
         """Ticket ``cfg``'s schedule values."""
-        s = cfg.rsst
-        return train_lib.Hyper.make(cfg.optim.lr, s.RST_schedule, s.reg_granularity_prune,
-                                    s.exponents, s.reg_upper_limit)
+        return hyper_of(cfg)
 
     def fresh_state(self, seed: int) -> train_lib.TrainState:
         """A ticket's initial state: W0 drawn from ``seed``, a fresh optimizer."""
@@ -167,4 +170,4 @@ class Engine:
         return parallel.jit_eval(eval_step, self.mesh, batch_size)
 
 
-__all__ = ["Engine", "EngineError", "build_model", "model_options"]
+__all__ = ["Engine", "EngineError", "build_model", "model_options", "hyper_of"]

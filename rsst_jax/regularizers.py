@@ -177,7 +177,10 @@ def lambda_schedule(
 
 
 def _schedule_values(schedule: Callable, total_steps: int) -> np.ndarray:
-    """``schedule`` at steps ``0 .. total_steps-1`` as a float64 host array ``[T]``."""
+    """``schedule`` at steps ``0 .. total_steps-1`` as a float64 host array ``[T]``
+    (``schedule`` may already be those values)."""
+    if not callable(schedule):
+        return np.asarray(schedule, np.float64)[: int(total_steps)]
     steps = jnp.arange(int(total_steps), dtype=jnp.int32)
     values = jax.vmap(lambda s: jnp.asarray(schedule(s), jnp.float32))(steps)
     return np.asarray(values, np.float64)
@@ -210,7 +213,7 @@ def first_unstable_step(
     """First step ``t < total_steps`` where ``lr(t)*lambda(t) >= 2*(1+momentum)``.
 
     Args:
-      schedule: a lambda schedule.
+      schedule: a lambda schedule, or its values at every step.
       lrs_or_lr_fn: the learning rate: a constant, an array with one value per step
         (at least ``total_steps`` long), or an optax-style schedule ``lr(step)``.
       momentum: SGD momentum (0 for plain SGD).
@@ -233,6 +236,32 @@ def first_unstable_step(
         unstable = np.nan_to_num(lr * lam, nan=0.0) >= 2.0 * (1.0 + momentum)
     hits = np.flatnonzero(unstable)
     return int(hits[0]) if hits.size else None
+
+
+def remaining_norm_fraction(lrs, lambdas, momentum: float = 0.0,
+                            weight_decay: float = 0.0) -> float:
+    """How much of its norm the penalty alone leaves to a targeted weight after a round.
+
+    SGD with heavy-ball momentum on the penalty ``(lambda_t + weight_decay) * w`` only
+    (the loss gradient left out, as with ``--block_loss_grad``), from the round's fresh
+    optimizer state: ``v <- momentum * v + (lambda_t + wd) * w; w <- w - lr_t * v``.
+    The recurrence is linear and the same for every targeted weight, so every one of
+    them, and their L2 norm, ends at ``|w_T / w_0|`` of where it started: the value this
+    returns (host side, float64). ``lrs`` and ``lambdas`` hold one value per step of the
+    round. The loss gradient can only keep a weight the network needs larger, so a
+    round's measured fraction is at least about this (equal with ``--block_loss_grad``).
+    Returns ``inf`` when the recurrence diverges.
+    """
+    lrs = np.asarray(lrs, np.float64)
+    lambdas = np.asarray(lambdas, np.float64) + float(weight_decay)
+    w, v = 1.0, 0.0
+    with np.errstate(over="ignore", invalid="ignore"):
+        for lr, lam in zip(lrs.tolist(), lambdas.tolist()):
+            v = momentum * v + lam * w
+            w = w - lr * v
+            if not math.isfinite(w) or abs(w) > 1e30:
+                return math.inf
+    return abs(w)
 
 
 class RSSTState(NamedTuple):

@@ -107,6 +107,13 @@ class Schedules:
     reg_interval: Optional[int] = None   # default: one epoch
     reg_progress: str = "round"
 
+    @classmethod
+    def of(cls, optim_cfg, rsst_cfg, steps_per_epoch: int) -> "Schedules":
+        """A round's schedules from the ``optim`` and ``rsst`` configuration groups."""
+        return cls(steps_per_epoch, steps_per_epoch * optim_cfg.epochs, optim_cfg.warmup,
+                   optim_cfg.milestones, reg_interval=rsst_cfg.update_reg_interval,
+                   reg_progress=rsst_cfg.reg_progress)
+
     def lr(self, step, base_lr):
         step = jnp.asarray(step)
         warmup_steps = self.warmup_epochs * self.steps_per_epoch

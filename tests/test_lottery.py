@@ -258,3 +258,48 @@ def test_fc_flag_prunes_nothing_and_prune_fc_prunes_the_classifier(tmp_path, mon
     assert a["masks"]["fc"]["kernel"] is None or np.asarray(a["masks"]["fc"]["kernel"]).all()
     fc = np.asarray(b["masks"]["fc"]["kernel"], bool)
     assert 0 < fc.sum() < fc.size
+
+
+def test_predicted_and_measured_penalized_norm_agree(tmp_path, monkeypatch):
+    """The start-up prediction of what the RSST penalty alone leaves of the penalized
+    weights' norm: exact with --block_loss_grad (only the penalty and weight decay act on
+    them: the same linear recurrence), and within 5 points with the loss gradient on this
+    tiny run; both printed in the round line."""
+    use_tiny_data(monkeypatch)
+    kw = dict(struct="rsst", criteria="magnitude", pruning_times=2, epochs=2, rate=0.5,
+              reg_granularity_prune=2.0)
+    lines = []
+    rows = driver.run(tiny_config(tmp_path / "block", block_loss_grad=True, **kw),
+                      progress=False, log=lines.append)[0]
+    assert 0.01 < rows[1]["predicted_norm_rel"] < 0.9  # the test means something
+    assert rows[1]["target_norm_rel"] == pytest.approx(rows[1]["predicted_norm_rel"], abs=2e-3)
+    round_line = [x for x in lines if x.startswith("round 1:")][0]
+    assert (f"keep {100 * rows[1]['target_norm_rel']:.1f}% of their norm (predicted "
+            f"{100 * rows[1]['predicted_norm_rel']:.1f}%)") in round_line
+    assert any(x.startswith("RSST penalty: by the end of each round") for x in lines)
+    rows = quiet_run(tiny_config(tmp_path / "loss", **kw))[0]
+    assert abs(rows[1]["target_norm_rel"] - rows[1]["predicted_norm_rel"]) < 0.05
+
+
+def test_penalty_budget_warns_with_a_granularity_that_fixes_it():
+    """The recurrence by hand on a 3-step round, and the suggested g reaching the budget."""
+    from rsst_jax import config as config_lib, regularizers, starting, train
+    lr, lam, mom, wd = [0.1, 0.1, 0.05], [1.0, 2.0, 4.0], 0.9, 0.0
+    w, v = 1.0, 0.0
+    for a, b in zip(lr, lam):
+        v = mom * v + b * w
+        w -= a * v
+    assert regularizers.remaining_norm_fraction(lr, lam, mom, wd) == pytest.approx(abs(w))
+    cfg = config_lib.Config.from_dict(dict(epochs=10, decreasing_lr="6,8", lr=0.05, warmup=0,
+                                           batch_size=32))
+    sched = train.Schedules.of(cfg.optim, cfg.rsst, 1257 // 32)
+    frac, warning = starting.penalty_report(sched, train.Hyper.make(0.05), cfg)
+    assert frac > starting.PENALTY_BUDGET and "--reg_granularity_prune" in warning
+    g = float(warning.split("--reg_granularity_prune ")[1].split()[0])
+    fixed = starting.predicted_norm_fraction(
+        sched, train.Hyper.make(0.05, granularity=g), cfg.optim)
+    assert fixed <= starting.PENALTY_BUDGET / 2
+    late = cfg.replace(decreasing_lr="8,9")
+    frac, warning = starting.penalty_report(
+        train.Schedules.of(late.optim, late.rsst, 1257 // 32), train.Hyper.make(0.05), late)
+    assert frac < starting.PENALTY_BUDGET and warning is None
