@@ -459,6 +459,11 @@ class RemovalPlan:
     removed_units: set
     approx_only: int                          # channels removed only because approximate
     dead_kept: int                            # pruned writer channels that had to stay
+    # Why they stay, by count: 'shared' (another layer writes live values into the same
+    # channel, e.g. a residual stream), 'constant' (a module on the way, e.g. a BatchNorm
+    # whose scale or bias is not zero, adds a constant), 'width' (kept so that a layer
+    # keeps one channel, or for round_to), 'pinned' (an op the flow cannot follow).
+    dead_kept_reasons: dict = dataclasses.field(default_factory=dict)
 
 
 def _live(mask: Optional[np.ndarray], shape: tuple, kind: str) -> np.ndarray:
@@ -543,8 +548,10 @@ def decide_removal(flow: ChannelFlow, kernel_masks: dict, shapes: dict, response
                 if not any(g in pinned for g in gs)
                 and all(g in zero or g not in used for g in gs)}
 
-    exact = removable(zero_groups(False))
-    removed = set(removable(zero_groups(True)) if approximate else exact)
+    zero_exact, zero_loose = zero_groups(False), zero_groups(True)
+    exact = removable(zero_exact)
+    removed = set(removable(zero_loose) if approximate else exact)
+    candidates = set(removed)
     # Keep some removable channels (exact either way): at least one per layer (a layer of
     # width 0 cannot be built), and widths rounded up to multiples of round_to.
     changed = True
@@ -572,11 +579,24 @@ def decide_removal(flow: ChannelFlow, kernel_masks: dict, shapes: dict, response
         for lab in layer.out_labels:
             u = ufind(find(int(lab)))
             approx_only += int(u in removed and u not in exact)
+    reasons: dict[str, int] = defaultdict(int)
     for leaf, layer in flow.layers.items():
         m = kernel_masks.get(leaf)
         if m is None:
             continue
         pruned = ~np.asarray(m, bool).reshape(-1, np.shape(m)[-1]).any(axis=0)
-        dead_kept += int(sum(p and kept(lab) for p, lab in zip(pruned, layer.out_labels)))
-    return RemovalPlan(keep, removed, approx_only, dead_kept)
+        for p, lab in zip(pruned, layer.out_labels):
+            if not (p and kept(lab)):
+                continue
+            dead_kept += 1
+            g = find(int(lab))
+            if ufind(g) in candidates:
+                reasons["width"] += 1       # removable, kept for the width rules
+            elif g in pinned:
+                reasons["pinned"] += 1
+            elif g in zero_loose:
+                reasons["constant"] += 1    # zero but for a constant added on the way
+            else:
+                reasons["shared"] += 1      # another writer's live values flow in
+    return RemovalPlan(keep, removed, approx_only, dead_kept, dict(reasons))
 

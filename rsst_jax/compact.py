@@ -181,6 +181,7 @@ def compact(net_name_or_model, variables: dict, masks: PyTree, *, num_classes: O
         "round_to": int(round_to),
         "prunable_channels": total, "prunable_channels_kept": kept_total,
         "approximate_channels": plan.approx_only, "pruned_channels_kept": plan.dead_kept,
+        "pruned_channels_kept_why": plan.dead_kept_reasons,
         "unfollowed_ops": sorted(set(flow.opaque)),
     }
     return compact_model, compact_vars, description

@@ -148,7 +148,8 @@ def compact_stats(model: nn.Module, variables: dict, masks: PyTree, sample_shape
         "flop_ratio": small["macs"] / dense["macs"] if dense["macs"] else 1.0,
         "channels": desc["prunable_channels"], "channels_kept": desc["prunable_channels_kept"],
         "channel_sparsity": masks_lib.channel_sparsity(kernel_masks(masks)),
-        "pruned_channels_kept": desc["pruned_channels_kept"], "exact": desc["exact"],
+        "pruned_channels_kept": desc["pruned_channels_kept"],
+        "pruned_channels_kept_why": desc["pruned_channels_kept_why"], "exact": desc["exact"],
     }
 
 
