@@ -45,6 +45,30 @@ def hyper_of(cfg) -> train_lib.Hyper:
                                 s.exponents, s.reg_upper_limit)
 
 
+def optimizer_of(cfg):
+    """The optax chain of ``cfg`` (penalty, weight decay, masks, SGD/Adam/AdamW)."""
+    o = cfg.optim
+    return train_lib.make_optimizer(optimizer=o.optimizer, momentum=o.momentum,
+                                    weight_decay=o.weight_decay,
+                                    block_loss_grad=cfg.rsst.block_loss_grad)
+
+
+def step_config_of(cfg, ds: data_lib.Dataset) -> train_lib.StepConfig:
+    """The static settings of ``cfg``'s train step on data set ``ds``."""
+    o = cfg.optim
+    return train_lib.StepConfig(flip=ds.flip, mean=tuple(ds.mean), std=tuple(ds.std),
+                                nan_skip=cfg.run.nan_policy == "skip", distill=o.distill,
+                                kd_temperature=o.kd_temperature, accum_steps=o.accum_steps)
+
+
+def eval_program(model, step_cfg, num_tickets: int, mesh, batch_size: int):
+    """The compiled evaluation: vmapped over tickets for K > 1, else on the mesh."""
+    eval_step = train_lib.make_eval_step(model, step_cfg)
+    if num_tickets > 1:
+        return jax.jit(train_lib.eval_over_tickets(eval_step, num_tickets))
+    return parallel.jit_eval(eval_step, mesh, batch_size)
+
+
 class Engine:
     """Data on the device and the compiled programs of ``len(configs)`` tickets."""
 
@@ -71,13 +95,7 @@ class Engine:
         self.net = rounds.Network(self.model, self.ds.image_shape)
         self.steps_per_epoch = train_lib.steps_per_epoch(self.ds.train_x.shape[0], o.batch_size)
         self.schedules = train_lib.Schedules.of(o, cfg.rsst, self.steps_per_epoch)
-        self.tx = train_lib.make_optimizer(optimizer=o.optimizer, momentum=o.momentum,
-                                           weight_decay=o.weight_decay,
-                                           block_loss_grad=cfg.rsst.block_loss_grad)
-        self.step_cfg = train_lib.StepConfig(
-            flip=self.ds.flip, mean=tuple(self.ds.mean), std=tuple(self.ds.std),
-            nan_skip=r.nan_policy == "skip", distill=o.distill,
-            kd_temperature=o.kd_temperature, accum_steps=o.accum_steps)
+        self.tx, self.step_cfg = optimizer_of(cfg), step_config_of(cfg, self.ds)
         sharding = None if self.mesh is None else parallel.batch_sharding(self.mesh)
         step = train_lib.gather_step(train_lib.make_train_step(
             self.model, self.tx, self.step_cfg, self.schedules, batch_sharding=sharding))
@@ -94,8 +112,8 @@ class Engine:
             batch_axis=2)
         self.fused = train_lib.use_fused(r.fused)
         self.fused_steps = r.fused_steps or train_lib.default_fused_steps(r.print_freq)
-        self._eval = self._eval_program(min(o.eval_batch_size, len(self.ds.val_y),
-                                            len(self.ds.test_y)))
+        self._eval = eval_program(self.model, self.step_cfg, self.k, self.mesh, min(
+            o.eval_batch_size, len(self.ds.val_y), len(self.ds.test_y)))
         self._param_shapes = None
 
     # ------------------------------------------------------------------ tickets
@@ -116,16 +134,32 @@ class Engine:
         return self._param_shapes
 
     def epoch_perms(self, seeds: Sequence[int], round_idx: int, epoch: int) -> np.ndarray:
-        """[K, steps, B] batch indices of every ticket's epoch (drop_last)."""
+        """[K, steps, B] batch indices of every ticket's epoch (from 0; drop_last)."""
         n, bs = self.ds.train_x.shape[0], self.configs[0].optim.batch_size
-        return np.stack([np.asarray(train_lib.epoch_permutation(
-            rounds.epoch_key(jax.random.PRNGKey(s), round_idx, epoch), n, bs)) for s in seeds])
+        return np.stack([rounds.epoch_indices(jax.random.PRNGKey(s), n, bs, round_idx, epoch)
+                         for s in seeds])
 
     def score_batches(self, seed: int, round_idx: int, count: int):
         """The criterion's (batches, key) of ticket ``seed`` after round ``round_idx``."""
         return rounds.criteria_batches(jax.random.PRNGKey(seed), self.dev["train_x"],
                                        self.dev["train_y"], self.configs[0].optim.batch_size,
                                        round_idx, count)
+
+    # ------------------------------------------------------------------ one ticket, your loop
+    def step(self, state, batch, plan: train_lib.Plan):
+        """One train step of a single ticket on a host ``batch`` (uint8 images, labels),
+        through the very program a run compiles (``train_step``, the batch as the data
+        it gathers from), so a custom loop computes what ``experiments.run --fused off``
+        does, to the last bit. ``state`` is consumed (its buffers are reused)."""
+        images, labels = (np.asarray(a) for a in batch)
+        idx = np.arange(len(labels), dtype=np.int32)[None]
+        states, m = self.train_step(rounds.stack([state]), images, labels,
+                                    parallel.shard_batch(idx, self.mesh, 1), rounds.stack([plan]))
+        return rounds.ticket(states, 0), rounds.ticket(m, 0)
+
+    def accuracy(self, variables, split: str) -> float:
+        """Accuracy (%) of one ticket's ``variables`` on the ``val`` or ``test`` split."""
+        return self.evaluate(rounds.stack([variables]), split)[0]["acc"]
 
     # ------------------------------------------------------------------ programs
     def train_epoch(self, states, plan: train_lib.Plan, perms: np.ndarray,
@@ -163,11 +197,6 @@ class Engine:
             return [train_lib.evaluate(self._eval, rounds.ticket(variables, 0), x, y, bs)]
         return train_lib.evaluate(self._eval, variables, x, y, bs)
 
-    def _eval_program(self, batch_size: int):
-        eval_step = train_lib.make_eval_step(self.model, self.step_cfg)
-        if self.k > 1:
-            return jax.jit(train_lib.eval_over_tickets(eval_step, self.k))
-        return parallel.jit_eval(eval_step, self.mesh, batch_size)
 
-
-__all__ = ["Engine", "EngineError", "build_model", "model_options", "hyper_of"]
+__all__ = ["Engine", "EngineError", "build_model", "model_options", "hyper_of", "optimizer_of",
+           "step_config_of", "eval_program"]

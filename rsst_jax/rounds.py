@@ -211,6 +211,19 @@ def epoch_key(key, round_idx: int, epoch: int):
                                                  round_idx), epoch)
 
 
+def epoch_indices(key, n: int, batch_size: int, round_idx: int, epoch: int) -> np.ndarray:
+    """[steps, B] sample indices of epoch ``epoch`` (from 0) of round ``round_idx``, in a
+    run's order (drop_last)."""
+    return np.asarray(train_lib.epoch_permutation(epoch_key(key, round_idx, epoch), n,
+                                                  batch_size))
+
+
+def epoch_batches(ds, key, round_idx: int, epoch: int, batch_size: int):
+    """The (uint8 images, labels) host batches of an epoch, as a run orders them."""
+    for idx in epoch_indices(key, ds.train_x.shape[0], batch_size, round_idx, epoch):
+        yield ds.train_x[idx], ds.train_y[idx]
+
+
 def apply_channel_masks(net: Network, params_like, prune_cfg, state, plan: RoundPlan
                         ) -> tuple[train_lib.TrainState, RoundPlan]:
     """End of an RSST round: M := S, the weights S removes set to zero."""
@@ -280,5 +293,5 @@ def check_groupable(configs: Sequence) -> None:
 __all__ = ["STRUCTS", "PRUNE_TYPES", "GROUPABLE", "Network", "RoundPlan", "initial_masks",
            "train_masks", "no_targets", "make_plan", "prune_weights", "criteria_batches",
            "score_channels", "prune_round", "rewind_to", "start_round", "epoch_key",
-           "apply_channel_masks", "target_stats", "summary_row", "stack", "ticket",
+           "epoch_indices", "epoch_batches", "apply_channel_masks", "target_stats", "summary_row", "stack", "ticket",
            "for_each", "check_groupable"]

@@ -99,3 +99,12 @@ def test_compact_is_the_function_and_its_module_is_not_callable():
 
     assert rsst_jax.compact is compact
     assert not callable(sys.modules["rsst_jax.compact"])
+
+
+def test_no_class_in_the_library_is_longer_than_150_lines():
+    long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > 150:
+                long.append(f"{path.relative_to(ROOT)}:{node.name}")
+    assert not long, long
