@@ -11,109 +11,20 @@ checkpoint's own metadata names the network; where it does not (best-validation
 checkpoints), the run's ``config.json`` or a final checkpoint beside it does, and
 ``--arch``/``--dataset`` supply them when the checkpoint was copied out of its run.
 
-Exit codes: 0, 2 bad input (one line on stderr).
+Exit codes: 0 done, 2 bad input (one line on stderr: also a damaged checkpoint, named).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
-import pathlib
 import sys
 from typing import Optional, Sequence
 
-from experiments.compare import OneLineParser, fail
+from experiments import cli
 from rsst_jax import masks as masks_lib
+from rsst_jax import paths as paths_lib
 from rsst_jax import runs as runs_lib
-
-# One image (H, W, C) of each data set as the loaders deliver it.
-INPUT_SHAPES = {"digits": (32, 32, 1), "fashion_mnist": (28, 28, 1), "cifar10": (32, 32, 3),
-                "cifar100": (32, 32, 3), "tiny-imagenet": (64, 64, 3)}
-
-
-class AnalyzeError(ValueError):
-    """Input that cannot be analysed; the message says what to pass."""
-
-
-# --------------------------------------------------------------------------- context
-
-
-def _meta_of_final(run_dir: Optional[pathlib.Path], round_idx: Optional[int]) -> dict:
-    """Metadata of the run's final checkpoint of ``round_idx`` (or any round), if readable."""
-    if run_dir is None:
-        return {}
-    from rsst_jax import checkpoint as ckpt
-
-    refs = [r for r in runs_lib.list_checkpoints(run_dir) if r.kind == "final"]
-    refs.sort(key=lambda r: (r.round != round_idx, -(r.round or 0)))
-    for ref in refs:
-        try:
-            return ckpt.read_meta(ref.directory, ref.step)
-        except ckpt.CheckpointError:
-            continue
-    return {}
-
-
-def describe_network(ref: runs_lib.CheckpointRef, meta: dict, *, arch: Optional[str] = None,
-                     dataset: Optional[str] = None, input_shape: Optional[Sequence[int]] = None,
-                     params: Optional[dict] = None) -> dict:
-    """arch, dataset, num_classes, input shape, shortcut and where each came from."""
-    run_dir = ref.run_dir
-    config = {}
-    if run_dir is not None and (run_dir / runs_lib.CONFIG_FILE).is_file():
-        try:
-            config = json.loads((run_dir / runs_lib.CONFIG_FILE).read_text())
-        except json.JSONDecodeError:
-            config = {}
-    final_meta = meta if "arch" in meta else _meta_of_final(run_dir, ref.round)
-    info = {"arch": arch, "arch_from": "--arch" if arch else None}
-    if info["arch"] is None:
-        for source, value in (("checkpoint", meta.get("arch")), ("final checkpoint", final_meta.get("arch")),
-                              ("config.json", config.get("arch"))):
-            if value:
-                info["arch"], info["arch_from"] = value, source
-                break
-    info["dataset"] = dataset or meta.get("dataset") or final_meta.get("dataset") or config.get("dataset")
-    info["num_classes"] = meta.get("num_classes") or final_meta.get("num_classes")
-    if info["num_classes"] is None and params is not None:
-        dense = [v for p, v in masks_lib.flat_dict(params).items() if p.endswith("kernel") and v.ndim == 2]
-        info["num_classes"] = int(dense[-1].shape[-1]) if dense else None
-    if input_shape is not None:
-        info["input_shape"] = tuple(int(x) for x in input_shape)
-    elif info["dataset"] in INPUT_SHAPES:
-        info["input_shape"] = INPUT_SHAPES[info["dataset"]]
-    else:
-        info["input_shape"] = None
-    info["shortcut"] = config.get("shortcut", "A")
-    info["config"] = config
-    return info
-
-
-def build_model(info: dict, params: dict):
-    """The registered network of ``info``, checked against the checkpoint's parameter shapes."""
-    import jax
-    import numpy as np
-
-    from rsst_jax import nets
-
-    arch = info["arch"]
-    if arch not in nets.available_nets():
-        raise AnalyzeError(f"arch {arch!r} is not registered here; --import the module that "
-                           f"registers it (known: {', '.join(nets.available_nets())})")
-    kwargs = {}
-    if info.get("shortcut", "A") != "A" and "shortcut" in nets.net_options(arch):
-        kwargs["shortcut"] = info["shortcut"]
-    model = nets.get_net(arch, int(info["num_classes"]), **kwargs)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
-                                               np.zeros((1, *info["input_shape"]), np.float32),
-                                               train=False))
-    want = {p: tuple(v.shape) for p, v in masks_lib.flat_dict(shapes["params"]).items()}
-    got = {p: tuple(np.shape(v)) for p, v in masks_lib.flat_dict(params).items()}
-    if want != got:
-        diff = sorted(set(want) ^ set(got)) or [p for p in want if want[p] != got[p]]
-        raise AnalyzeError(f"the checkpoint does not match {arch} with {info['num_classes']} classes "
-                           f"(first difference at {diff[0]}); pass the right --arch")
-    return model
 
 
 # --------------------------------------------------------------------------- numbers
@@ -147,7 +58,7 @@ def compact_numbers(model, variables: dict, masks: dict, input_shape, *, approxi
     return stats
 
 
-def accuracies(ref: runs_lib.CheckpointRef, meta: dict) -> dict:
+def accuracies(ref, meta: dict) -> dict:
     """The round's accuracies: the final checkpoint's summary row, else the run's summary."""
     row = dict(meta.get("summary") or {})
     if not row and ref.run_dir is not None and ref.round is not None:
@@ -160,7 +71,7 @@ def accuracies(ref: runs_lib.CheckpointRef, meta: dict) -> dict:
             "final_test_acc", "rsst_acc_before", "rsst_acc_after", "remaining_weight_pct",
             "channel_sparsity_pct")
     out = {k: row[k] for k in keys if row.get(k) is not None}
-    if ref.kind == "best":
+    if ref.kind == paths_lib.BEST:
         out.update({f"checkpoint_{k}": meta[k] for k in ("epoch", "val_acc", "test_acc") if k in meta})
     return out
 
@@ -170,12 +81,12 @@ def analyze(path, *, round_idx=None, best=False, arch=None, dataset=None, input_
     """Everything ``main`` prints, as a JSON-able dict."""
     import numpy as np
 
-    from rsst_jax import counting
+    from rsst_jax import counting, tickets
 
-    ref = runs_lib.resolve_checkpoint(path, round_idx=round_idx, kind="best" if best else "final")
-    tree, meta, ref = runs_lib.load_checkpoint(ref)
-    params = tree["params"]
-    masks = tree.get("masks")
+    ticket = tickets.load(path, round_idx=round_idx, kind=paths_lib.BEST if best else paths_lib.FINAL,
+                          arch=arch, dataset=dataset, image_shape=input_shape, need_model=False)
+    ref, meta, params, net = ticket.ref, ticket.meta, ticket.params, ticket.network
+    masks = ticket.masks
     notes = []
     if masks is None:
         masks = masks_lib.init_masks(params)
@@ -183,31 +94,26 @@ def analyze(path, *, round_idx=None, best=False, arch=None, dataset=None, input_
     try:
         masks_lib.check_masks(params, masks)
     except ValueError as e:
-        raise AnalyzeError(f"{ref.path}: masks do not fit the parameters ({e})") from None
+        raise cli.BadInput(f"{ref.path}: masks do not fit the parameters ({e})") from None
     masks = masks_lib.map_prunable(lambda m: np.asarray(m, bool), masks)
     rows = masks_lib.report(masks, params)
-    info = describe_network(ref, meta, arch=arch, dataset=dataset, input_shape=input_shape, params=params)
-    model = None
-    if info["arch"] and info["num_classes"] and info["input_shape"]:
-        model = build_model(info, params)
-    else:
-        missing = [n for n, k in (("--arch", "arch"), ("--dataset or --input_shape", "input_shape"))
-                   if not info[k]]
-        notes.append(f"FLOPs need the network: pass {' and '.join(missing)}")
-    variables = {"params": params, "batch_stats": tree.get("batch_stats") or {}}
+    if ticket.model is None:
+        flags = {"arch": "--arch", "image_shape": "--dataset or --input_shape"}
+        notes.append(f"FLOPs need the network: pass {' and '.join(flags[m] for m in net.missing())}")
     total = counting.count_params(params)
     prunable = sum(r.total for r in rows)
     kept = sum(r.kept for r in rows)
     return {
         "checkpoint": str(ref.path), "kind": ref.kind, "round": ref.round, "step": ref.step,
-        "arch": info["arch"], "arch_from": info["arch_from"], "dataset": info["dataset"],
-        "num_classes": info["num_classes"],
-        "input_shape": list(info["input_shape"]) if info["input_shape"] else None,
+        "arch": net.arch, "arch_from": net.sources.get("arch"), "dataset": net.dataset,
+        "num_classes": net.num_classes,
+        "input_shape": list(net.image_shape) if net.image_shape else None,
         "layers": [dict(dataclasses.asdict(r), shape=list(r.shape)) for r in rows],
         "params": {"total": total, "prunable": prunable, "prunable_kept": kept,
                    "remaining_weight_pct": 100.0 * kept / prunable if prunable else 100.0,
                    "channel_sparsity_pct": 100.0 * masks_lib.channel_sparsity(masks)},
-        "compact": compact_numbers(model, variables, masks, info["input_shape"], approximate=approximate),
+        "compact": compact_numbers(ticket.model, ticket.variables, masks, net.image_shape,
+                                   approximate=approximate),
         "accuracy": accuracies(ref, meta),
         "notes": notes,
         "_rows": rows,
@@ -266,50 +172,61 @@ def format_text(result: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="python -m experiments.analyze",
-                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                      description=__doc__.split("\n\n", 1)[1].rsplit("\n\nExit codes", 1)[0].replace("``", ""),
-                      epilog="Exit codes: 0, 2 bad input.")
+    p = cli.OneLineParser(prog="python -m experiments.analyze", formatter_class=cli.DocHelpFormatter,
+                          description=cli.help_text(__doc__), epilog=cli.EXIT_CODES + ".")
     p.add_argument("path", metavar="CHECKPOINT_OR_DIR",
                    help="run directory, round_<r> folder, checkpoint folder or step folder")
-    p.add_argument("--round", type=int, default=None, help="round to open when CHECKPOINT_OR_DIR is a run directory")
+    p.add_argument("--round", type=int, default=None,
+                   help="round to open when CHECKPOINT_OR_DIR is a run directory (default: the "
+                        "last one)")
     p.add_argument("--best", action="store_true",
                    help="open the round's best-validation checkpoint instead of its final ticket")
-    p.add_argument("--arch", default=None, help="network, when the checkpoint does not name it")
-    p.add_argument("--dataset", default=None, help="data set (sets the input shape for FLOPs)")
-    p.add_argument("--input_shape", default=None, metavar="H,W,C", help="one image's shape, e.g. 32,32,3")
+    p.add_argument("--arch", default=None,
+                   help="network, when the checkpoint does not name it (default: from the "
+                        "checkpoint or its run)")
+    p.add_argument("--dataset", default=None,
+                   help="data set, which sets the input shape for FLOPs (default: from the "
+                        "checkpoint or its run)")
+    p.add_argument("--input_shape", default=None, metavar="H,W,C",
+                   help="one image's shape, e.g. 32,32,3 (default: from the checkpoint or the "
+                        "data set)")
     p.add_argument("--approximate", action="store_true",
                    help="count pruned channels whose BatchNorm adds a constant as removed too")
     p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
-                   help="import MODULE first (registers your network)")
+                   help="import MODULE first (registers your network); repeat for more "
+                        "(default: none)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    return cli.run_command(lambda: run(args))
+
+
+def run(args) -> int:
+    """The command, parsed: analyze and print."""
     import importlib
 
-    try:
-        for module in args.imports:
-            try:
-                importlib.import_module(module)
-            except ImportError as e:
-                raise AnalyzeError(f"--import {module}: {e}") from None
-        shape = None
-        if args.input_shape:
-            try:
-                shape = tuple(int(x) for x in args.input_shape.split(","))
-                assert len(shape) == 3 and min(shape) > 0
-            except (ValueError, AssertionError):
-                raise AnalyzeError(f"--input_shape wants H,W,C such as 32,32,3, got {args.input_shape!r}") from None
-        if args.dataset and args.dataset not in INPUT_SHAPES and shape is None:
-            raise AnalyzeError(f"unknown --dataset {args.dataset!r}; choose one of "
-                               f"{', '.join(INPUT_SHAPES)} or give --input_shape")
-        result = analyze(args.path, round_idx=args.round, best=args.best, arch=args.arch,
-                         dataset=args.dataset, input_shape=shape, approximate=args.approximate)
-    except (AnalyzeError, runs_lib.RunDirError) as e:
-        return fail(" ".join(str(e).split()))
+    from rsst_jax import data as data_lib
+    for module in args.imports:
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise cli.BadInput(f"--import {module}: {e}") from None
+    shape = None
+    if args.input_shape:
+        try:
+            shape = tuple(int(x) for x in args.input_shape.split(","))
+            assert len(shape) == 3 and min(shape) > 0
+        except (ValueError, AssertionError):
+            raise cli.BadInput(f"--input_shape wants H,W,C such as 32,32,3, got "
+                               f"{args.input_shape!r}") from None
+    if args.dataset and args.dataset not in data_lib.IMAGE_SHAPES and shape is None:
+        raise cli.BadInput(f"unknown --dataset {args.dataset!r}; choose one of "
+                           f"{', '.join(data_lib.IMAGE_SHAPES)} or give --input_shape")
+    result = analyze(args.path, round_idx=args.round, best=args.best, arch=args.arch,
+                     dataset=args.dataset, input_shape=shape, approximate=args.approximate)
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if not k.startswith("_")}, indent=1))
     else:

@@ -1,11 +1,22 @@
-"""The command line shared by every ``python -m experiments.<command>``.
+"""The command line of every ``python -m experiments.<command>``.
+
+For ``experiments.run`` (and the sweeps that vary its configuration):
 
 - ``run_parser()``: the flags of ``experiments.run`` (the PyTorch reference's names and
   defaults, generated from ``rsst_jax.config``), with the help texts below;
 - ``parse_run_args(argv)``: command line (and ``--config FILE``) -> ``Config``, every
-  error one line (``ConfigError``);
+  error one line (``ConfigError``); ``parse_run_values``/``explicit_values`` stop before
+  validation; ``flag_value`` reads one flag's value from text; ``config_argv`` is the
+  inverse: the command line of a ``Config``;
 - ``check_paths(cfg)``: the checks that look at the file system;
 - ``flags_markdown()``: the README's flag table.
+
+For every command: ``OneLineParser`` (argparse whose usage errors are one line and exit
+2), ``HelpFormatter`` (each flag's default shown once), ``help_text`` (a module
+docstring as help text), ``fail``, and ``run_command(body)``, the one exit-code
+contract: 0 done, 2 bad input (one line on stderr saying what to do, no traceback), 3
+training diverged, 130 interrupted (Ctrl-C: one line naming the command that resumes,
+within about a second, also while XLA compiles).
 """
 from __future__ import annotations
 
@@ -15,7 +26,12 @@ import io
 import json
 import os
 import pathlib
-from typing import Any, Optional, Sequence
+import select
+import shlex
+import signal
+import sys
+import threading
+from typing import Any, Callable, Optional, Sequence
 
 from rsst_jax import config as config_lib
 from rsst_jax.config import ConfigError
@@ -110,25 +126,73 @@ EPILOG = ("Environment: RSST_JAX_CACHE=DIR|off keeps compiled programs (by defau
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each default once: not where the help text already says what it is."""
+    """Shows each default once: not where the help text already says what it is, nor for
+    a required argument or a switch that is off unless given."""
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "(default" in text or "when not given" in text or action.default is argparse.SUPPRESS:
+        if ("(default" in text or "when not given" in text or action.default is argparse.SUPPRESS
+                or action.required or action.option_strings == ["-h", "--help"]):
             return text
         return super()._get_help_string(action)
 
+    def format_help(self) -> str:
+        return super().format_help().replace("``", "")  # docstrings' reST literals
 
-def _bool_flag(parser, name, default, help_text):
-    if default is None or default is True:
+
+class DocHelpFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
+    """HelpFormatter keeping the description's (a module docstring's) own line breaks."""
+
+
+EXIT_CODES = "Exit codes: 0 done, 2 bad input (one line on stderr saying what to do)"
+
+
+def help_text(doc: str) -> str:
+    """A module docstring as help text: no reStructuredText double backticks, no
+    'Exit codes' paragraph (the epilog says it)."""
+    paragraphs = [p for p in doc.strip().split("\n\n") if not p.startswith("Exit codes")]
+    return "\n\n".join(paragraphs).replace("``", "")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line on stderr and exits with 2."""
+
+    def __init__(self, *args, formatter_class=HelpFormatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+    def error(self, message):  # noqa: D401 (argparse API)
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def one_line(message) -> str:
+    """``message`` (text or an exception) on one line."""
+    text = " ".join(str(message).split())
+    return text or (message.__class__.__name__ if isinstance(message, BaseException) else "")
+
+
+def fail(message) -> int:
+    """Print ``error: message`` as one line on stderr; returns 2, the exit code of bad input."""
+    print(f"error: {one_line(message)}", file=sys.stderr, flush=True)
+    return 2
+
+
+def _is_switch_pair(name: str) -> bool:
+    """Whether boolean flag ``name`` has a ``--no-NAME`` form (its default is not False)."""
+    return config_lib.field_of(name).default is not False
+
+
+def _bool_flag(parser, name, field_default, default, help_text):
+    if _is_switch_pair(name):
         parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=default,
                             help=help_text)
     else:
-        parser.add_argument(f"--{name}", action="store_true", default=False, help=help_text)
+        parser.add_argument(f"--{name}", action="store_true", default=default, help=help_text)
 
 
-def run_parser(prog: str = "python -m experiments.run") -> argparse.ArgumentParser:
-    """The parser of ``experiments.run``: one flag per configuration field."""
+def run_parser(prog: str = "python -m experiments.run", *, defaults: bool = True
+               ) -> argparse.ArgumentParser:
+    """The parser of ``experiments.run``: one flag per configuration field. With
+    ``defaults=False`` a flag not on the command line is absent from the result."""
     parser = argparse.ArgumentParser(
         prog=prog, formatter_class=HelpFormatter, epilog=EPILOG,
         description="Find structurally sparse lottery tickets: IMP, Refill and RSST rounds. "
@@ -136,15 +200,16 @@ def run_parser(prog: str = "python -m experiments.run") -> argparse.ArgumentPars
     allowed = config_lib.choices()
     for name in config_lib.FLAG_ORDER:
         field = config_lib.field_of(name)
+        default = field.default if defaults else argparse.SUPPRESS
         help_text = HELP[name].replace("%", "%%")  # argparse formats help with %
         kind = str(field.type)
         if "bool" in kind:
-            _bool_flag(parser, name, field.default, help_text)
+            _bool_flag(parser, name, field.default, default, help_text)
             continue
         flag_type = (int if "int" in kind else float if "float" in kind else str)
         extra = {"choices": allowed[name]} if name in allowed and name not in (
             "criteria", "arch", "dataset") else {}
-        parser.add_argument(f"--{name}", type=flag_type, default=field.default, help=help_text,
+        parser.add_argument(f"--{name}", type=flag_type, default=default, help=help_text,
                             **extra)
     return parser
 
@@ -178,28 +243,72 @@ def load_config_file(path: str) -> dict[str, Any]:
     return values
 
 
+def explicit_values(argv: Optional[Sequence[str]], prog: str = "python -m experiments.run"
+                    ) -> dict[str, Any]:
+    """The flags given on the command line ``argv`` (even those equal to their default),
+    typed; ConfigError (one line) on a bad one."""
+    return vars(one_line_parse(run_parser(prog, defaults=False), argv, prog))
+
+
 def explicit_flags(argv: Optional[Sequence[str]], prog: str = "python -m experiments.run"
                    ) -> set[str]:
-    """The flags given on the command line ``argv``, even those equal to their default."""
-    probe = run_parser(prog)
-    for action in probe._actions:
-        action.default = argparse.SUPPRESS
-    return set(vars(one_line_parse(probe, argv, prog)))
+    """The names of the flags given on the command line ``argv``."""
+    return set(explicit_values(argv, prog))
+
+
+def parse_run_values(argv: Optional[Sequence[str]] = None,
+                     prog: str = "python -m experiments.run") -> dict[str, Any]:
+    """Command line (and --config file) -> every flag's value, not yet validated:
+    defaults, then the file, then the command line."""
+    given = explicit_values(argv, prog)
+    values = {name: config_lib.field_of(name).default for name in config_lib.FLAG_ORDER}
+    if given.get("config"):
+        values.update(load_config_file(given["config"]))
+    values.update(given)
+    return values
 
 
 def parse_run_args(argv: Optional[Sequence[str]] = None,
                    prog: str = "python -m experiments.run") -> config_lib.Config:
     """Command line (and --config file) -> validated Config; command-line flags override
     the file. Every error is one ConfigError line; ``--help`` exits 0 (SystemExit)."""
-    parser = run_parser(prog)
-    values = vars(one_line_parse(parser, argv, prog))
-    if values.get("config"):
-        file_values = load_config_file(values["config"])
-        explicit = explicit_flags(argv, prog)
-        for key, value in file_values.items():
-            if key not in explicit:
-                values[key] = value
-    return config_lib.validate(config_lib.Config.from_dict(values))
+    return config_lib.validate(config_lib.Config.from_dict(parse_run_values(argv, prog)))
+
+
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off")
+
+
+def flag_value(name: str, text: str) -> Any:
+    """The value ``text`` gives flag ``name`` of experiments.run (argparse's type and
+    choices; a switch takes true/false, and one with a --no- form also none: unset);
+    ConfigError on an unknown flag or a bad value."""
+    if name not in config_lib.GROUP_OF:
+        raise ConfigError(f"experiments.run has no flag --{name}")
+    if "bool" in str(config_lib.field_of(name).type):
+        v = text.strip().lower()
+        if v in _TRUE or v in _FALSE:
+            return v in _TRUE
+        if v == "none" and config_lib.field_of(name).default is None:
+            return None
+        raise ConfigError(f"--{name} is a switch; use {name}=true,false")
+    return explicit_values([f"--{name}={text}"])[name]
+
+
+def config_argv(cfg: config_lib.Config) -> list[str]:
+    """The command line of experiments.run that resolves to ``cfg`` (``parse_run_args``
+    of it equals ``cfg``): its flags that differ from their defaults, in FLAG_ORDER.
+    A --config file's values are written out, so the file is not named."""
+    argv = []
+    for name, value in cfg.to_dict().items():
+        if name == "config" or value == config_lib.field_of(name).default:
+            continue
+        if isinstance(value, bool):
+            argv.append(f"--{name}" if value else f"--no-{name}")
+        elif value is not None:
+            text = repr(value) if isinstance(value, float) else str(value)
+            argv += [f"--{name}={text}"] if text.startswith("-") else [f"--{name}", text]
+    return argv
 
 
 def one_line_parse(parser: argparse.ArgumentParser, argv, prog: str) -> argparse.Namespace:
@@ -231,18 +340,186 @@ def check_paths(cfg: config_lib.Config) -> None:
     check_save_dir(r.save_dir)
 
 
-def check_save_dir(path: str) -> None:
-    """Fail early when the run directory cannot be written; creates nothing."""
-    p = pathlib.Path(path).absolute()
-    existing = p
+def _unwritable(path) -> Optional[str]:
+    """Why directory ``path`` can be neither made nor written (judged by its nearest
+    existing ancestor), or None."""
+    existing = pathlib.Path(path).absolute()
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise ConfigError(f"--save_dir {path} is not writable ({existing} is a file); choose "
-                          f"another directory with --save_dir")
+        return f"{existing} is a file"
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"--save_dir {path} is not writable ({existing}: permission denied); "
-                          f"choose another directory with --save_dir")
+        return f"{existing}: permission denied"
+    return None
+
+
+def check_save_dir(path: str) -> None:
+    """Fail early when the run directory cannot be written; creates nothing."""
+    why = _unwritable(path)
+    if why:
+        raise ConfigError(f"--save_dir {path} is not writable ({why}); choose another "
+                          f"directory with --save_dir")
+
+
+def check_out_dir(path, flag: str = "--out") -> pathlib.Path:
+    """An output directory a command may create or write into; BadInput (one line) when
+    it is a file or cannot be written. Creates nothing."""
+    p = pathlib.Path(path)
+    if p.exists() and not p.is_dir():
+        raise BadInput(f"{flag} {path} is a file; give a new or existing directory")
+    why = _unwritable(p)
+    if why:
+        raise BadInput(f"{flag} {path} is not writable ({why}); choose another directory")
+    return p
+
+
+# --------------------------------------------------------------------------- exit codes
+
+class BadInput(ValueError):
+    """Input a command cannot use; the message says what to do instead."""
+
+
+# Errors that mean bad input (exit 2), by the module that defines them: looked up only in
+# modules already imported, so a command that never imported JAX does not import it here.
+_BAD_INPUT = {"rsst_jax.config": "ConfigError", "rsst_jax.data": "DataError",
+              "rsst_jax.checkpoint": "CheckpointError", "rsst_jax.runlock": "RunLocked",
+              "rsst_jax.starting": "RunError", "rsst_jax.engine": "EngineError",
+              "rsst_jax.runs": "RunDirError", "rsst_jax.pretrained": "PretrainedError"}
+_DIVERGED = {"rsst_jax.callbacks": "TrainingDiverged"}
+
+
+def _loaded(table: dict) -> tuple:
+    return tuple(getattr(sys.modules[m], name) for m, name in table.items() if m in sys.modules)
+
+
+def exit_code_of(error: BaseException) -> Optional[int]:
+    """2 for bad input, 3 for a diverged run, None for anything else (a bug: traceback)."""
+    if isinstance(error, (BadInput, ConfigError) + _loaded(_BAD_INPUT)):
+        return 2
+    if isinstance(error, _loaded(_DIVERGED)):
+        return 3
+    if isinstance(error, OSError) and error.filename:
+        return 2
+    return None
+
+
+def resume_command(module: str, argv: Sequence[str], resume_flag: Optional[str] = "--resume"
+                   ) -> str:
+    """The shell command that runs ``python -m module argv`` again, with ``resume_flag``
+    added where it is not already there."""
+    argv = list(argv)
+    if resume_flag and resume_flag not in argv:
+        argv.append(resume_flag)
+    return " ".join(["python", "-m", module] + ([shlex.join(argv)] if argv else []))
+
+
+def run_command(body: Callable[[], Optional[int]], *, resume: Optional[str] = None,
+                on_interrupt: Optional[Callable[[], None]] = None) -> int:
+    """``body()`` under the exit-code contract of every command: its return value (None:
+    0); bad input: one ``error:`` line on stderr and 2; a diverged run: one line and 3.
+    With ``resume`` (a command), Ctrl-C prints ``interrupted; resume with: RESUME`` and
+    ends the process with 130 at once (``on_interrupt`` first), also while XLA compiles
+    (see :class:`ExitOnInterrupt`). ``--help``'s SystemExit passes through."""
+    watch = ExitOnInterrupt(resume, on_interrupt) if resume else contextlib.nullcontext()
+    try:
+        with watch:
+            code = body()
+        return 0 if code is None else int(code)
+    except KeyboardInterrupt:  # where no watch could be installed (not the main thread)
+        if on_interrupt is not None:
+            on_interrupt()
+        print(interrupted_line(resume), file=sys.stderr, flush=True)
+        return 130
+    except Exception as e:  # noqa: BLE001  classified below; anything else is re-raised
+        code = exit_code_of(e)
+        if code is None:
+            raise
+        text = f"{e.filename}: {e.strerror or one_line(e)}" if isinstance(e, OSError) \
+            else one_line(e)
+        print(f"error: {text}", file=sys.stderr, flush=True)
+        return code
+
+
+def interrupted_line(resume: Optional[str]) -> str:
+    return f"interrupted; resume with: {resume}" if resume else "interrupted"
+
+
+def _flush_streams() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001  a closed or broken stream: nothing to save
+            pass
+
+
+class ExitOnInterrupt:
+    """While active (a context manager), SIGINT ends the process: ``cleanup()``, then one
+    line on stderr naming the command that resumes, then ``os._exit(130)``.
+
+    Python runs signal handlers only between bytecodes of the main thread, so a Ctrl-C
+    during an XLA compilation or a long device computation would wait for it to end.
+    Here the C-level handler's wakeup byte (``signal.set_wakeup_fd``) wakes a watcher
+    thread, which exits at once (the compiler releases the GIL); the Python handler does
+    the same where it runs first. Exiting there is as safe as a kill: checkpoints are
+    written atomically (a half-written one is never counted), summaries are replaced
+    atomically, a torn last log line is dropped on reading, and the OS releases the run
+    lock. Outside the main thread this does nothing (KeyboardInterrupt then reaches
+    ``run_command``)."""
+
+    def __init__(self, resume: Optional[str], cleanup: Optional[Callable[[], None]] = None):
+        self.line, self.cleanup = interrupted_line(resume), cleanup
+        self.lock = threading.Lock()
+        self.active = False
+
+    def __enter__(self) -> "ExitOnInterrupt":
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        self.read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self.read_fd, False)
+        os.set_blocking(self.write_fd, False)
+        self.old_fd = signal.set_wakeup_fd(self.write_fd, warn_on_full_buffer=False)
+        self.old_handler = signal.signal(signal.SIGINT, lambda signum, frame: self.exit())
+        self.active = True
+        self.thread = threading.Thread(target=self._watch, name="exit-on-interrupt", daemon=True)
+        self.thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while self.active:
+            select.select([self.read_fd], [], [])
+            try:
+                data = os.read(self.read_fd, 512)
+            except (BlockingIOError, OSError):
+                continue
+            if self.active and signal.SIGINT in data:
+                self.exit()
+
+    def exit(self) -> None:
+        """Clean up, print the line and end the process (once, whichever thread comes)."""
+        self.lock.acquire()  # a second caller waits here until the process is gone
+        try:
+            if self.cleanup is not None:
+                self.cleanup()
+        finally:
+            # What is buffered goes out, unless a full pipe would keep the process here.
+            flusher = threading.Thread(target=_flush_streams, daemon=True)
+            flusher.start()
+            flusher.join(timeout=0.5)
+            try:
+                os.write(2, (self.line + "\n").encode())
+            finally:
+                os._exit(130)
+
+    def __exit__(self, *exc) -> None:
+        if not self.active:
+            return
+        self.active = False
+        signal.signal(signal.SIGINT, self.old_handler)
+        signal.set_wakeup_fd(self.old_fd)
+        os.write(self.write_fd, b"\0")  # wakes the watcher, which sees it is done
+        self.thread.join(timeout=5)
+        os.close(self.read_fd)
+        os.close(self.write_fd)
 
 
 def flags_markdown() -> str:
@@ -257,6 +534,9 @@ def flags_markdown() -> str:
     return "\n".join(lines)
 
 
-__all__ = ["HELP", "run_parser", "parse_run_args", "one_line_parse", "load_config_file",
-           "explicit_flags", "check_paths", "check_save_dir", "flags_markdown",
-           "HelpFormatter"]
+__all__ = ["HELP", "run_parser", "parse_run_args", "parse_run_values", "explicit_values",
+           "explicit_flags", "flag_value", "config_argv", "one_line_parse", "load_config_file",
+           "check_paths", "check_save_dir", "check_out_dir", "flags_markdown", "HelpFormatter",
+           "DocHelpFormatter", "OneLineParser", "help_text", "one_line", "fail", "BadInput",
+           "exit_code_of", "run_command", "resume_command", "interrupted_line",
+           "ExitOnInterrupt", "EXIT_CODES"]

@@ -2,17 +2,18 @@
 ``python -m experiments.compact CHECKPOINT --out DIR``.
 
 CHECKPOINT is a ``round_<r>/final`` (or ``best``) directory, one of its numbered step
-directories, or a run's ``--save_dir`` (meaning its last round's final ticket). The arch,
-data set and number of classes come from the checkpoint's metadata, else from the run's
-``config.json``. Writes ``DIR/variables/<step>/`` (orbax: the compact ``params`` and
-``batch_stats``) and ``DIR/architecture.json`` (family, per-layer widths, kept channels;
-``load(DIR)`` rebuilds the network), then prints parameters, MACs/FLOPs (one image,
-FLOPs = 2 x MACs) and the measured inference latency and throughput (jit, eval mode, median
-of ``--runs`` timed calls after warm-up) of the dense (the ticket's weights, masks not
-applied), masked and compact networks, plus how far the compact logits are from the masked
-ones on test images (or random inputs when the data set is not on disk).
+directories, or a run's ``--save_dir`` (meaning its last round's final ticket); it is
+opened with ``rsst_jax.tickets.load``, which reads the network (arch, classes, image
+shape, options) from the checkpoint's metadata or its run. Writes ``DIR/variables/<step>/``
+(orbax: the compact ``params`` and ``batch_stats``) and ``DIR/architecture.json`` (family,
+per-layer widths, kept channels; ``load(DIR)`` rebuilds the network), then prints
+parameters, MACs/FLOPs (one image, FLOPs = 2 x MACs) and the measured inference latency
+and throughput (jit, eval mode, median of ``--runs`` timed calls after warm-up) of the
+dense (the ticket's weights, masks not applied), masked and compact networks, plus how
+far the compact logits are from the masked ones on test images (or random inputs when the
+data set is not on disk).
 
-Exit codes: 0 done, 2 bad input (one line on stderr).
+Exit codes: 0 done, 2 bad input (one line on stderr: also a damaged checkpoint, named).
 """
 from __future__ import annotations
 
@@ -25,145 +26,31 @@ import time
 
 import numpy as np
 
-IMAGE_SIZES = {"fashion_mnist": 28, "tiny-imagenet": 64}  # others: 32
+from experiments import cli
 
-
-class InputError(Exception):
-    """A checkpoint or flag that cannot be used; the message says what to pass instead."""
+ARCHITECTURE = "architecture.json"
+VARIABLES = "variables"
 
 
 # --------------------------------------------------------------------------- loading
 
-def resolve_checkpoint(path: str) -> tuple[pathlib.Path, int]:
-    """(directory holding numbered steps, step) for any accepted form of CHECKPOINT."""
-    from rsst_jax import checkpoint as ckpt
-    p = pathlib.Path(path)
-    if not p.exists():
-        raise InputError(f"checkpoint {path} does not exist")
-    if p.name.isdigit() and ckpt.latest_step(p.parent) is not None \
-            and int(p.name) in ckpt.steps(p.parent):
-        return p.parent, int(p.name)
-    if ckpt.latest_step(p) is not None:
-        return p, ckpt.latest_step(p)
-    finals = [d for d in p.glob("round_*/final")
-              if d.parent.name[len("round_"):].isdigit() and ckpt.latest_step(d) is not None]
-    if finals:
-        last = max(finals, key=lambda d: int(d.parent.name[len("round_"):]))
-        return last, ckpt.latest_step(last)
-    raise InputError(f"{path} holds no checkpoint; pass a round_<r>/final (or best) directory, "
-                     f"one of its numbered steps, or a run's --save_dir")
-
-
-def _run_config(ckpt_dir: pathlib.Path) -> dict:
-    for d in (ckpt_dir, *ckpt_dir.parents[:3]):
-        f = d / "config.json"
-        if f.is_file():
-            try:
-                return json.loads(f.read_text())
-            except json.JSONDecodeError:
-                return {}
-    return {}
-
-
-def restore_with_metadata(directory: pathlib.Path, step: int):
-    """(tree of numpy arrays, meta) restored against a template read from the checkpoint's
-    own metadata, placed on this process's first device. Unlike a template-free restore it
-    also reads checkpoints written on another platform (e.g. on a CPU, read on a GPU)."""
-    import jax
-    import orbax.checkpoint as ocp
-    from rsst_jax import checkpoint as ckpt
-
-    item = ocp.StandardCheckpointer().metadata(pathlib.Path(directory).absolute()
-                                               / str(step) / "state")
-    item = getattr(item, "item_metadata", item)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-
-    def template(node):
-        if node is None:
-            return None
-        if hasattr(node, "shape") and hasattr(node, "dtype"):
-            return jax.ShapeDtypeStruct(tuple(node.shape), node.dtype, sharding=device)
-        return {k: template(v) for k, v in dict(node).items()}
-
-    tree, meta = ckpt.restore(directory, template(item), step)
-    return jax.tree_util.tree_map(np.asarray, tree), meta
-
-
 def load_ticket(path: str):
-    """(model, variables, masks, info) of a ticket checkpoint, info = arch/dataset/... ."""
+    """(model, variables, masks, info) of a ticket checkpoint (``rsst_jax.tickets.load``);
+    info = checkpoint, arch, dataset, num_classes, sample_shape, data_dir, step, options."""
     import jax
     import jax.numpy as jnp
-    from rsst_jax import checkpoint as ckpt
-    from rsst_jax import masks as masks_lib
-    from rsst_jax import nets
 
-    directory, step = resolve_checkpoint(path)
-    try:
-        tree, meta = ckpt.restore_raw(directory, step)
-    except ckpt.CheckpointError as first:
-        try:
-            tree, meta = restore_with_metadata(directory, step)
-        except Exception:
-            raise first from None
-    if not isinstance(tree, dict) or "params" not in tree:
-        raise InputError(f"{directory / str(step)} is not a ticket checkpoint (no params)")
-    config = _run_config(directory)
-    arch = meta.get("arch") or config.get("arch")
-    dataset = meta.get("dataset") or config.get("dataset")
-    if not arch:
-        raise InputError(f"{directory / str(step)}: no arch in its metadata nor a config.json "
-                         f"in the run directory")
-    if arch not in nets.available_nets():
-        raise InputError(f"{directory / str(step)}: unknown arch {arch!r}")
-    params = tree["params"]
-    paths = masks_lib.tree_paths(params)
-    kwargs = {}
-    if "shortcut" in nets.net_options(arch):
-        kwargs["shortcut"] = config.get("shortcut") or \
-            ("B" if any("shortcut_conv" in p for p in paths) else "A")
-    stem = masks_lib.stem_path(params)
-    if stem is None:
-        raise InputError(f"{directory / str(step)}: params hold no conv kernel")
-    in_ch = int(dict(zip(paths, jax.tree_util.tree_leaves(params)))[stem].shape[-2])
-    size = IMAGE_SIZES.get(dataset, 32)
-    sample_shape = (size, size, in_ch)
-
-    num_classes = meta.get("num_classes") or config.get("num_classes")
-    if not num_classes:  # the one leaf whose shape follows num_classes
-        probe = nets.get_net(arch, 1, **kwargs)
-        shapes = jax.eval_shape(lambda: probe.init(jax.random.PRNGKey(0),
-                                                   jnp.zeros((1, *sample_shape)), train=False))
-        got = dict(zip(paths, jax.tree_util.tree_leaves(params)))
-        for p, leaf in zip(masks_lib.tree_paths(shapes["params"]),
-                           jax.tree_util.tree_leaves(shapes["params"])):
-            if p in got and np.shape(got[p]) != leaf.shape:
-                num_classes = int(np.shape(got[p])[-1])
-                break
-        num_classes = num_classes or 1
-    model = nets.get_net(arch, int(num_classes), **kwargs)
-    template = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
-                                                 jnp.zeros((1, *sample_shape)), train=False))
-    want = {p: tuple(x.shape) for p, x in zip(masks_lib.tree_paths(template),
-                                              jax.tree_util.tree_leaves(template))}
-    variables = {"params": params, "batch_stats": tree.get("batch_stats", {})}
-    have = {p: tuple(np.shape(x)) for p, x in zip(masks_lib.tree_paths(variables),
-                                                  jax.tree_util.tree_leaves(variables))}
-    if want != have:
-        bad = sorted(p for p in set(want) | set(have) if want.get(p) != have.get(p))[0]
-        raise InputError(f"{directory / str(step)} does not match {arch} ({num_classes} classes) "
-                         f"at {bad}: {have.get(bad)} vs {want.get(bad)}")
-    raw_masks = tree.get("masks")
-    flat = {} if raw_masks is None else dict(zip(masks_lib.tree_paths(raw_masks),
-                                                 jax.tree_util.tree_leaves(
-                                                     raw_masks, is_leaf=lambda x: x is None)))
-    masks = jax.tree_util.tree_unflatten(
-        jax.tree_util.tree_structure(params),
-        [None if flat.get(p) is None else np.asarray(flat[p], bool) for p in paths])
-    variables = jax.tree_util.tree_map(jnp.asarray, variables)
-    info = {"checkpoint": str(directory / str(step)), "arch": arch, "dataset": dataset,
-            "num_classes": int(num_classes), "sample_shape": list(sample_shape),
-            "data_dir": config.get("data"), "step": step, "net_kwargs": kwargs}
-    return model, variables, masks, info
+    from rsst_jax import tickets
+    ticket = tickets.load(path, need_model=True)
+    net = ticket.network
+    masks = ticket.masks  # None (an initialization): nothing is pruned
+    if masks is None:
+        masks = jax.tree_util.tree_map(lambda _: None, ticket.params)
+    info = {"checkpoint": str(ticket.path), "arch": net.arch, "dataset": net.dataset,
+            "num_classes": net.num_classes, "sample_shape": list(net.image_shape),
+            "data_dir": ticket.config.get("data"), "step": ticket.ref.step,
+            "net_kwargs": net.options}
+    return ticket.model, jax.tree_util.tree_map(jnp.asarray, ticket.variables), masks, info
 
 
 def load(directory: str):
@@ -173,11 +60,11 @@ def load(directory: str):
     from rsst_jax import checkpoint as ckpt
     from rsst_jax.compact import model_from_description
     d = pathlib.Path(directory)
-    description = json.loads((d / "architecture.json").read_text())
+    description = json.loads((d / ARCHITECTURE).read_text())
     model = model_from_description(description)
     template = jax.eval_shape(lambda: model.init(
         jax.random.PRNGKey(0), jnp.zeros((1, *description["sample_shape"])), train=False))
-    variables, _ = ckpt.restore(d / "variables", template)
+    variables, _ = ckpt.restore(d / VARIABLES, template)
     return model, variables
 
 
@@ -249,9 +136,9 @@ def format_table(result: dict) -> str:
 
 # --------------------------------------------------------------------------- command
 
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m experiments.compact", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    ap = cli.OneLineParser(prog="python -m experiments.compact", formatter_class=cli.DocHelpFormatter,
+                           description=cli.help_text(__doc__), epilog=cli.EXIT_CODES + ".")
     ap.add_argument("checkpoint",
                     help="round_<r>/final or best dir, a step dir in it, or a save_dir")
     ap.add_argument("--out", required=True, help="directory for the compact network")
@@ -266,48 +153,57 @@ def parse_args(argv=None):
     ap.add_argument("--eval_images", type=int, default=256,
                     help="test images used to compare compact and masked logits")
     ap.add_argument("--json", action="store_true", help="print one JSON object, not a table")
-    return ap.parse_args(argv)
+    return ap
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    return cli.run_command(lambda: compact_command(args))
+
+
+def compact_command(args) -> int:
+    """The command, parsed: check the flags and --out, load, compact, measure, print."""
     try:
         batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
         if not batch_sizes or min(batch_sizes) < 1:
             raise ValueError
     except ValueError:
-        print(f"error: --batch_sizes must be positive integers like 1,128, got "
-              f"{args.batch_sizes!r}", file=sys.stderr)
-        return 2
+        raise cli.BadInput(f"--batch_sizes must be positive integers like 1,128, got "
+                           f"{args.batch_sizes!r}") from None
     if args.runs < 1 or args.eval_images < 1 or args.round_to < 1:
-        print("error: --runs, --eval_images and --round_to must be at least 1", file=sys.stderr)
-        return 2
-    from rsst_jax import checkpoint as ckpt
+        raise cli.BadInput("--runs, --eval_images and --round_to must be at least 1")
+    cli.check_out_dir(args.out)
+    model, variables, masks, info = load_ticket(args.checkpoint)
+    from rsst_jax import nets
     try:
-        model, variables, masks, info = load_ticket(args.checkpoint)
-    except (InputError, ckpt.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        nets.get_rebuild(model)
+    except ValueError as e:
+        raise cli.BadInput(f"{info['checkpoint']}: {info['arch']} cannot be compacted: "
+                           f"{e}") from None
     result = run(model, variables, masks, info, out=args.out, approximate=args.approximate,
                  batch_sizes=batch_sizes, runs=args.runs, eval_images=args.eval_images,
                  round_to=args.round_to)
     if args.json:
         print(json.dumps(result, indent=1))
-    else:
-        print(f"{info['checkpoint']}: {info['arch']} on {info['dataset']}, "
-              f"{info['num_classes']} classes, input {tuple(info['sample_shape'])}")
-        c = result["channels"]
-        print(f"prunable conv channels: {c['total']}, pruned {c['pruned']} "
-              f"({100 * c['sparsity']:.2f}%), removed {c['removed']}, pruned but kept "
-              f"{c['pruned_kept']}" + (f", removed only approximately {c['approximate']}"
-                                       if args.approximate else ""))
-        e = result["error"]
-        print(f"compact vs masked on {e['inputs']}: max |logit diff| {e['max_abs']:.3g} "
-              f"(relative {e['max_rel']:.3g}), top-1 agreement {100 * e['top1_agreement']:.2f}%"
-              + (f", accuracy masked {e['masked_acc']:.2f}% / compact {e['compact_acc']:.2f}%"
-                 if e["masked_acc"] is not None else ""))
-        print(format_table(result))
-        print(f"wrote {result['out']}/variables and {result['out']}/architecture.json")
+        return 0
+    print(f"{info['checkpoint']}: {info['arch']} on {info['dataset']}, "
+          f"{info['num_classes']} classes, input {tuple(info['sample_shape'])}")
+    c = result["channels"]
+    print(f"prunable conv channels: {c['total']}, pruned {c['pruned']} "
+          f"({100 * c['sparsity']:.2f}%), removed {c['removed']}, pruned but kept "
+          f"{c['pruned_kept']}" + (f", removed only approximately {c['approximate']}"
+                                   if args.approximate else ""))
+    e = result["error"]
+    print(f"compact vs masked on {e['inputs']}: max |logit diff| {e['max_abs']:.3g} "
+          f"(relative {e['max_rel']:.3g}), top-1 agreement {100 * e['top1_agreement']:.2f}%"
+          + (f", accuracy masked {e['masked_acc']:.2f}% / compact {e['compact_acc']:.2f}%"
+             if e["masked_acc"] is not None else ""))
+    print(format_table(result))
+    print(f"wrote {result['out']}/{VARIABLES} and {result['out']}/{ARCHITECTURE}")
     return 0
 
 
@@ -328,10 +224,10 @@ def run(model, variables, masks, info, *, out, approximate=False, batch_sizes=(1
                 source=info["checkpoint"])
     out = pathlib.Path(out).absolute()
     out.mkdir(parents=True, exist_ok=True)
-    ckpt.save(out / "variables", info["step"], cvars,
+    ckpt.save(out / VARIABLES, info["step"], cvars,
               {"arch": info["arch"], "dataset": info["dataset"], "num_classes": info["num_classes"],
                "source": info["checkpoint"], "compact": True, "exact": desc["exact"]})
-    (out / "architecture.json").write_text(json.dumps(desc, indent=1))
+    (out / ARCHITECTURE).write_text(json.dumps(desc, indent=1))
 
     masked = masked_variables(variables, masks)
     apply = jax.jit(lambda v, x: model.apply(v, x, train=False))

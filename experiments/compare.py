@@ -7,7 +7,10 @@ bracket the level). The table is printed and written as CSV and Markdown;
 ``--plot`` draws accuracy against remaining weights (log x) and against channel
 sparsity, one line per run; ``--bar`` draws the final numbers as grouped bars.
 
-Reads only ``summary.json``/``config.json``; no JAX. Exit codes: 0, 2 bad input.
+Reads only ``summary.json``/``config.json``; no JAX. Writes files only where ``--out``,
+``--plot`` or ``--bar`` say.
+
+Exit codes: 0 done, 2 bad input (one line on stderr).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import pathlib
 import sys
 from typing import Optional, Sequence
 
+from experiments import cli
 from rsst_jax import runs as runs_lib
 
 METRICS = ("final_test_acc", "test_acc_at_best_val", "best_val_acc", "final_val_acc")
@@ -32,19 +36,6 @@ SHORT_LABELS = {"final_test_acc": "final test accuracy (%)",
                 "best_val_acc": "best validation accuracy (%)",
                 "final_val_acc": "final validation accuracy (%)"}
 MAX_AUTO_LEVELS = 5
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a usage error as one line on stderr and exits with 2."""
-
-    def error(self, message):  # noqa: D401 (argparse API)
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
-def fail(message: str) -> int:
-    """Print ``error: message`` on stderr; the exit code for bad input."""
-    print(f"error: {message}", file=sys.stderr)
-    return 2
 
 
 # --------------------------------------------------------------------------- numbers
@@ -290,19 +281,21 @@ def plot_bars(rows: Sequence[dict], path: pathlib.Path, metric: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(
-        prog="python -m experiments.compare",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = cli.OneLineParser(
+        prog="python -m experiments.compare", epilog=cli.EXIT_CODES + ".",
         description="Table (terminal, CSV, Markdown) and charts comparing runs of "
                     "python -m experiments.run. A directory that is not a run stands for the "
-                    "runs directly inside it (e.g. a sweep's --out).")
+                    "runs directly inside it (e.g. a sweep's --out). Without --out, --plot "
+                    "or --bar nothing is written.")
     p.add_argument("dirs", nargs="+", metavar="DIR", help="run directories (--save_dir of each run)")
-    p.add_argument("--out", default="comparison",
-                   help="write the table to OUT.csv and OUT.md ('' to skip)")
+    p.add_argument("--out", default=None, metavar="OUT",
+                   help="write the table to OUT.csv and OUT.md (default: print it only)")
     p.add_argument("--plot", metavar="FILE.png", default=None,
-                   help="accuracy vs remaining weights (log x) and vs channel sparsity, one line per run")
+                   help="accuracy vs remaining weights (log x) and vs channel sparsity, one "
+                        "line per run (default: no chart)")
     p.add_argument("--bar", metavar="FILE.png", default=None,
-                   help="bar chart of each run's final remaining weights, channel sparsity and best accuracy")
+                   help="bar chart of each run's final remaining weights, channel sparsity and "
+                        "best accuracy (default: no chart)")
     p.add_argument("--metric", choices=METRICS, default="final_test_acc",
                    help="accuracy per round used for 'best' and the matched levels; "
                         "final_test_acc is the structured ticket's accuracy for RSST")
@@ -310,7 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="remaining-weight levels (%%) for the matched-accuracy columns, e.g. "
                         "80,51.2,10.7; 'auto': the nominal levels of the first run's rate (at most 5); "
                         "'' for none")
-    p.add_argument("--names", default=None, help="comma-separated names for the runs, in order")
+    p.add_argument("--names", default=None,
+                   help="comma-separated names for the runs, in order (default: the directory "
+                        "names)")
     p.add_argument("--allow_empty", action="store_true",
                    help="also list runs that have not finished a round (skipped otherwise with a note)")
     return p
@@ -322,9 +317,9 @@ def parse_levels(text: str, runs) -> list[float]:
     try:
         levels = [float(t) for t in text.replace(" ", "").split(",") if t]
     except ValueError:
-        raise runs_lib.RunDirError(f"--levels wants comma-separated percentages, got {text!r}") from None
+        raise cli.BadInput(f"--levels wants comma-separated percentages, got {text!r}") from None
     if any(not 0 < v <= 100 for v in levels):
-        raise runs_lib.RunDirError(f"--levels must lie in (0, 100], got {text!r}")
+        raise cli.BadInput(f"--levels must lie in (0, 100], got {text!r}")
     return levels
 
 
@@ -342,21 +337,23 @@ def load_runs(dirs: Sequence[str], *, allow_empty: bool = False, note=print) -> 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        runs = load_runs(args.dirs, allow_empty=args.allow_empty,
-                         note=lambda m: print(m, file=sys.stderr))
-        if not runs:
-            return fail(f"none of {', '.join(args.dirs)} has a finished round to compare")
-        names = unique_names(runs)
-        if args.names:
-            given = [n.strip() for n in args.names.split(",")]
-            if len(given) != len(runs):
-                return fail(f"--names has {len(given)} names for {len(runs)} runs")
-            names = given
-        levels = parse_levels(args.levels, runs)
-        rows = comparison_rows(runs, names, args.metric, levels)
-    except runs_lib.RunDirError as e:
-        return fail(str(e))
+    return cli.run_command(lambda: compare(args))
+
+
+def compare(args) -> int:
+    """The command, parsed: print the table, write what --out, --plot and --bar ask for."""
+    runs = load_runs(args.dirs, allow_empty=args.allow_empty,
+                     note=lambda m: print(m, file=sys.stderr))
+    if not runs:
+        raise cli.BadInput(f"none of {', '.join(args.dirs)} has a finished round to compare")
+    names = unique_names(runs)
+    if args.names:
+        given = [n.strip() for n in args.names.split(",")]
+        if len(given) != len(runs):
+            raise cli.BadInput(f"--names has {len(given)} names for {len(runs)} runs")
+        names = given
+    levels = parse_levels(args.levels, runs)
+    rows = comparison_rows(runs, names, args.metric, levels)
     print(f"accuracy: {METRIC_LABELS[args.metric]}; acc@X%: interpolated at X% remaining weights")
     print(format_table(rows), end="")
     try:
@@ -375,7 +372,7 @@ def main(argv=None) -> int:
             plot_bars(rows, pathlib.Path(args.bar), args.metric)
             print(f"wrote {args.bar}")
     except OSError as e:
-        return fail(f"cannot write {e.filename}: {e.strerror}")
+        raise cli.BadInput(f"cannot write {e.filename}: {e.strerror}") from None
     return 0
 
 

@@ -11,7 +11,7 @@ Writes into ``DIR/plots/`` (or ``--out``):
   of weights kept (read from the ``round_<r>/final`` checkpoints);
 * ``epochs.png``   training curves over all epochs of all rounds.
 
-Exit codes: 0, 2 bad input (one line on stderr).
+Exit codes: 0 done, 2 bad input (one line on stderr: also a damaged checkpoint, named).
 """
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ import pathlib
 import sys
 from typing import Optional, Sequence
 
-from experiments.compare import OneLineParser, fail
+from experiments import cli
+from rsst_jax import paths as paths_lib
 from rsst_jax import runs as runs_lib
 
 PLOTS = ("rounds", "lambda", "channels", "epochs")
@@ -166,17 +167,18 @@ def layer_table(run: runs_lib.Run) -> tuple:
     import numpy as np
 
     from rsst_jax import masks as masks_lib
+    from rsst_jax import tickets
 
-    refs = [r for r in run.checkpoints() if r.kind == "final"]
+    refs = [r for r in run.checkpoints() if r.kind == paths_lib.FINAL]
     if not refs:
-        raise runs_lib.RunDirError(f"{run.path} has no round_<r>/final checkpoint to read masks from")
+        raise tickets.TicketError(f"{run.path} has no round_<r>/final checkpoint to read masks from")
     layers: list[str] = []
     per_round = []
     for ref in refs:
-        tree, _, _ = runs_lib.load_checkpoint(ref)
-        if tree.get("masks") is None:
-            raise runs_lib.RunDirError(f"{ref.path} holds no masks")
-        rows = masks_lib.report(tree["masks"])
+        arrays, _, _ = tickets.read(ref)
+        if arrays["masks"] is None:
+            raise tickets.TicketError(f"{ref.path} holds no masks")
+        rows = masks_lib.report(arrays["masks"])
         per_round.append({row.path: row for row in rows})
         for row in rows:
             if row.path not in layers:
@@ -278,9 +280,8 @@ def plot_run(run: runs_lib.Run, out: pathlib.Path, which: Sequence[str], log=pri
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(
-        prog="python -m experiments.plot",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = cli.OneLineParser(
+        prog="python -m experiments.plot", epilog=cli.EXIT_CODES + ".",
         description="PNG plots of runs of python -m experiments.run: " + "; ".join((
             "rounds.png (remaining weights, channel sparsity and test accuracy per round)",
             "lambda.png (RSST penalty per epoch and its effect on the penalized weights)",
@@ -288,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
             "epochs.png (training curves)")))
     p.add_argument("dirs", nargs="+", metavar="DIR", help="run directories")
     p.add_argument("--out", default=None,
-                   help="output folder (default DIR/plots; with several runs OUT/<run name>)")
+                   help=f"output folder (default: DIR/{paths_lib.PLOTS}; with several runs "
+                        f"OUT/<run name>)")
     p.add_argument("--only", default=",".join(PLOTS),
                    help=f"comma-separated subset of {', '.join(PLOTS)}")
     return p
@@ -296,22 +298,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    return cli.run_command(lambda: plot(args))
+
+
+def plot(args) -> int:
+    """The command, parsed: every chosen plot of every run."""
     which = [w.strip() for w in args.only.split(",") if w.strip()]
     bad = [w for w in which if w not in PLOTS]
     if bad or not which:
-        return fail(f"--only takes some of {', '.join(PLOTS)}; got {args.only!r}")
+        raise cli.BadInput(f"--only takes some of {', '.join(PLOTS)}; got {args.only!r}")
+    runs = [runs_lib.load_run(p) for p in args.dirs]
     try:
-        runs = [runs_lib.load_run(p) for p in args.dirs]
         for run in runs:
             if args.out is None:
-                out = run.path / "plots"
+                out = paths_lib.RunPaths.of(run.path).plots
             else:
                 out = pathlib.Path(args.out) / (run.name if len(runs) > 1 else "")
             plot_run(run, out, which)
-    except runs_lib.RunDirError as e:
-        return fail(str(e))
     except OSError as e:
-        return fail(f"cannot write {e.filename}: {e.strerror}")
+        if e.filename is None:
+            raise
+        raise cli.BadInput(f"cannot write {e.filename}: {e.strerror}") from None
     return 0
 
 

@@ -98,12 +98,15 @@ def seed_configs(cfg) -> list:
 
 
 def main(argv=None) -> int:
-    """Run the command line ``argv``; returns the exit code (0, 2 bad input, 3 diverged)."""
+    """Run the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit code:
+    0 done, 2 bad input, 3 diverged, 130 interrupted (Ctrl-C names the command that
+    resumes; see ``cli.run_command``)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     from rsst_jax import parallel
     parallel.split_cpu()  # $RSST_JAX_CPU_DEVICES, before any JAX operation
-    from rsst_jax import checkpoint, driver, engine, runlock
-    from rsst_jax import data as data_lib
-    try:
+    from rsst_jax import driver
+
+    def body() -> int:
         try:
             cfg = cli.parse_run_args(argv)
         except SystemExit as e:  # --help printed the help
@@ -115,18 +118,8 @@ def main(argv=None) -> int:
         parallel.enable_compilation_cache()  # $RSST_JAX_CACHE; before the first compile
         driver.run(seed_configs(cfg))
         return 0
-    except (config_lib.ConfigError, data_lib.DataError, checkpoint.CheckpointError,
-            runlock.RunLocked, driver.RunError, engine.EngineError) as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
-        return 2
-    except driver.TrainingDiverged as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
-        return 3
-    except OSError as e:
-        if e.filename:
-            print(f"error: {e.filename}: {e.strerror or _one_line(e)}", file=sys.stderr)
-            return 2
-        raise
+
+    return cli.run_command(body, resume=cli.resume_command("experiments.run", argv))
 
 
 if __name__ == "__main__":

@@ -7,21 +7,29 @@ Example (IMP vs Refill vs RSST, two seeds each, 3 x 2 = 6 cells):
         --grid struct=none,refill,rsst --grid seed=0,1
 
 Cells are the product of the --grid KEY=V1,V2 axes (times the named --variant flag
-sets, if any). Each cell is one "python -m experiments.run" with the --base flags, then
-the cell's flags (which win), and --save_dir OUT/<cell name>; the name is made of the
-cell's values, e.g. OUT/struct=rsst,criteria=l1. A cell whose summary already has all
-its rounds is skipped; one with checkpoints but unfinished is resumed; one whose saved
-flags differ from what the sweep would run now is refused (delete it or choose another
+sets, if any). The --base flags are read once into a configuration of experiments.run;
+a cell is that configuration with the variant's flags, then the cell's values (which
+win), and its own run directory OUT/<cell name>, named after the cell's values, e.g.
+OUT/struct=rsst,criteria=l1. A cell whose summary already has all its rounds is
+skipped; one with checkpoints but unfinished is resumed; one whose saved configuration
+differs from what the sweep would run now is refused (delete it or choose another
 --out). Finally experiments.compare writes OUT/comparison.csv, .md and .png over all
 finished cells; OUT/sweep.json records the plan, each cell's command and outcome.
 
-Cells run one after another in subprocesses (default; a crash stays in its cell, the
-output goes to OUT/<cell>/run.log), --parallel N at a time (--devices 0,1 gives each
-its own GPU through CUDA_VISIBLE_DEVICES), or all in this process (--mode inprocess:
-no start-up cost per cell). --import MODULE imports your module first, so a network or
-criterion registered there is available to every cell.
+Cells that differ only in settings that tickets of one compiled program may differ in
+(seed, lr, rate, rate_schedule, fillback_rate, criteria, the lambda schedule, its scale,
+exponents and cap: rsst_jax.rounds.GROUPABLE) train together as one vmapped program,
+each still writing its own ordinary run directory; --no-group trains one program per
+cell. New and unfinished cells never share a program.
 
-Exit codes: 0 every cell finished, 1 some cell failed, 2 bad input.
+Programs run one after another in subprocesses (default; a crash stays in its program,
+the output goes to OUT/<cell>/run.log of each of its cells), --parallel N at a time
+(--devices 0,1 gives each its own GPU through CUDA_VISIBLE_DEVICES), or all in this
+process (--mode inprocess: no start-up cost per program). --import MODULE imports your
+module first, so a network or criterion registered there is available to every cell.
+Ctrl-C stops the sweep and its cells within a second or two; the same command resumes.
+
+Exit codes: 0 every cell finished, 1 some cell failed, 2 bad input, 130 interrupted.
 """
 from __future__ import annotations
 
@@ -34,58 +42,58 @@ import os
 import pathlib
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
+from experiments import cli
 from experiments import compare as compare_cmd
-from experiments.compare import OneLineParser, fail
+from rsst_jax import config as config_lib
+from rsst_jax import paths as paths_lib
 from rsst_jax import runs as runs_lib
 
-# Flags a sweep sets itself or that make no sense per cell.
+# Settings a sweep sets itself, per cell (--base may name a --config file).
 RESERVED = ("save_dir", "resume", "checkpoint", "dry_run", "config")
-_TRUE = ("true", "1", "yes", "on")
-_FALSE = ("false", "0", "no", "off")
+RECORD = "sweep.json"
+COMPARISON = "comparison"
+RESUME_ENV = "RSST_JAX_SWEEP_RESUME"  # the sweep's command, for its cells' Ctrl-C line
 
 
-class SweepError(ValueError):
+class SweepError(cli.BadInput):
     """Bad sweep input; the message says what to change."""
 
 
 @dataclasses.dataclass
 class Cell:
     name: str
-    values: dict            # flag -> value text, in axis order
-    argv: list              # experiments.run arguments (without --save_dir/--resume)
+    values: dict                    # flag -> value as given on the command line, in axis order
+    cfg: Any                        # its validated rsst_jax.config.Config (save_dir = path)
     path: pathlib.Path
-    status: str = "new"     # new | partial | done | stale | running | finished | failed
+    status: str = "new"             # new | partial | done | stale | finished | failed
     returncode: Optional[int] = None
     seconds: Optional[float] = None
     note: str = ""
+    program: Optional[int] = None   # the training call it is part of (cells of one share it)
+    resume_step: Optional[int] = None
+
+    def run_config(self):
+        """The configuration the cell runs with now (``--resume`` when it is unfinished)."""
+        return self.cfg.replace(resume=self.status == "partial")
+
+    @property
+    def argv(self) -> list[str]:
+        """The experiments.run command line of the cell as it runs now."""
+        return cli.config_argv(self.run_config())
+
+    @property
+    def command(self) -> str:
+        return "python -m experiments.run " + shlex.join(self.argv)
 
 
 # --------------------------------------------------------------------------- planning
-
-
-def _run_parser():
-    from experiments import cli
-
-    return cli.run_parser()
-
-
-def _actions(parser) -> dict:
-    """flag name -> argparse action of experiments.run."""
-    out = {}
-    for action in parser._actions:
-        for opt in action.option_strings:
-            if opt.startswith("--") and not opt.startswith("--no-"):
-                out[opt[2:]] = action
-    return out
-
-
-def _takes_value(action) -> bool:
-    return action.nargs != 0
 
 
 def parse_axis(text: str, known: Sequence[str]) -> tuple[str, list[str]]:
@@ -131,68 +139,59 @@ def cell_name(values: dict, variant: Optional[str]) -> str:
     return ",".join(parts)
 
 
-def _strip_flags(argv: list[str], keys: set[str], actions: dict) -> list[str]:
-    """``argv`` without any occurrence of the flags in ``keys`` (so a cell's value wins)."""
-    out, skip = [], False
-    for tok in argv:
-        if skip:
-            skip = False
-            continue
-        flag = tok[2:].split("=", 1)[0] if tok.startswith("--") else None
-        if flag is not None and flag.startswith("no-") and flag[3:] in keys:
-            continue
-        if flag in keys:
-            skip = "=" not in tok and _takes_value(actions[flag])
-            continue
-        out.append(tok)
-    return out
-
-
-def _cell_flags(values: dict, actions: dict) -> list[str]:
-    argv = []
-    for key, value in values.items():
-        action = actions[key]
-        if _takes_value(action):
-            argv += [f"--{key}", value]
-            continue
-        v = value.lower()
-        if v not in _TRUE + _FALSE:
-            raise SweepError(f"--grid {key}: --{key} is a switch; use {key}=true,false")
-        if v in _TRUE:
-            argv.append(f"--{key}")
-        elif f"--no-{key}" in action.option_strings:
-            argv.append(f"--no-{key}")
-    return argv
+def _given(argv: Sequence[str], where: str, allowed: Sequence[str] = ()) -> dict:
+    """The experiments.run flags ``argv`` sets (typed); none of RESERVED but ``allowed``."""
+    try:
+        given = cli.explicit_values(argv)
+    except config_lib.ConfigError as e:
+        raise SweepError(f"{where}: {cli.one_line(e)}") from None
+    for flag in given:
+        if flag in RESERVED and flag not in allowed:
+            raise SweepError(f"{where} must not set --{flag}: the sweep chooses it per cell")
+    return given
 
 
 def plan(out: pathlib.Path, base: Sequence[str], grids: Sequence[str],
          variants: Sequence[str]) -> list[Cell]:
-    """The cells of the sweep, each with its full experiments.run argv; validates everything."""
+    """The cells of the sweep, each with its validated configuration: ``base`` (flags of
+    experiments.run, a --config file allowed) read once, then per cell the variant's
+    flags and the grid values put in."""
     if not grids and not variants:
         raise SweepError("empty sweep: give at least one --grid KEY=V1,V2 or --variant NAME='FLAGS'")
-    actions = _actions(_run_parser())
-    known = sorted(actions)
-    axes = [parse_axis(g, known) for g in grids]
+    out = pathlib.Path(out)
+    axes = [parse_axis(g, config_lib.FLAG_ORDER) for g in grids]
     keys = [k for k, _ in axes]
     dup = sorted({k for k in keys if keys.count(k) > 1})
     if dup:
         raise SweepError(f"--grid {dup[0]} is given twice; list all its values in one --grid")
+    typed = {}
+    for key, texts in axes:
+        try:
+            typed[key] = {t: cli.flag_value(key, t) for t in texts}
+        except config_lib.ConfigError as e:
+            raise SweepError(f"--grid {key}: {cli.one_line(e)}") from None
     named = [parse_variant(v) for v in variants]
     names = [n for n, _ in named]
     if len(set(names)) != len(names):
         raise SweepError("two --variant have the same NAME")
-    for tok in base:
-        flag = tok[2:].split("=", 1)[0] if tok.startswith("--") else None
-        if flag in RESERVED and flag != "config":
-            raise SweepError(f"--base must not set --{flag}: the sweep chooses it per cell")
+    _given(base, "--base", allowed=("config",))
+    try:
+        base_values = cli.parse_run_values(base)
+    except config_lib.ConfigError as e:
+        raise SweepError(f"--base: {cli.one_line(e)}") from None
+    variant_values = {n: _given(argv, f"--variant {n}") for n, argv in named}
     cells = []
-    for variant in (named or [(None, [])]):
-        for combo in itertools.product(*[vals for _, vals in axes]):
+    for vname in (names or [None]):
+        for combo in itertools.product(*[texts for _, texts in axes]):
             values = dict(zip(keys, combo))
-            vname, vargs = variant
-            argv = _strip_flags(list(base), set(values), actions) + list(vargs) + _cell_flags(values, actions)
             name = cell_name(values, vname)
-            cells.append(Cell(name=name, values=values, argv=argv, path=out / name))
+            flat = {**base_values, **variant_values.get(vname, {}),
+                    **{k: typed[k][t] for k, t in values.items()}, "save_dir": str(out / name)}
+            try:
+                cfg = config_lib.validate(config_lib.Config.from_dict(flat))
+            except config_lib.ConfigError as e:
+                raise SweepError(f"cell {name}: {cli.one_line(e)}") from None
+            cells.append(Cell(name=name, values=values, cfg=cfg, path=out / name))
     seen = {}
     for c in cells:
         if c.name in seen:
@@ -201,270 +200,393 @@ def plan(out: pathlib.Path, base: Sequence[str], grids: Sequence[str],
     return cells
 
 
-def resolve(cell: Cell):
-    """The cell's Config (validated), as experiments.run would resolve it."""
-    import contextlib
-    import io
-
-    from experiments import cli
-    from rsst_jax import config as config_lib
-
-    argv = cell.argv + ["--save_dir", str(cell.path)]
-    err = io.StringIO()
+def summary_rows(path: pathlib.Path) -> int:
+    """Rounds finished in the run directory ``path`` (0 where it has none yet)."""
     try:
-        with contextlib.redirect_stderr(err):
-            return cli.parse_run_args(argv)
-    except SystemExit:  # argparse printed "usage ... error: ..."
-        lines = [l for l in err.getvalue().splitlines() if l.strip()]
-        text = lines[-1].split(": error: ", 1)[-1] if lines else "bad flags"
-        raise SweepError(f"cell {cell.name}: {text}") from None
-    except config_lib.ConfigError as e:
-        raise SweepError(f"cell {cell.name}: {' '.join(str(e).split())}") from None
+        return len(runs_lib.load_run(path, need_summary=False).summary)
+    except runs_lib.RunDirError:
+        return 0
 
 
-def classify(cell: Cell, cfg) -> None:
+def classify(cell: Cell) -> None:
     """Set ``cell.status``: new, partial (resume it), done (skip it) or stale (refuse)."""
-    from rsst_jax import config as config_lib
+    from rsst_jax import checkpoint as ckpt
 
+    run = paths_lib.RunPaths.of(cell.path)
     if not cell.path.exists() or not any(cell.path.iterdir()):
         cell.status = "new"
         return
-    saved_path = cell.path / runs_lib.CONFIG_FILE
-    if saved_path.is_file():
+    if run.config.is_file():
         try:
-            saved = json.loads(saved_path.read_text())
+            saved = json.loads(run.config.read_text())
         except json.JSONDecodeError:
             saved = {}
-        listed = config_lib.semantic_diffs(saved, dict(cfg.to_dict(), seed=cfg.run.resolved_seed),
-                                           limit=4)
+        listed = config_lib.semantic_diffs(
+            saved, dict(cell.cfg.to_dict(), seed=cell.cfg.run.resolved_seed), limit=4)
         if listed:
             cell.status = "stale"
             cell.note = ("was run with different flags: " + listed
                          + "; delete the folder or choose another --out")
             return
-    try:
-        run = runs_lib.load_run(cell.path, need_summary=False)
-        rows = len(run.summary)
-    except runs_lib.RunDirError:
-        rows = 0
-    if rows >= cfg.prune.pruning_times:
+    cell.resume_step = ckpt.latest_step(run.checkpoints)
+    if summary_rows(cell.path) >= cell.cfg.prune.pruning_times:
         cell.status = "done"
-    elif (cell.path / "checkpoints").is_dir() and any((cell.path / "checkpoints").iterdir()):
+    elif cell.resume_step is not None:
         cell.status = "partial"
     else:
         cell.status = "new"
 
 
+def _program_key(cfg) -> tuple:
+    """What cells trained as one program must share: every setting outside GROUPABLE."""
+    from rsst_jax import rounds
+    return tuple((k, v) for k, v in cfg.to_dict().items() if k not in rounds.GROUPABLE)
+
+
+def plan_programs(cells: Sequence[Cell], grouped: bool = True) -> list[list[Cell]]:
+    """The training calls of the cells still to run: with ``grouped``, cells that may
+    train as one program (same status, settings differing only in GROUPABLE ones, and
+    for unfinished cells newest checkpoints at most one step apart) share one; cells with
+    --num_seeds > 1 (one program of their own already) never share. Sets
+    ``cell.program``."""
+    todo = [c for c in cells if c.status in ("new", "partial")]
+    if not grouped:
+        programs = [[c] for c in todo]
+    else:
+        by_key: dict = {}
+        for c in todo:
+            alone = c.name if c.cfg.run.num_seeds > 1 else None
+            by_key.setdefault((c.status, alone, _program_key(c.cfg)), []).append(c)
+        programs = []
+        for (status, _, _), members in by_key.items():
+            if status != "partial":
+                programs.append(members)
+                continue
+            # The driver resumes the tickets of a program at the older of their newest
+            # checkpoints (it keeps two): a kill may leave one ticket a step behind.
+            members = sorted(members, key=lambda c: c.resume_step)
+            start = 0
+            for i in range(1, len(members) + 1):
+                if i == len(members) or members[i].resume_step - members[start].resume_step > 1:
+                    programs.append(members[start:i])
+                    start = i
+        order = {id(c): i for i, c in enumerate(todo)}
+        programs.sort(key=lambda p: min(order[id(c)] for c in p))
+    for i, program in enumerate(programs):
+        for c in program:
+            c.program = i
+    return programs
+
+
 # --------------------------------------------------------------------------- running
 
 
-def _cell_entry(args: Sequence[str]) -> int:
-    """Subprocess entry: ``[--import M]... -- RUN_ARGS`` -> experiments.run.main(RUN_ARGS)."""
+def program_configs(program: Sequence[Cell]) -> list:
+    """The configurations one training call gets (``--num_seeds`` expanded per ticket)."""
+    from experiments import run as run_cmd
+    return [cfg for cell in program for cfg in run_cmd.seed_configs(cell.run_config())]
+
+
+def train(configs: Sequence) -> None:
+    """Train ``configs`` as one program (``driver.run``), after the run command's checks."""
+    from rsst_jax import driver, parallel
+    for cfg in configs:
+        cli.check_paths(cfg)
+    parallel.enable_compilation_cache()  # $RSST_JAX_CACHE; the cells share compiled programs
+    driver.run(list(configs))
+
+
+def _program_entry(args: Sequence[str]) -> int:
+    """Subprocess entry: ``[--import M]... -- RUN_ARGS [-- RUN_ARGS ...]``: the cells'
+    command lines, trained as one program; the exit code of experiments.run."""
     import importlib
 
     args = list(args)
     split = args.index("--")
     imports = [a for i, a in enumerate(args[:split]) if i > 0 and args[i - 1] == "--import"]
+    argvs, current = [], None
+    for tok in args[split:]:
+        if tok == "--":
+            current = []
+            argvs.append(current)
+        else:
+            current.append(tok)
+    from rsst_jax import parallel
+    parallel.split_cpu()
     for module in imports:
         importlib.import_module(module)
     from experiments import run as run_cmd
 
-    return run_cmd.main(args[split + 1:])
+    resume = os.environ.get(RESUME_ENV) or (
+        cli.resume_command("experiments.run", argvs[0]) if len(argvs) == 1 else None)
+    return cli.run_command(
+        lambda: train([c for argv in argvs for c in run_cmd.seed_configs(cli.parse_run_args(argv))]),
+        resume=resume or "the sweep's command again")
 
 
-def _cell_argv(cell: Cell) -> list[str]:
-    return cell.argv + ["--save_dir", str(cell.path)] + (["--resume"] if cell.status == "partial" else [])
+def _announce(program: Sequence[Cell], log) -> None:
+    verb = "resuming" if program[0].status == "partial" else "running"
+    if len(program) == 1:
+        log(f"[sweep] {verb} {program[0].name}")
+    else:
+        log(f"[sweep] {verb} {', '.join(c.name for c in program)} as one program "
+            f"({len(program)} tickets)")
 
 
-def _subprocess_cmd(cell: Cell, imports: Sequence[str]) -> list[str]:
-    code = "import sys; from experiments.sweep import _cell_entry; sys.exit(_cell_entry(sys.argv[1:]))"
-    extra = [x for m in imports for x in ("--import", m)]
-    return [sys.executable, "-c", code, *extra, "--", *_cell_argv(cell)]
+def _finish(program: Sequence[Cell], code: int, seconds: float, log, detail: str) -> None:
+    """Each cell of a finished training call: finished when its run is complete (a
+    ticket of a program can fail while the others finish), else failed."""
+    for cell in program:
+        complete = code == 0 or (cell.cfg.run.num_seeds == 1
+                                 and summary_rows(cell.path) >= cell.cfg.prune.pruning_times)
+        cell.returncode, cell.seconds = (0 if complete else code), round(seconds, 1)
+        cell.status = "finished" if complete else "failed"
+        if complete:
+            log(f"[sweep] finished {cell.name} in {seconds:.0f} s")
+            continue
+        cell.note = detail
+        output = paths_lib.RunPaths.of(cell.path).output
+        where = f" (see {output})" if output.exists() else ""
+        log(f"[sweep] FAILED {cell.name} with exit code {code}{where}"
+            + (f": {detail}" if detail else ""))
 
 
-def _env(device: Optional[str]) -> dict:
-    env = dict(os.environ)
-    root = str(pathlib.Path(__file__).resolve().parents[1])
-    paths = [root, os.getcwd()] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-    env.setdefault("TQDM_DISABLE", "1")
-    if device is not None:
-        env["CUDA_VISIBLE_DEVICES"] = device
-    return env
+def run_inprocess(programs: Sequence[Sequence[Cell]], log=print) -> None:
+    """Train the programs one after another in this process."""
+    for program in programs:
+        _announce(program, log)
+        start = time.time()
+        try:
+            code = cli.run_command(lambda: train(program_configs(program)))
+            detail = ""
+        except Exception as e:  # noqa: BLE001  a crash in one program must not lose the others
+            code, detail = 1, f"{e.__class__.__name__}: {cli.one_line(e)[:300]}"
+        except SystemExit as e:
+            code, detail = (e.code if isinstance(e.code, int) else 1), ""
+        _finish(program, code, time.time() - start, log, detail)
 
 
 def _last_line(path: pathlib.Path) -> str:
     try:
-        lines = [l for l in path.read_text(errors="replace").splitlines() if l.strip()]
+        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
     except OSError:
         return ""
     return lines[-1][-300:] if lines else ""
 
 
-def run_subprocesses(cells: list[Cell], imports: Sequence[str], parallel: int,
-                     devices: Sequence[str], log=print) -> None:
-    """Run ``cells`` in subprocesses, at most ``parallel`` at once; output to ``cell/run.log``."""
-    queue = list(cells)
-    active = {}  # Popen -> (cell, start, log file, slot)
-    free_slots = list(range(parallel))
-    while queue or active:
-        while queue and free_slots:
-            cell = queue.pop(0)
-            slot = free_slots.pop(0)
-            device = devices[slot % len(devices)] if devices else None
-            cell.path.mkdir(parents=True, exist_ok=True)
-            fh = open(cell.path / "run.log", "a")
-            verb = "resuming" if cell.status == "partial" else "running"
-            log(f"[sweep] {verb} {cell.name}" + (f" on device {device}" if device else ""))
-            proc = subprocess.Popen(_subprocess_cmd(cell, imports), stdout=fh, stderr=subprocess.STDOUT,
-                                    env=_env(device))
-            active[proc] = (cell, time.time(), fh, slot)
-        for proc in list(active):
-            if proc.poll() is None:
-                continue
-            cell, start, fh, slot = active.pop(proc)
-            fh.close()
-            free_slots.append(slot)
-            _finish(cell, proc.returncode, time.time() - start, log, _last_line(cell.path / "run.log"))
-        if active:
-            time.sleep(0.2)
+def _tee(stream, paths: Sequence[pathlib.Path]) -> None:
+    """Copy a child's output, line by line, into the run.log of each of its cells."""
+    files = [open(p, "ab") for p in paths]
+    try:
+        for line in iter(stream.readline, b""):
+            for f in files:
+                f.write(line)
+                f.flush()
+    finally:
+        for f in files:
+            f.close()
+        stream.close()
 
 
-def run_inprocess(cells: list[Cell], imports: Sequence[str], log=print) -> None:
-    """Run ``cells`` one after another in this process."""
-    import importlib
+class Subprocesses:
+    """Training calls in child processes, at most ``parallel`` at once."""
 
-    for module in imports:
-        importlib.import_module(module)
-    from experiments import run as run_cmd
+    def __init__(self, imports: Sequence[str], parallel: int, devices: Sequence[str],
+                 resume: str, log=print):
+        self.imports, self.parallel, self.devices = list(imports), parallel, list(devices)
+        self.resume, self.log = resume, log
+        self.active: dict = {}  # Popen -> (program, start, tee thread, slot)
 
-    for cell in cells:
-        verb = "resuming" if cell.status == "partial" else "running"
-        log(f"[sweep] {verb} {cell.name}")
-        start = time.time()
-        try:
-            code = run_cmd.main(_cell_argv(cell))
-            detail = ""
-        except Exception as e:  # a crash in one cell must not lose the others
-            code, detail = 1, f"{e.__class__.__name__}: {' '.join(str(e).split())[:300]}"
-        except SystemExit as e:
-            code, detail = (e.code if isinstance(e.code, int) else 1), ""
-        _finish(cell, code, time.time() - start, log, detail)
+    def command(self, program: Sequence[Cell]) -> list[str]:
+        code = ("import sys; from experiments.sweep import _program_entry; "
+                "sys.exit(_program_entry(sys.argv[1:]))")
+        extra = [x for m in self.imports for x in ("--import", m)]
+        return [sys.executable, "-c", code, *extra, *[x for c in program for x in ("--", *c.argv)]]
 
+    def env(self, device: Optional[str]) -> dict:
+        env = dict(os.environ)
+        root = str(pathlib.Path(__file__).resolve().parents[1])
+        paths = [root, os.getcwd()] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+        env.setdefault("TQDM_DISABLE", "1")
+        env[RESUME_ENV] = self.resume
+        if device is not None:
+            env["CUDA_VISIBLE_DEVICES"] = device
+        return env
 
-def _finish(cell: Cell, code: int, seconds: float, log, detail: str) -> None:
-    cell.returncode, cell.seconds = code, round(seconds, 1)
-    cell.status = "finished" if code == 0 else "failed"
-    if code == 0:
-        log(f"[sweep] finished {cell.name} in {seconds:.0f} s")
-    else:
-        cell.note = detail
-        where = f" (see {cell.path / 'run.log'})" if (cell.path / "run.log").exists() else ""
-        log(f"[sweep] FAILED {cell.name} with exit code {code}{where}" + (f": {detail}" if detail else ""))
+    def run(self, programs: Sequence[Sequence[Cell]]) -> None:
+        queue = list(programs)
+        free_slots = list(range(self.parallel))
+        while queue or self.active:
+            while queue and free_slots:
+                program = queue.pop(0)
+                slot = free_slots.pop(0)
+                device = self.devices[slot % len(self.devices)] if self.devices else None
+                logs = []
+                for c in program:
+                    c.path.mkdir(parents=True, exist_ok=True)
+                    logs.append(paths_lib.RunPaths.of(c.path).output)
+                _announce(program, lambda m: self.log(
+                    m + (f" on device {device}" if device else "")))
+                proc = subprocess.Popen(self.command(program), stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, env=self.env(device))
+                tee = threading.Thread(target=_tee, args=(proc.stdout, logs), daemon=True)
+                tee.start()
+                self.active[proc] = (program, time.time(), tee, slot)
+            for proc in list(self.active):
+                if proc.poll() is None:
+                    continue
+                program, start, tee, slot = self.active.pop(proc)
+                tee.join()
+                free_slots.append(slot)
+                output = paths_lib.RunPaths.of(program[0].path).output
+                _finish(program, proc.returncode, time.time() - start, self.log,
+                        _last_line(output))
+            if self.active:
+                time.sleep(0.2)
+
+    def stop(self, wait: float = 2.0) -> None:
+        """Ctrl-C: interrupt the children (each keeps its last checkpoint), kill what is
+        still running after ``wait`` seconds."""
+        procs = list(self.active)
+        for proc in procs:
+            try:
+                proc.send_signal(signal.SIGINT)
+            except OSError:
+                pass
+        deadline = time.time() + wait
+        for proc in procs:
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for proc in procs:  # their last lines (the interrupted line) into the run.logs
+            entry = self.active.get(proc)
+            if entry is not None:
+                entry[2].join(timeout=0.5)
 
 
 # --------------------------------------------------------------------------- command
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(
-        prog="python -m experiments.sweep",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=__doc__.split("\n\n", 1)[1].rsplit("\n\nExit codes", 1)[0],
-        epilog="Exit codes: 0 every cell finished, 1 some cell failed, 2 bad input.")
+    p = cli.OneLineParser(
+        prog="python -m experiments.sweep", formatter_class=cli.DocHelpFormatter,
+        description=cli.help_text(__doc__.split("\n\n", 1)[1]),
+        epilog="Exit codes: 0 every cell finished, 1 some cell failed, 2 bad input (one line "
+               "on stderr), 130 interrupted (the same command resumes).")
     p.add_argument("--out", required=True, help="folder for the cells' run directories and the comparison")
-    p.add_argument("--base", default="", help="experiments.run flags shared by every cell, in quotes")
+    p.add_argument("--base", default="", help="experiments.run flags shared by every cell, in "
+                   "quotes (default: none, experiments.run's defaults)")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                    help="one axis of the grid: a flag of experiments.run and its values (use | "
-                        "between values that contain commas); repeat for more axes")
+                        "between values that contain commas); repeat for more axes (default: none)")
     p.add_argument("--variant", action="append", default=[], metavar="NAME='FLAGS'",
-                   help="a named set of extra flags; cells = variants x grid; repeat for more")
+                   help="a named set of extra flags; cells = variants x grid; repeat for more "
+                        "(default: none)")
+    p.add_argument("--group", action=argparse.BooleanOptionalAction, default=True,
+                   help="train cells that differ only in seed, lr, rates, criteria or the "
+                        "lambda schedule as one vmapped program; --no-group: one per cell")
     p.add_argument("--mode", choices=("subprocess", "inprocess"), default="subprocess",
-                   help="subprocess: one process per cell; inprocess: all cells in this process")
-    p.add_argument("--parallel", type=int, default=1, metavar="N", help="cells at once (subprocess mode)")
-    p.add_argument("--devices", default="",
-                   metavar="IDS", help="comma-separated CUDA device ids handed to the parallel cells in turn")
+                   help="subprocess: one process per program; inprocess: all in this process")
+    p.add_argument("--parallel", type=int, default=1, metavar="N",
+                   help="programs at once (subprocess mode)")
+    p.add_argument("--devices", default="", metavar="IDS",
+                   help="comma-separated CUDA device ids handed to the parallel programs in "
+                        "turn (default: every program sees every device)")
     p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
-                   help="import MODULE before running (registers your networks or criteria)")
+                   help="import MODULE before running (registers your networks or criteria); "
+                        "repeat for more (default: none)")
     p.add_argument("--dry_run", action="store_true", help="print the cells and their status, run nothing")
     p.add_argument("--no_compare", action="store_true", help="do not run experiments.compare at the end")
     p.add_argument("--compare_args", default="", metavar="FLAGS",
-                   help="extra flags for experiments.compare, e.g. \"--metric test_acc_at_best_val\"")
+                   help="extra flags for experiments.compare, e.g. \"--metric "
+                        "test_acc_at_best_val\" (default: none)")
     return p
 
 
-def _write_record(out: pathlib.Path, args, cells: list[Cell]) -> None:
+def _write_record(out: pathlib.Path, args, cells: Sequence[Cell]) -> None:
     record = {"base": args.base, "grid": args.grid, "variant": args.variant, "mode": args.mode,
-              "imports": args.imports,
+              "grouped": args.group, "imports": args.imports,
               "cells": [{"name": c.name, "values": c.values, "path": str(c.path), "status": c.status,
-                         "returncode": c.returncode, "seconds": c.seconds, "note": c.note,
-                         "command": "python -m experiments.run " + shlex.join(_cell_argv(c))}
+                         "program": c.program, "returncode": c.returncode, "seconds": c.seconds,
+                         "note": c.note, "command": c.command}
                         for c in cells]}
-    tmp = out / "sweep.json.tmp"
+    tmp = out / (RECORD + ".tmp")
     tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, out / "sweep.json")
+    os.replace(tmp, out / RECORD)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     from rsst_jax import parallel
     # $RSST_JAX_CPU_DEVICES before this process touches JAX (--mode inprocess; subprocess
-    # cells inherit the variable). Every cell goes through experiments.run.main, which
-    # also turns on the compilation cache, so the cells share their compiled programs.
+    # cells inherit the variable).
     parallel.split_cpu()
-    out = pathlib.Path(args.out)
-    try:
-        if args.parallel < 1:
-            raise SweepError(f"--parallel must be >= 1, got {args.parallel}")
-        if args.mode == "inprocess" and args.parallel > 1:
-            raise SweepError("--parallel needs --mode subprocess")
-        try:
-            base = shlex.split(args.base)
-        except ValueError as e:
-            raise SweepError(f"--base: cannot split the flags ({e})") from None
-        import importlib
+    resume = cli.resume_command("experiments.sweep", argv, resume_flag=None)
+    devices = [d.strip() for d in args.devices.split(",") if d.strip()]
+    children = Subprocesses(args.imports, args.parallel, devices, resume)
+    return cli.run_command(lambda: sweep(args, children), resume=resume,
+                           on_interrupt=children.stop)
 
-        for module in args.imports:  # registered names must exist before validation
-            try:
-                importlib.import_module(module)
-            except ImportError as e:
-                raise SweepError(f"--import {module}: {e}") from None
-        cells = plan(out, base, args.grid, args.variant)
-        for cell in cells:
-            classify(cell, resolve(cell))
-    except (SweepError, runs_lib.RunDirError) as e:
-        return fail(str(e))
+
+def sweep(args, children: Subprocesses) -> int:
+    """The command, parsed: plan, classify, train what is left, compare."""
+    import importlib
+
+    out = pathlib.Path(args.out)
+    if args.parallel < 1:
+        raise SweepError(f"--parallel must be >= 1, got {args.parallel}")
+    if args.mode == "inprocess" and args.parallel > 1:
+        raise SweepError("--parallel needs --mode subprocess")
+    try:
+        base = shlex.split(args.base)
+    except ValueError as e:
+        raise SweepError(f"--base: cannot split the flags ({e})") from None
+    for module in args.imports:  # registered names must exist before validation
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise SweepError(f"--import {module}: {e}") from None
+    cells = plan(out, base, args.grid, args.variant)
+    for cell in cells:
+        classify(cell)
+    programs = plan_programs(cells, grouped=args.group)
     width = max(len(c.name) for c in cells)
-    print(f"[sweep] {len(cells)} cells in {out}:")
+    shared = sum(len(p) > 1 for p in programs)
+    print(f"[sweep] {len(cells)} cells in {out}" + (
+        f"; {len(programs)} programs to train, {shared} of them shared by several cells"
+        if shared else "") + ":")
     for c in cells:
-        print(f"  {c.name.ljust(width)}  {c.status}" + (f": {c.note}" if c.note else ""))
+        together = c.program is not None and len(programs[c.program]) > 1
+        print(f"  {c.name.ljust(width)}  {c.status}" + (f": {c.note}" if c.note else "")
+              + (f"  (program {c.program + 1})" if together else ""))
     stale = [c for c in cells if c.status == "stale"]
     if stale:
-        return fail(f"cell {stale[0].name} in {out} {stale[0].note}")
-    if args.dry_run:  # the commands the sweep would run now
-        for c in cells:
-            if c.status in ("new", "partial"):
-                print("python -m experiments.run " + shlex.join(_cell_argv(c)))
+        raise SweepError(f"cell {stale[0].name} in {out} {stale[0].note}")
+    if args.dry_run:  # the command of each cell the sweep would train now
+        for program in programs:
+            for c in program:
+                print(c.command)
         return 0
     out.mkdir(parents=True, exist_ok=True)
-    todo = [c for c in cells if c.status in ("new", "partial")]
     _write_record(out, args, cells)
-    devices = [d.strip() for d in args.devices.split(",") if d.strip()]
     if args.mode == "inprocess":
-        run_inprocess(todo, args.imports)
+        run_inprocess(programs)
     else:
-        run_subprocesses(todo, args.imports, args.parallel, devices)
+        children.run(programs)
     _write_record(out, args, cells)
     failed = [c for c in cells if c.status == "failed"]
     finished = [c for c in cells if c.status in ("done", "finished")]
     print(f"[sweep] {len(finished)} of {len(cells)} cells finished"
           + (f", {len(failed)} failed: {', '.join(c.name for c in failed)}" if failed else ""))
     if finished and not args.no_compare:
-        have_rows = [c for c in finished if (c.path / runs_lib.SUMMARY_FILE).is_file()]
+        have_rows = [c for c in finished if paths_lib.RunPaths.of(c.path).summary_json.is_file()]
         code = compare_cmd.main([str(c.path) for c in have_rows]
                                 + ["--names", ",".join(c.name.replace(",", " ") for c in have_rows),
-                                   "--out", str(out / "comparison"),
-                                   "--plot", str(out / "comparison.png")]
+                                   "--out", str(out / COMPARISON),
+                                   "--plot", str(out / f"{COMPARISON}.png")]
                                 + shlex.split(args.compare_args))
         if code != 0:
             return code

@@ -18,9 +18,12 @@ The functional API, all pure functions on pytrees:
 - ``rsst_jax.counting``: parameters, MACs and FLOPs (dense, masked, compact).
 - ``rsst_jax.rounds``: the procedure's rounds as pure functions (prune, structure, plan).
 - ``rsst_jax.driver``: ``run(configs)``, the loop behind ``python -m experiments.run``.
+- ``rsst_jax.runs`` reads a run directory (summaries, logs); ``rsst_jax.tickets.load(path)``
+  opens any of its checkpoints with the network that reads it.
 """
 from rsst_jax import (  # noqa: F401
-    checkpoint, config, counting, criteria, data, masks, model_masks, nets, regularizers, train)
+    checkpoint, config, counting, criteria, data, masks, model_masks, nets, regularizers, runs,
+    tickets, train)
 from rsst_jax.compact import compact  # noqa: F401  (the function: rsst_jax.compact(...))
 from rsst_jax.criteria import channel_scores, register_criterion  # noqa: F401
 from rsst_jax.masks import (  # noqa: F401

@@ -1,18 +1,10 @@
 """Orbax checkpoints of a run: atomic writes, verified restores, fallback to the last good one.
 
-Layout of ``save_dir``::
-
-    config.json             resolved configuration
-    init/                   W0 (params, batch_stats); also wherever --init points
-    checkpoints/<n>/        resume checkpoints, one per finished epoch (n = epochs done
-                            in the run); the newest two are kept, the older one is only
-                            deleted after the newer one is committed
-    checkpoints/<n>.bad/    a checkpoint found unusable on resume, set aside (never read
-                            nor deleted again)
-    round_<r>/final/<e>/    the round's final ticket
-    round_<r>/best/<e>/     the round's best-validation weights
-    log.jsonl               one line per epoch
-    summary.json / .csv     one row per round
+Where a run keeps its checkpoints (``init/``, ``checkpoints/<n>/``, ``round_<r>/final``
+and ``round_<r>/best``) is ``rsst_jax.paths``'s to say. Under a checkpoint directory,
+``<n>/`` is a committed step; ``save`` keeps the newest ``keep`` of them, deleting an older
+one only after the newer one is committed; ``<n>.bad/`` is a step found unusable on
+resume and set aside (never read nor deleted again).
 
 A step holds ``state/`` (orbax's OCDBT database of the arrays) and ``meta/metadata``
 (JSON, with a crc32 of every array, written in the same atomic commit). Orbax reads only

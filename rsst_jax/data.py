@@ -29,6 +29,11 @@ import numpy as np
 
 DATASETS = ("digits", "fashion_mnist", "cifar10", "cifar100", "tiny-imagenet")
 
+# One image (H, W, C) of each data set as its loader delivers it. Checkpoints record
+# their image shape; this is what a checkpoint that predates that falls back to.
+IMAGE_SHAPES = {"digits": (32, 32, 1), "fashion_mnist": (28, 28, 1), "cifar10": (32, 32, 3),
+                "cifar100": (32, 32, 3), "tiny-imagenet": (64, 64, 3)}
+
 _DEFAULT_DIRS = {
     "digits": None,
     "fashion_mnist": "/usr/share/datasets/fashion-mnist",

@@ -14,6 +14,8 @@
       summary.json, .csv      one row per round
       run.lock                held by the process running it
       seed_<s>/               with --num_seeds: one such directory per ticket
+      run.log                 a sweep cell's screen output (experiments.sweep)
+      plots/                  experiments.plot's pictures (by default)
 
 Every path a command reads or writes comes from :class:`RunPaths`.
 """
@@ -34,6 +36,16 @@ SUMMARY_JSON = "summary.json"
 SUMMARY_CSV = "summary.csv"
 LOCK = "run.lock"
 FINAL, BEST = "final", "best"
+ROUND_PREFIX = "round_"
+OUTPUT = "run.log"
+PLOTS = "plots"
+
+
+def round_of(name: str) -> Optional[int]:
+    """r for a directory named ``round_<r>``, else None."""
+    if name.startswith(ROUND_PREFIX) and name[len(ROUND_PREFIX):].isdigit():
+        return int(name[len(ROUND_PREFIX):])
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,12 +81,20 @@ class RunPaths:
     def lock(self) -> pathlib.Path:
         return self.root / LOCK
 
+    @property
+    def output(self) -> pathlib.Path:
+        return self.root / OUTPUT
+
+    @property
+    def plots(self) -> pathlib.Path:
+        return self.root / PLOTS
+
     def init(self, override: Optional[PathLike] = None) -> pathlib.Path:
         """W0's checkpoint directory: ``--init`` if given, else ``init/``."""
         return pathlib.Path(override) if override else self.root / INIT
 
     def round_dir(self, r: int) -> pathlib.Path:
-        return self.root / f"round_{r}"
+        return self.root / f"{ROUND_PREFIX}{r}"
 
     def final(self, r: int) -> pathlib.Path:
         return self.round_dir(r) / FINAL
@@ -90,12 +110,8 @@ class RunPaths:
         """Indices r of the ``round_<r>`` directories present, sorted."""
         if not self.root.is_dir():
             return []
-        out = []
-        for child in self.root.iterdir():
-            name = child.name
-            if child.is_dir() and name.startswith("round_") and name[6:].isdigit():
-                out.append(int(name[6:]))
-        return sorted(out)
+        return sorted(r for child in self.root.iterdir() if child.is_dir()
+                      for r in [round_of(child.name)] if r is not None)
 
 
 def seed_dir(save_dir: PathLike, s: int) -> pathlib.Path:
@@ -108,5 +124,6 @@ def checkpoint_step(round_idx: int, epochs_done: int, epochs_per_round: int) -> 
     return round_idx * (epochs_per_round + 1) + epochs_done
 
 
-__all__ = ["RunPaths", "seed_dir", "checkpoint_step", "CONFIG", "INIT", "CHECKPOINTS", "LOG",
-           "SUMMARY_JSON", "SUMMARY_CSV", "LOCK", "FINAL", "BEST"]
+__all__ = ["RunPaths", "seed_dir", "checkpoint_step", "round_of", "CONFIG", "INIT", "CHECKPOINTS",
+           "LOG", "SUMMARY_JSON", "SUMMARY_CSV", "LOCK", "FINAL", "BEST", "ROUND_PREFIX",
+           "OUTPUT", "PLOTS"]

@@ -359,13 +359,14 @@ def read_weights(path: str | pathlib.Path) -> tuple[dict, list]:
     if not p.exists():
         raise PretrainedError(f"--pretrained {p}: no such file or directory")
     if p.is_dir():
-        from rsst_jax import runs as runs_lib
+        from rsst_jax import checkpoint as ckpt
+        from rsst_jax import tickets
 
         try:
-            tree, _, _ = runs_lib.load_checkpoint(p)
-        except runs_lib.RunDirError as e:
+            arrays, _, _ = tickets.read(p)
+        except (tickets.TicketError, ckpt.CheckpointError) as e:
             raise PretrainedError(f"--pretrained {p}: {e}") from None
-        return {"params": tree["params"], "batch_stats": tree.get("batch_stats") or {}}, []
+        return {"params": arrays["params"], "batch_stats": arrays["batch_stats"]}, []
     if p.suffix == ".npz":
         conv = convert_state_dict(read_npz(p))
     elif p.suffix in TORCH_SUFFIXES:

@@ -1,13 +1,10 @@
-"""Read what ``python -m experiments.run`` writes: run directories and their checkpoints.
+"""Read what ``python -m experiments.run`` writes: run directories, summaries and logs.
 
-A run directory (``--save_dir``) holds ``config.json``, ``log.jsonl`` (one JSON object
-per epoch), ``summary.json`` (one row per round) and orbax checkpoints (layout in
-``rsst_jax.checkpoint``). ``load_run`` checks that a directory is one and returns its
-contents; ``resolve_checkpoint``/``load_checkpoint`` find and open a checkpoint given a
-run, a round folder, a checkpoint folder or one step of it.
-
-Reading summaries and logs needs no JAX; only ``load_checkpoint`` imports orbax.
-Errors are ``RunDirError`` with a one-line message saying what was expected.
+A run directory (``--save_dir``, layout in ``rsst_jax.paths``) holds ``config.json``,
+``log.jsonl`` (one JSON object per epoch), ``summary.json`` (one row per round) and orbax
+checkpoints; ``load_run`` checks that a directory is one and returns its contents
+(checkpoints are opened with ``rsst_jax.tickets``). No JAX here. Errors are
+``RunDirError`` with a one-line message saying what was expected.
 """
 from __future__ import annotations
 
@@ -15,14 +12,10 @@ import dataclasses
 import json
 import math
 import pathlib
-import re
 from typing import Any, Optional
 
-CONFIG_FILE = "config.json"
-LOG_FILE = "log.jsonl"
-SUMMARY_FILE = "summary.json"
-CHECKPOINT_KINDS = ("final", "best")
-_ROUND_DIR = re.compile(r"^round_(\d+)$")
+from rsst_jax import paths as paths_lib
+
 # Columns every summary row of this layout has; a row without them is another layout.
 _REQUIRED_SUMMARY = ("round", "remaining_weight_pct", "channel_sparsity_pct", "final_test_acc")
 
@@ -36,8 +29,8 @@ class RunDirError(ValueError):
 
 def is_run_dir(path: str | pathlib.Path) -> bool:
     """True when ``path`` looks like a ``--save_dir`` (summary, log or config file present)."""
-    p = pathlib.Path(path)
-    return p.is_dir() and any((p / f).is_file() for f in (SUMMARY_FILE, LOG_FILE, CONFIG_FILE))
+    run = paths_lib.RunPaths.of(path)
+    return run.root.is_dir() and any(f.is_file() for f in (run.summary_json, run.log, run.config))
 
 
 def _read_json(path: pathlib.Path) -> Any:
@@ -145,9 +138,10 @@ class Run:
         return sorted((r for r in self.log if r.get("round") == round_idx), key=lambda r: r["epoch"])
 
     # ---------------------------------------------------------------- checkpoints
-    def checkpoints(self) -> list["CheckpointRef"]:
-        """Every round checkpoint (final and best), ordered by round then kind."""
-        return list_checkpoints(self.path)
+    def checkpoints(self) -> list:
+        """Every round checkpoint (``tickets.CheckpointRef``, final and best), by round."""
+        from rsst_jax import tickets
+        return tickets.list_checkpoints(self.path)
 
 
 def _existing_dir(path, expected: str) -> pathlib.Path:
@@ -167,27 +161,28 @@ def load_run(path: str | pathlib.Path, *, need_summary: bool = True) -> Run:
     the summary is from another layout.
     """
     p = _existing_dir(path, "a run directory (the --save_dir of python -m experiments.run)")
+    run = paths_lib.RunPaths.of(p)
+    names = f"{paths_lib.SUMMARY_JSON}, {paths_lib.LOG} or {paths_lib.CONFIG}"
     if not is_run_dir(p):
-        raise RunDirError(f"{p} is not an rsst-jax run directory: it has no {SUMMARY_FILE}, "
-                          f"{LOG_FILE} or {CONFIG_FILE} (expected the --save_dir of "
-                          f"python -m experiments.run)")
-    config = _read_json(p / CONFIG_FILE) if (p / CONFIG_FILE).is_file() else {}
+        raise RunDirError(f"{p} is not an rsst-jax run directory: it has no {names} (expected "
+                          f"the --save_dir of python -m experiments.run)")
+    config = _read_json(run.config) if run.config.is_file() else {}
     if not isinstance(config, dict):
-        raise RunDirError(f"{p / CONFIG_FILE} is not a mapping of flags: not an rsst-jax config")
-    summary = _read_json(p / SUMMARY_FILE) if (p / SUMMARY_FILE).is_file() else []
+        raise RunDirError(f"{run.config} is not a mapping of flags: not an rsst-jax config")
+    summary = _read_json(run.summary_json) if run.summary_json.is_file() else []
     if not isinstance(summary, list) or not all(isinstance(r, dict) for r in summary):
-        raise RunDirError(f"{p / SUMMARY_FILE} is not a list of round rows: written by another "
+        raise RunDirError(f"{run.summary_json} is not a list of round rows: written by another "
                           f"tool or an older layout")
     for row in summary:
         missing = [k for k in _REQUIRED_SUMMARY if k not in row]
         if missing:
-            raise RunDirError(f"{p / SUMMARY_FILE} comes from an older layout: its rows lack "
+            raise RunDirError(f"{run.summary_json} comes from an older layout: its rows lack "
                               f"{', '.join(missing)}; re-run with this version of rsst-jax")
     if need_summary and not summary:
-        raise RunDirError(f"{p} has no finished round yet ({SUMMARY_FILE} is missing or empty); "
-                          f"wait for round 0 to finish or resume it with --resume")
+        raise RunDirError(f"{p} has no finished round yet ({paths_lib.SUMMARY_JSON} is missing "
+                          f"or empty); wait for round 0 to finish or resume it with --resume")
     summary = sorted(summary, key=lambda r: r["round"])
-    return Run(path=p, config=config, summary=summary, log=read_log(p / LOG_FILE))
+    return Run(path=p, config=config, summary=summary, log=read_log(run.log))
 
 
 def find_runs(paths: list[str | pathlib.Path]) -> list[pathlib.Path]:
@@ -214,158 +209,3 @@ def summary_value(row: dict, key: str) -> Optional[float]:
     except (TypeError, ValueError):
         return None
     return value if math.isfinite(value) else None
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckpointRef:
-    """One checkpoint step: ``directory/step`` written by ``rsst_jax.checkpoint.save``.
-
-    ``kind`` is 'final', 'best', 'init', 'resume' or 'checkpoint' (a folder elsewhere);
-    ``round`` is None where the path does not say it.
-    """
-
-    directory: pathlib.Path
-    step: int
-    kind: str
-    round: Optional[int] = None
-
-    @property
-    def path(self) -> pathlib.Path:
-        return self.directory / str(self.step)
-
-    @property
-    def run_dir(self) -> Optional[pathlib.Path]:
-        """The run directory this checkpoint belongs to, if it lies inside one."""
-        for parent in (self.directory.parent, self.directory.parent.parent):
-            if is_run_dir(parent):
-                return parent
-        return None
-
-
-def _step_dirs(directory: pathlib.Path) -> list[pathlib.Path]:
-    if not directory.is_dir():
-        return []
-    return sorted((c for c in directory.iterdir() if c.is_dir() and c.name.isdigit()),
-                  key=lambda c: int(c.name))
-
-
-def _is_step_dir(p: pathlib.Path) -> bool:
-    return p.is_dir() and p.name.isdigit() and (p / "state").is_dir()
-
-
-def _older_layout(p: pathlib.Path) -> RunDirError:
-    return RunDirError(f"{p} is a checkpoint from an older or foreign layout (no meta/ next to "
-                       f"state/); this rsst-jax reads checkpoints written by "
-                       f"python -m experiments.run (layout version 1)")
-
-
-def _ref_for_manager(directory: pathlib.Path, step: Optional[int] = None) -> CheckpointRef:
-    steps = _step_dirs(directory)
-    committed = [int(s.name) for s in steps if (s / "meta").is_dir() and (s / "state").is_dir()]
-    if not committed:
-        if steps:
-            raise _older_layout(steps[-1])
-        raise RunDirError(f"{directory} holds no checkpoint (no numbered step folder)")
-    if step is None:
-        step = committed[-1]
-    elif step not in committed:
-        raise RunDirError(f"{directory} has no step {step}; it has {committed}")
-    kind, round_idx = "checkpoint", None
-    m = _ROUND_DIR.match(directory.parent.name)
-    if m and directory.name in CHECKPOINT_KINDS:
-        kind, round_idx = directory.name, int(m.group(1))
-    elif directory.name == "init":
-        kind = "init"
-    elif directory.name == "checkpoints":
-        kind = "resume"
-    return CheckpointRef(directory=directory, step=step, kind=kind, round=round_idx)
-
-
-def list_checkpoints(run_dir: str | pathlib.Path) -> list[CheckpointRef]:
-    """Round checkpoints of a run (``round_<r>/final`` and ``round_<r>/best``), newest step each."""
-    run_dir = pathlib.Path(run_dir)
-    refs = []
-    rounds = sorted((int(m.group(1)), c) for c in run_dir.iterdir() if c.is_dir()
-                    for m in [_ROUND_DIR.match(c.name)] if m) if run_dir.is_dir() else []
-    for _, rdir in rounds:
-        for kind in CHECKPOINT_KINDS:
-            if (rdir / kind).is_dir() and _step_dirs(rdir / kind):
-                refs.append(_ref_for_manager(rdir / kind))
-    return refs
-
-
-def resolve_checkpoint(path: str | pathlib.Path, *, round_idx: Optional[int] = None,
-                       kind: str = "final") -> CheckpointRef:
-    """The checkpoint that ``path`` names.
-
-    ``path`` may be a run directory (default: the last round with a ``kind`` checkpoint,
-    or round ``round_idx``), a ``round_<r>`` folder, a checkpoint folder
-    (``round_<r>/final``, ``init``, ``checkpoints``) or one step of it (``.../final/3``).
-    """
-    if kind not in CHECKPOINT_KINDS:
-        raise RunDirError(f"checkpoint kind must be one of {CHECKPOINT_KINDS}, got {kind!r}")
-    p = _existing_dir(path, "an orbax checkpoint directory or a run directory")
-    if _is_step_dir(p):
-        if not (p / "meta").is_dir():
-            raise _older_layout(p)
-        return _ref_for_manager(p.parent, int(p.name))
-    if _step_dirs(p):
-        return _ref_for_manager(p)
-    m = _ROUND_DIR.match(p.name)
-    if m:
-        if not (p / kind).is_dir():
-            raise RunDirError(f"{p} has no {kind}/ checkpoint (the round has not finished?)")
-        return _ref_for_manager(p / kind)
-    if is_run_dir(p) or any(_ROUND_DIR.match(c.name) for c in p.iterdir()):
-        refs = [r for r in list_checkpoints(p) if r.kind == kind]
-        if round_idx is not None:
-            refs = [r for r in refs if r.round == round_idx]
-            if not refs:
-                raise RunDirError(f"{p} has no {kind} checkpoint of round {round_idx}")
-        if refs:
-            return refs[-1]
-        if (p / "init").is_dir() and _step_dirs(p / "init"):
-            return _ref_for_manager(p / "init")
-        raise RunDirError(f"{p} is a run directory without checkpoints yet")
-    if any(c.suffix in (".msgpack", ".pt", ".pth", ".pkl") for c in p.iterdir() if c.is_file()):
-        raise _older_layout(p)
-    raise RunDirError(f"{p} is neither an rsst-jax run directory nor an orbax checkpoint "
-                      f"(expected --save_dir, round_<r>/final or a numbered step folder)")
-
-
-def load_checkpoint(ref: CheckpointRef | str | pathlib.Path) -> tuple[dict, dict, CheckpointRef]:
-    """(tree, meta, ref): the checkpoint's arrays as nested dicts of numpy arrays.
-
-    The tree of a round checkpoint is ``{'params', 'batch_stats', 'masks'}``; a resume
-    checkpoint's is flattened to the same keys (from its training state). Checks the
-    layout version before reading any array.
-    """
-    from rsst_jax import checkpoint as ckpt
-
-    if not isinstance(ref, CheckpointRef):
-        ref = resolve_checkpoint(ref)
-    try:
-        meta = ckpt.read_meta(ref.directory, ref.step)
-    except ckpt.CheckpointError as e:
-        raise RunDirError(str(e)) from None
-    if meta.get("layout_version") != ckpt.LAYOUT_VERSION:
-        raise RunDirError(f"{ref.path} has checkpoint layout version {meta.get('layout_version')}, "
-                          f"this rsst-jax reads version {ckpt.LAYOUT_VERSION}: it comes from an "
-                          f"older or newer layout; re-run it or open it with that version")
-    try:
-        tree, _ = ckpt.restore_raw(ref.directory, ref.step)
-    except ckpt.CheckpointError as e:
-        raise RunDirError(str(e)) from None
-    if not isinstance(tree, dict):
-        raise RunDirError(f"{ref.path} does not hold a dictionary of arrays")
-    if "params" not in tree and isinstance(tree.get("state"), dict):
-        state = tree["state"]
-        tree = {"params": state.get("params"), "batch_stats": state.get("batch_stats", {}),
-                "masks": tree.get("masks")}
-    if not isinstance(tree.get("params"), dict):
-        raise RunDirError(f"{ref.path} has no 'params': not a network checkpoint of this layout")
-    tree.setdefault("batch_stats", {})
-    return tree, meta, ref

@@ -23,7 +23,7 @@ import pytest
 
 from experiments import analyze, compare, plot, sweep
 from rsst_jax import masks as masks_lib
-from rsst_jax import nets, runs
+from rsst_jax import nets, runs, tickets
 from test_recipes import ROOT, assert_ran, run_doc
 
 QUICK = "runs/quick"
@@ -162,10 +162,10 @@ def test_channel_map_is_the_masks_channel_fraction(quick):
     run = runs.load_run(quick / "struct=rsst")
     layers, rounds, ch, wt = plot.layer_table(run)
     assert rounds == [0, 1]
-    tree, _, _ = runs.load_checkpoint(runs.resolve_checkpoint(run.path, round_idx=1))
-    assert layers == [r.path for r in masks_lib.report(tree["masks"])]
+    arrays, _, _ = tickets.read(tickets.resolve(run.path, round_idx=1))
+    assert layers == [r.path for r in masks_lib.report(arrays["masks"])]
     for i, layer in enumerate(layers):
-        m = _leaf(tree["masks"], layer)
+        m = _leaf(arrays["masks"], layer)
         assert ch[i, 0] == 1.0 and wt[i, 0] == 1.0
         assert ch[i, 1] == m.reshape(-1, m.shape[-1]).any(axis=0).mean() and wt[i, 1] == m.mean()
 
@@ -183,8 +183,7 @@ def test_lambda_panel_reads_the_logged_penalty(quick):
 def test_analyze_json_of_a_best_checkpoint(quick, res8_registered, capsys):
     assert analyze.main([str(quick / "struct=rsst" / "round_0" / "best"), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    ref = runs.resolve_checkpoint(quick / "struct=rsst" / "round_0" / "best")
-    tree, meta, _ = runs.load_checkpoint(ref)
+    tree, meta, _ = tickets.read(quick / "struct=rsst" / "round_0" / "best")
     assert (result["kind"], result["round"], result["arch"], result["arch_from"]) == \
            ("best", 0, "res8s_narrow", "final checkpoint")
     report = masks_lib.report(tree["masks"], tree["params"])
@@ -241,7 +240,7 @@ def test_sweep_resumes_an_unfinished_cell(quick, tmp_path, res8_registered, caps
     out = capsys.readouterr().out
     assert "struct=none  done" in out and "struct=rsst  partial" in out
     commands = [line for line in out.splitlines() if line.startswith("python -m experiments.run")]
-    assert len(commands) == 1 and commands[0].endswith("--resume") and "struct=rsst" in commands[0]
+    assert len(commands) == 1 and "--resume" in commands[0].split() and "struct=rsst" in commands[0]
 
 
 # --------------------------------------------------------------------------- bad input
@@ -315,13 +314,24 @@ def test_bad_input_from_the_shell_has_no_traceback(tmp_path, capsys):
 
 
 def test_sweep_plans_cells_from_grids_and_variants(tmp_path):
-    cells = sweep.plan(tmp_path, ["--dataset", "digits", "--struct", "rsst", "--conv1"],
+    """Cells are the base configuration with the variant's flags, then the grid's values,
+    put in (no command-line tokens edited); each cell's command resolves to its config."""
+    from experiments import cli
+
+    cells = sweep.plan(tmp_path, ["--dataset", "digits", "--struct", "rsst", "--conv1", "--warmup", "0"],
                        ["criteria=l1,l2", "conv1=false,true", "layer_rates=layer1=0.5,layer3=2|layer2=0"],
                        ["a=--epochs 3", "b=--reg_adaptive --target_acc 50"])
     assert len(cells) == 2 * 2 * 2 * 2
     first = cells[0]
     assert first.name == "variant=a,criteria=l1,conv1=false,layer_rates=layer1_0.5+layer3_2"
-    assert first.argv == ["--dataset", "digits", "--struct", "rsst", "--epochs", "3", "--criteria", "l1",
-                          "--layer_rates", "layer1=0.5,layer3=2"]  # --conv1 of the base is overridden
-    assert cells[3].argv[-3:] == ["--conv1", "--layer_rates", "layer2=0"]
+    assert first.path == tmp_path / first.name and first.cfg.run.save_dir == str(first.path)
+    c = first.cfg
+    assert (c.data.dataset, c.prune.struct, c.optim.epochs, c.prune.criteria, c.prune.layer_rates,
+            c.optim.warmup) == ("digits", "rsst", 3, "l1", "layer1=0.5,layer3=2", 0)
+    assert c.prune.conv1 is False  # the base's --conv1 is overridden by the grid
+    assert cells[3].cfg.prune.conv1 is True and cells[3].cfg.prune.layer_rates == "layer2=0"
+    assert cells[-1].cfg.rsst.reg_adaptive and cells[-1].cfg.rsst.target_acc == 50.0
+    assert cells[-1].cfg.optim.epochs == 120  # variant a's flags stay in variant a
     assert len({c.path for c in cells}) == len(cells)
+    for cell in cells:
+        assert cli.parse_run_args(cell.argv) == cell.cfg

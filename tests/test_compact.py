@@ -554,11 +554,15 @@ def test_cli_writes_compact_network_and_reports_json(ticket, tmp_path, capsys):
     assert result["channels"]["removed"] == 32
     description = json.loads((out / "architecture.json").read_text())
     assert description["arch"] == "res20s" and description["family"] == "ResNetCifar"
-    # a checkpoint restored against its own metadata (what a GPU needs) reads the same
+    # the ticket loader reads what was saved; a checkpoint whose metadata has no image
+    # shape (written before it did) takes its data set's
+    from rsst_jax import tickets
     raw, meta = ckpt.restore_raw(root / "round_1" / "final", 3)
-    via_meta, meta2 = cli.restore_with_metadata(root / "round_1" / "final", 3)
-    assert meta2 == meta and jax.tree_util.tree_all(jax.tree_util.tree_map(
-        np.array_equal, raw, via_meta))
+    ticket = tickets.load(root / "round_1" / "final")
+    assert ticket.meta == meta and ticket.network.image_shape == SHAPE
+    assert ticket.network.sources["image_shape"] == "data set"
+    assert jax.tree_util.tree_all(jax.tree_util.tree_map(np.array_equal, raw["params"],
+                                                         ticket.params))
     cmodel, cvars = cli.load(out)
     x = images()[:2]
     np.testing.assert_allclose(np.asarray(forward(cmodel)(cvars, x)),
@@ -575,14 +579,18 @@ def test_cli_table_and_step_directory(ticket, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["/nonexistent/x"], "does not exist"),
-    (["{tmp}"], "holds no checkpoint"),
+    (["/nonexistent/x"], "/nonexistent/x: no such directory"),
+    (["{tmp}"], "is neither an rsst-jax run directory nor an orbax checkpoint"),
+    (["{root}/config.json"], "is a file"),
+    (["{root}", "--out", "{root}/config.json"], "--out {root}/config.json is a file"),
     (["{root}", "--batch_sizes", "0"], "--batch_sizes"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(ticket, tmp_path, capsys, argv, message):
     from experiments import compact as cli
     root, _, _ = ticket
     argv = [a.format(tmp=tmp_path, root=root) for a in argv]
-    assert cli.main(argv + ["--out", str(tmp_path / "o")]) == 2
+    message = message.format(root=root)
+    assert cli.main(["--out", str(tmp_path / "o")] + argv) == 2
     err = capsys.readouterr().err
-    assert message in err and len(err.strip().splitlines()) == 1
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()  # refused before writing anything
