@@ -58,6 +58,21 @@ def compact_numbers(model, variables: dict, masks: dict, input_shape, *, approxi
     return stats
 
 
+KEPT_REASONS = (  # rsst_jax.channel_flow.RemovalPlan.dead_kept_reasons
+    ("shared", "share a residual stream that a live layer also writes"),
+    ("constant", "their BatchNorm adds a constant: train with --mask_bn, or --approximate "
+                 "removes them"),
+    ("width", "kept so that a layer keeps a channel"),
+    ("pinned", "touched by an op compaction cannot follow"))
+
+
+def kept_reasons(c: dict) -> str:
+    """Why pruned channels stay, by count: '135 share a residual stream ...; 4 ...'."""
+    why = c.get("pruned_channels_kept_why") or {}
+    parts = [f"{why[key]} {text}" for key, text in KEPT_REASONS if why.get(key)]
+    return "; ".join(parts) or "not removable"
+
+
 def accuracies(ref, meta: dict) -> dict:
     """The round's accuracies: the final checkpoint's summary row, else the run's summary."""
     row = dict(meta.get("summary") or {})
@@ -149,8 +164,7 @@ def format_text(result: dict) -> str:
         text += (f", FLOPs per image {_millions(c['flops'])} -> {_millions(c['compact_flops'])} "
                  f"({100.0 * c['compact_flops'] / c['flops']:.1f}%)")
     if c.get("pruned_channels_kept"):
-        text += (f"; {c['pruned_channels_kept']} pruned channels stay (their BatchNorm adds a "
-                 f"constant; --approximate removes them)")
+        text += f"; {c['pruned_channels_kept']} pruned channels stay ({kept_reasons(c)})"
     lines.append(text)
     a = r["accuracy"]
     if a:

@@ -53,8 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(empty: none)")
     p.add_argument("--train_size", type=int, default=1257, help="training images of the "
                    "generated data set the epochs run over (1257: digits' size)")
-    p.add_argument("--epochs", type=int, default=2, help="timed epochs per fused setting "
-                   "(after one untimed epoch that compiles; 0: skip the epoch timing)")
+    p.add_argument("--epochs", type=int, default=3, help="timed epochs per fused setting, "
+                   "the settings taking turns (after one untimed epoch that compiles; 0: "
+                   "skip the epoch timing)")
     p.add_argument("--fused_steps", type=int, default=None, help="steps per fused chunk (when "
                    "not given: what a run uses, 8 on CPU, --print_freq 50 on accelerators)")
     p.add_argument("--epoch_table", action="store_true", help="time only epochs, fused against "
@@ -71,7 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class BenchError(ValueError):
+def _bad_input():
+    from experiments.cli import BadInput
+    return BadInput
+
+
+class BenchError(_bad_input()):
     """Bad bench input; the message says what to change."""
 
 
@@ -204,35 +210,43 @@ def half_channels(masks, key):
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def time_epochs(args, arch, batch_size, shape, fused: str, ds=None, num_seeds: int = 1) -> dict:
-    """Seconds per epoch of ``num_seeds`` tickets on the run's engine: one untimed epoch
-    (it compiles), then the median of ``--epochs`` timed ones."""
+def time_epochs(args, arch, batch_size, shape, modes, ds=None, num_seeds: int = 1) -> dict:
+    """Seconds per epoch of ``num_seeds`` tickets on the run's engine, for each ``--fused``
+    setting in ``modes``: one untimed epoch each (it compiles), then ``--epochs`` timed
+    rounds in which the settings take turns (machine load hits them alike); the median."""
     import jax
 
     from rsst_jax import engine as engine_lib
     ds = ds or generated_dataset(shape, args.train_size, args.num_classes, args.seed)
-    cfgs = [bench_config(args, arch, batch_size, fused=fused, seed=args.seed + k)
-            for k in range(num_seeds)]
-    eng = engine_lib.Engine(cfgs, dataset=ds)
-    states, plan = _epoch_state(eng, cfgs)
-    seeds = [c.run.resolved_seed for c in cfgs]
-    t0 = time.perf_counter()
-    states, m = eng.train_epoch(states, plan, eng.epoch_perms(seeds, 0, 0))
-    jax.block_until_ready(states)
-    first = time.perf_counter() - t0
-    if not m["finite"].all():
-        raise BenchError(f"{arch}: the loss became non-finite on the generated data; lower "
-                         f"--batch_size or check --precision")
-    times = []
-    for e in range(max(1, args.epochs)):
+    setups = {}
+    for mode in modes:
+        cfgs = [bench_config(args, arch, batch_size, fused=mode, seed=args.seed + k)
+                for k in range(num_seeds)]
+        eng = engine_lib.Engine(cfgs, dataset=ds)
+        states, plan = _epoch_state(eng, cfgs)
+        seeds = [c.run.resolved_seed for c in cfgs]
         t0 = time.perf_counter()
-        states, _ = eng.train_epoch(states, plan, eng.epoch_perms(seeds, 0, e + 1))
+        states, m = eng.train_epoch(states, plan, eng.epoch_perms(seeds, 0, 0))
         jax.block_until_ready(states)
-        times.append(time.perf_counter() - t0)
-    out = {"fused": eng.fused, "fused_steps": eng.fused_steps, "steps": eng.steps_per_epoch,
-           "first_epoch_s": round(first, 2), "epoch_s": round(statistics.median(times), 3)}
-    if num_seeds > 1 or fused == "auto":
-        out["memory_mb"] = _program_memory(eng, states, plan, seeds)
+        if not m["finite"].all():
+            raise BenchError(f"{arch}: the loss became non-finite on the generated data; "
+                             f"lower --batch_size or check --precision")
+        setups[mode] = [eng, states, plan, seeds, time.perf_counter() - t0, []]
+    for e in range(max(1, args.epochs)):
+        for mode in modes:
+            eng, states, plan, seeds, _, times = setups[mode]
+            t0 = time.perf_counter()
+            states, _ = eng.train_epoch(states, plan, eng.epoch_perms(seeds, 0, e + 1))
+            jax.block_until_ready(states)
+            times.append(time.perf_counter() - t0)
+            setups[mode][1] = states
+    out = {}
+    for mode, (eng, states, plan, seeds, first, times) in setups.items():
+        out[mode] = {"fused": eng.fused, "fused_steps": eng.fused_steps,
+                     "steps": eng.steps_per_epoch, "first_epoch_s": round(first, 2),
+                     "epoch_s": round(statistics.median(times), 3)}
+        if num_seeds > 1:
+            out[mode]["memory_mb"] = _program_memory(eng, states, plan, seeds)
     return out
 
 
@@ -262,8 +276,8 @@ def epoch_table(args) -> list[dict]:
         for shape in args.shapes:
             ds = generated_dataset(shape, args.train_size, args.num_classes, args.seed)
             for bs in args.batch_sizes:
-                off = time_epochs(args, arch, bs, shape, "off", ds)
-                on = time_epochs(args, arch, bs, shape, "on", ds)
+                t = time_epochs(args, arch, bs, shape, ("off", "on"), ds)
+                off, on = t["off"], t["on"]
                 auto = engine_lib.Engine([bench_config(args, arch, bs, fused="auto")],
                                          dataset=ds).fused
                 best = min(off["epoch_s"], on["epoch_s"])
@@ -299,8 +313,8 @@ def run(args) -> dict:
         result.update(bench_steps(args, arch, bs, shape, mesh, names))
     ds = generated_dataset(shape, args.train_size, args.num_classes, args.seed)
     if args.epochs:
-        off = time_epochs(args, arch, bs, shape, "off", ds)
-        on = time_epochs(args, arch, bs, shape, "on", ds)
+        t = time_epochs(args, arch, bs, shape, ("off", "on"), ds)
+        off, on = t["off"], t["on"]
         from rsst_jax import engine as engine_lib
         auto = engine_lib.Engine([bench_config(args, arch, bs, fused="auto")], dataset=ds).fused
         result["epochs"] = {"off": off, "on": on, "speedup": round(off["epoch_s"] / on["epoch_s"], 3),
@@ -308,7 +322,7 @@ def run(args) -> dict:
     if args.seed_counts:
         result["tickets"] = []
         for k in args.seed_counts:
-            t = time_epochs(args, arch, bs, shape, "auto", ds, num_seeds=k)
+            t = time_epochs(args, arch, bs, shape, ("auto",), ds, num_seeds=k)["auto"]
             t.update(num_seeds=k, images_per_s=round(k * t["steps"] * bs / t["epoch_s"], 1))
             result["tickets"].append(t)
     result["eval"] = bench_eval(args, arch, shape, mesh)
@@ -491,22 +505,21 @@ def format_table(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    try:
-        args = parse_args(argv)
-    except SystemExit as e:  # --help
-        return int(e.code or 0)
-    except BenchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    from rsst_jax import parallel
-    parallel.split_cpu(args.cpu_devices)  # before any JAX operation
-    try:
+    """Exit codes: 0 done, 2 bad input (one line on stderr)."""
+    from experiments import cli
+
+    def body():
+        try:
+            args = parse_args(argv)
+        except SystemExit as e:  # --help
+            return int(e.code or 0)
+        from rsst_jax import parallel
+        parallel.split_cpu(args.cpu_devices)  # before any JAX operation
         result = run(args)
-    except BenchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(result) if args.json else format_table(result))
-    return 0
+        print(json.dumps(result) if args.json else format_table(result))
+        return 0
+
+    return cli.run_command(body)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ from __future__ import annotations
 import sys
 
 from experiments import cli
-from rsst_jax import config as config_lib
 
 
 def describe_plan(cfg, ds, n_params: int, n_prunable: int) -> str:
@@ -32,10 +31,6 @@ def describe_plan(cfg, ds, n_params: int, n_prunable: int) -> str:
         lines.append(f"  ({p.struct}: whole channels are kept per layer, so rounds after 0 "
                      f"keep about these densities, channel-wise)")
     return "\n".join(lines)
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or e.__class__.__name__
 
 
 def _check_save_dir_state(cfg) -> str:
@@ -80,7 +75,26 @@ def dry_run(cfg) -> None:
     state = _check_save_dir_state(cfg)
     print(json.dumps(dict(cfg.to_dict(), seed=cfg.run.resolved_seed), indent=1))
     print(describe_plan(cfg, ds, n_params, n_prunable))
+    for line in penalty_lines(cfg, len(ds.train_y)):
+        print(line)
     print(state)
+
+
+def penalty_lines(cfg, n_train: int) -> list[str]:
+    """RSST on SGD: what the penalty alone leaves of the penalized weights' norm by the
+    end of each round, and the warning with the flags to change when that is too much."""
+    p = cfg.prune
+    if p.struct != "rsst" or cfg.optim.optimizer != "sgd" or p.pruning_times < 2:
+        return []
+    from rsst_jax import engine, starting
+    from rsst_jax import train as train_lib
+    schedules = train_lib.Schedules.of(cfg.optim, cfg.rsst, train_lib.steps_per_epoch(
+        n_train, cfg.optim.batch_size))
+    frac, warning = starting.penalty_report(schedules, engine.hyper_of(cfg), cfg)
+    lines = [f"RSST penalty: by the end of each round the penalty alone leaves the penalized "
+             f"weights {100 * frac:.2f}% of their norm (at most "
+             f"{100 * starting.PENALTY_BUDGET:.0f}% wanted)"]
+    return lines + ([warning] if warning else [])
 
 
 def seed_configs(cfg) -> list:

@@ -188,8 +188,8 @@ class Checkpointer(Callback):
                 ckpt.save(t.paths.best(r), epoch, {"params": state.params,
                                                     "batch_stats": state.batch_stats,
                                                     "masks": plan.masks},
-                          {"round": r, "epoch": epoch, "val_acc": row["val_acc"],
-                           "test_acc": row["test_acc"]})
+                          dict(run.ticket_meta(k), round=r, epoch=epoch, val_acc=row["val_acc"],
+                               test_acc=row["test_acc"]))
             self._resume_point(run, k)
 
     def round_finished(self, run, r, rows):

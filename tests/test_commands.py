@@ -247,13 +247,13 @@ def test_ticket_loader_opens_every_kind_of_path(tiny_run):
         json.loads(run.summary_json.read_text())[1]["remaining_weight_pct"], abs=1e-9)
     logits = last.model.apply(last.variables, np.zeros((2, 8, 8, 1), np.float32), train=False)
     assert logits.shape == (2, 10)
-    # a round folder, a step folder, the best-validation weights (whose metadata names no
-    # network: a final checkpoint of the run does), W0 (no masks)
+    # a round folder, a step folder, the best-validation weights (their metadata names
+    # the network too), W0 (no masks)
     assert tickets.load(run.round_dir(0)).ref.round == 0
     step = run.final(0) / str(ckpt.latest_step(run.final(0)))
     assert tickets.load(step).ref.path == step
     best = tickets.load(tiny_run, round_idx=0, kind="best")
-    assert best.ref.kind == "best" and best.network.sources["arch"] == "final checkpoint"
+    assert best.ref.kind == "best" and best.network.sources["arch"] == "checkpoint"
     init = tickets.load(run.init())
     assert init.ref.kind == "init" and init.masks is None and init.model is not None
     # a resume checkpoint of an RSST round holds its channel masks S besides M

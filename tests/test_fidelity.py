@@ -44,7 +44,7 @@ def test_channel_scores_read_the_trained_weights_before_the_prune(after):
 
 
 @pytest.mark.slow
-def test_mask_bn_leaves_only_residual_stream_channels_kept(tmp_path, monkeypatch):
+def test_mask_bn_leaves_only_residual_stream_channels_kept(tmp_path, monkeypatch, capsys):
     """An RSST ticket of a narrow CIFAR ResNet: with --mask_bn (the default) no pruned
     channel stays for its BatchNorm, the ones that stay share a residual stream with a
     live layer; without it, BatchNorm constants keep more."""
@@ -65,3 +65,12 @@ def test_mask_bn_leaves_only_residual_stream_channels_kept(tmp_path, monkeypatch
         assert sum(why[mask_bn].values()) == stats["pruned_channels_kept"]
     assert "constant" not in why[None] and why[None].get("shared", 0) > 0
     assert why[False].get("constant", 0) > 0
+    # and experiments.analyze says so
+    from experiments import analyze
+    for mask_bn, says, not_says in ((None, "share a residual stream", "BatchNorm adds"),
+                                    (False, "BatchNorm adds a constant", "")):
+        capsys.readouterr()
+        assert analyze.main([str(tmp_path / str(mask_bn))]) == 0
+        out = capsys.readouterr().out
+        line = next(x for x in out.splitlines() if "pruned channels stay" in x)
+        assert says in line and (not not_says or not_says not in line), line

@@ -298,7 +298,7 @@ def test_penalty_budget_warns_with_a_granularity_that_fixes_it():
     g = float(warning.split("--reg_granularity_prune ")[1].split()[0])
     fixed = starting.predicted_norm_fraction(
         sched, train.Hyper.make(0.05, granularity=g), cfg.optim)
-    assert fixed <= starting.PENALTY_BUDGET / 2
+    assert fixed <= starting.SUGGESTION_TARGET
     late = cfg.replace(decreasing_lr="8,9")
     frac, warning = starting.penalty_report(
         train.Schedules.of(late.optim, late.rsst, 1257 // 32), train.Hyper.make(0.05), late)
