@@ -210,16 +210,17 @@ def half_channels(masks, key):
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def time_epochs(args, arch, batch_size, shape, modes, ds=None, num_seeds: int = 1) -> dict:
-    """Seconds per epoch of ``num_seeds`` tickets on the run's engine, for each ``--fused``
-    setting in ``modes``: one untimed epoch each (it compiles), then ``--epochs`` timed
-    rounds in which the settings take turns (machine load hits them alike); the median."""
+def time_epochs(args, arch, batch_size, shape, setups, ds=None, memory: bool = False) -> dict:
+    """Seconds per epoch on the run's engine for each setup ``(label, --fused setting,
+    tickets)``: one untimed epoch each (it compiles), then ``--epochs`` timed rounds in
+    which the setups take turns (machine load hits them alike); the median per setup.
+    ``memory``: also XLA's memory estimate of each train program (compiles it again)."""
     import jax
 
     from rsst_jax import engine as engine_lib
     ds = ds or generated_dataset(shape, args.train_size, args.num_classes, args.seed)
-    setups = {}
-    for mode in modes:
+    ready = {}
+    for label, mode, num_seeds in setups:
         cfgs = [bench_config(args, arch, batch_size, fused=mode, seed=args.seed + k)
                 for k in range(num_seeds)]
         eng = engine_lib.Engine(cfgs, dataset=ds)
@@ -231,22 +232,22 @@ def time_epochs(args, arch, batch_size, shape, modes, ds=None, num_seeds: int = 
         if not m["finite"].all():
             raise BenchError(f"{arch}: the loss became non-finite on the generated data; "
                              f"lower --batch_size or check --precision")
-        setups[mode] = [eng, states, plan, seeds, time.perf_counter() - t0, []]
+        ready[label] = [eng, states, plan, seeds, time.perf_counter() - t0, []]
     for e in range(max(1, args.epochs)):
-        for mode in modes:
-            eng, states, plan, seeds, _, times = setups[mode]
+        for label in ready:
+            eng, states, plan, seeds, _, times = ready[label]
             t0 = time.perf_counter()
             states, _ = eng.train_epoch(states, plan, eng.epoch_perms(seeds, 0, e + 1))
             jax.block_until_ready(states)
             times.append(time.perf_counter() - t0)
-            setups[mode][1] = states
+            ready[label][1] = states
     out = {}
-    for mode, (eng, states, plan, seeds, first, times) in setups.items():
-        out[mode] = {"fused": eng.fused, "fused_steps": eng.fused_steps,
-                     "steps": eng.steps_per_epoch, "first_epoch_s": round(first, 2),
-                     "epoch_s": round(statistics.median(times), 3)}
-        if num_seeds > 1:
-            out[mode]["memory_mb"] = _program_memory(eng, states, plan, seeds)
+    for label, (eng, states, plan, seeds, first, times) in ready.items():
+        out[label] = {"fused": eng.fused, "fused_steps": eng.fused_steps,
+                      "steps": eng.steps_per_epoch, "num_seeds": len(seeds),
+                      "first_epoch_s": round(first, 2),
+                      "epoch_s": round(statistics.median(times), 3),
+                      "memory_mb": _program_memory(eng, states, plan, seeds) if memory else None}
     return out
 
 
@@ -276,7 +277,7 @@ def epoch_table(args) -> list[dict]:
         for shape in args.shapes:
             ds = generated_dataset(shape, args.train_size, args.num_classes, args.seed)
             for bs in args.batch_sizes:
-                t = time_epochs(args, arch, bs, shape, ("off", "on"), ds)
+                t = time_epochs(args, arch, bs, shape, [("off", "off", 1), ("on", "on", 1)], ds)
                 off, on = t["off"], t["on"]
                 auto = engine_lib.Engine([bench_config(args, arch, bs, fused="auto")],
                                          dataset=ds).fused
@@ -313,7 +314,7 @@ def run(args) -> dict:
         result.update(bench_steps(args, arch, bs, shape, mesh, names))
     ds = generated_dataset(shape, args.train_size, args.num_classes, args.seed)
     if args.epochs:
-        t = time_epochs(args, arch, bs, shape, ("off", "on"), ds)
+        t = time_epochs(args, arch, bs, shape, [("off", "off", 1), ("on", "on", 1)], ds)
         off, on = t["off"], t["on"]
         from rsst_jax import engine as engine_lib
         auto = engine_lib.Engine([bench_config(args, arch, bs, fused="auto")], dataset=ds).fused
@@ -321,9 +322,11 @@ def run(args) -> dict:
                             "auto": "on" if auto else "off"}
     if args.seed_counts:
         result["tickets"] = []
+        timed = time_epochs(args, arch, bs, shape,
+                            [(f"K={k}", "auto", k) for k in args.seed_counts], ds, memory=True)
         for k in args.seed_counts:
-            t = time_epochs(args, arch, bs, shape, ("auto",), ds, num_seeds=k)["auto"]
-            t.update(num_seeds=k, images_per_s=round(k * t["steps"] * bs / t["epoch_s"], 1))
+            t = timed[f"K={k}"]
+            t["images_per_s"] = round(k * t["steps"] * bs / t["epoch_s"], 1)
             result["tickets"].append(t)
     result["eval"] = bench_eval(args, arch, shape, mesh)
     stats = jax.devices()[0].memory_stats()
