@@ -386,19 +386,37 @@ def make_epoch_fn(step, unroll=None):
     return train_epoch
 
 
-def over_tickets(fn, num_tickets: int):
+def ticket_batching(platform: Optional[str] = None) -> str:
+    """How one program trains K tickets: ``vmap`` on accelerators (one batched
+    computation fills the chip); ``unroll`` on CPU, where ``vmap`` turns every
+    convolution into a grouped one that XLA:CPU runs off its fast path (res20s: 3x fewer
+    images/s at K = 4), so the K tickets' steps are written one after another into the
+    program instead (docs/performance.md)."""
+    return "unroll" if _on_cpu(platform) else "vmap"
+
+
+def _ticket(tree, k: int):
+    return jax.tree_util.tree_map(lambda a: a[k], tree)
+
+
+def _stacked(outs):
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *outs)
+
+
+def over_tickets(fn, num_tickets: int, batching: Optional[str] = None):
     """``fn(state, data_x, data_y, idx_or_perm, plan)`` for a leading ticket axis K on
-    the state, the indices and the plan (the data set is shared): ``jax.vmap`` for K > 1;
-    for K = 1 the axis is dropped and restored around ``fn``, so a single ticket runs
-    exactly the program it would run alone."""
-    if num_tickets > 1:
+    the state, the indices and the plan (the data set is shared). K > 1: ``jax.vmap``,
+    or with ``batching='unroll'`` (CPU, ``ticket_batching``) K calls of ``fn`` in the one
+    program; K = 1: the axis is dropped and restored around ``fn``, so a single ticket
+    runs exactly the program it would run alone."""
+    batching = batching or ticket_batching()
+    if num_tickets > 1 and batching == "vmap":
         return jax.vmap(fn, in_axes=(0, None, None, 0, 0))
 
-    def one(state, data_x, data_y, idx, plan):
-        first = lambda t: jax.tree_util.tree_map(lambda a: a[0], t)  # noqa: E731
-        out = fn(first(state), data_x, data_y, idx[0], first(plan))
-        return jax.tree_util.tree_map(lambda a: a[None], out)
-    return one
+    def each(state, data_x, data_y, idx, plan):
+        return _stacked([fn(_ticket(state, k), data_x, data_y, idx[k], _ticket(plan, k))
+                         for k in range(num_tickets)])
+    return each
 
 
 def make_eval_step(model, cfg: StepConfig):
@@ -414,17 +432,17 @@ def make_eval_step(model, cfg: StepConfig):
     return eval_step
 
 
-def eval_over_tickets(eval_step, num_tickets: int):
+def eval_over_tickets(eval_step, num_tickets: int, batching: Optional[str] = None):
     """``eval_step`` for variables with a leading ticket axis K (the batch is shared):
-    returns ([K] loss sums, [K] correct counts); vmapped for K > 1, the axis dropped and
-    restored for K = 1."""
-    if num_tickets > 1:
+    returns ([K] loss sums, [K] correct counts); batched as ``over_tickets``."""
+    batching = batching or ticket_batching()
+    if num_tickets > 1 and batching == "vmap":
         return jax.vmap(eval_step, in_axes=(0, None, None, None))
 
-    def one(variables, x, y, valid):
-        loss, correct = eval_step(jax.tree_util.tree_map(lambda a: a[0], variables), x, y, valid)
-        return loss[None], correct[None]
-    return one
+    def each(variables, x, y, valid):
+        return _stacked([eval_step(_ticket(variables, k), x, y, valid)
+                         for k in range(num_tickets)])
+    return each
 
 
 def evaluate(eval_step, variables, x: Array, y: Array, batch_size: int):
@@ -477,7 +495,7 @@ __all__ = ["OPTIMIZERS", "PRECISIONS", "FUSED_MODES", "NAN_POLICIES", "TrainStat
            "Plan", "StepConfig", "Schedules", "lr_schedule", "scale_by_learning_rate_arg",
            "make_optimizer", "compute_dtype", "use_fused", "fused_unroll",
            "default_fused_steps", "create_train_state", "reset_optimizer", "make_train_step",
-           "gather_step", "make_epoch_fn", "over_tickets", "make_eval_step", "eval_over_tickets",
+           "gather_step", "make_epoch_fn", "ticket_batching", "over_tickets", "make_eval_step", "eval_over_tickets",
            "evaluate",
            "steps_per_epoch", "epoch_permutation", "cross_entropy", "all_finite",
            "tree_is_finite"]

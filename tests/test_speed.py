@@ -371,8 +371,10 @@ def _rounding_tolerance(run_dir, perturbed_dir, make_cfg, reduction: int) -> lis
 
 
 @pytest.mark.slow
-def test_vmapped_seeds_equal_separate_runs(tmp_path, monkeypatch):
-    """--num_seeds 2 trains seeds 3 and 4 as one vmapped program; each seed_<s> directory
+@pytest.mark.parametrize("batching", ["unroll", "vmap"])
+def test_grouped_seeds_equal_separate_runs(tmp_path, monkeypatch, batching):
+    """--num_seeds 2 trains seeds 3 and 4 as one program (the tickets' steps written one
+    after another, as on CPU, or vmapped, as on accelerators); each seed_<s> directory
     holds the same ticket as a run of that seed alone: the same masks exactly (random
     pruning and the 'remain' criterion make them independent of float rounding) and
     weights within the rounding tolerance of this computation (``_rounding_tolerance``:
@@ -381,6 +383,7 @@ def test_vmapped_seeds_equal_separate_runs(tmp_path, monkeypatch):
     from experiments.run import seed_configs
     from rsst_jax import driver
     use_tiny_data(monkeypatch)
+    monkeypatch.setattr(train_lib, "ticket_batching", lambda platform=None: batching)
     kw = dict(struct="rsst", criteria="remain", prune_method="random", pruning_times=2,
               epochs=2, rate=0.5, RST_schedule="x", update_reg_interval=1,
               reg_granularity_prune=0.5)
