@@ -74,3 +74,26 @@ def test_mask_bn_leaves_only_residual_stream_channels_kept(tmp_path, monkeypatch
         out = capsys.readouterr().out
         line = next(x for x in out.splitlines() if "pruned channels stay" in x)
         assert says in line and (not not_says or not_says not in line), line
+
+
+@pytest.mark.slow
+def test_one_epoch_convention_in_every_output(tmp_path, monkeypatch):
+    """Epochs count from 1 on the screen, in log.jsonl, in summary.json's best_val_epoch,
+    in round_<r>/best's step and in the round line; rounds count from 0 everywhere."""
+    from rsst_jax import driver, runs
+    use_tiny_data(monkeypatch)
+    lines = []
+    cfg = tiny_config(tmp_path / "run", struct="rsst", criteria="magnitude", pruning_times=2,
+                      epochs=3, rate=0.5)
+    rows = driver.run(cfg, progress=True, log=lines.append)[0]
+    log = runs.read_log(tmp_path / "run" / "log.jsonl")
+    assert [(r["round"], r["epoch"]) for r in log] == [(r, e) for r in (0, 1) for e in (1, 2, 3)]
+    screen = [x for x in lines if " epoch " in x and x.startswith("round ")]
+    assert [x.split(":")[0] for x in screen] == [f"round {r} epoch {e}/3" for r in (0, 1)
+                                                  for e in (1, 2, 3)]
+    for r, row in enumerate(rows):
+        best = max((x for x in log if x["round"] == r), key=lambda x: (x["val_acc"], -x["epoch"]))
+        assert row["best_val_epoch"] == best["epoch"] and 1 <= best["epoch"] <= 3
+        assert ckpt.latest_step(tmp_path / "run" / f"round_{r}" / "best") == best["epoch"]
+        line = next(x for x in lines if x.startswith(f"round {r}:"))
+        assert f"(epoch {best['epoch']})" in line
