@@ -111,7 +111,8 @@ class Engine:
             train_lib.over_tickets(train_lib.make_epoch_fn(counted), self.k), self.mesh,
             batch_axis=2)
         self.fused = train_lib.use_fused(r.fused)
-        self.fused_steps = r.fused_steps or train_lib.default_fused_steps(r.print_freq)
+        self.fused_steps = r.fused_steps or train_lib.default_fused_steps(
+            r.print_freq, num_tickets=self.k)
         self._eval = eval_program(self.model, self.step_cfg, self.k, self.mesh, min(
             o.eval_batch_size, len(self.ds.val_y), len(self.ds.test_y)))
         self._param_shapes = None

@@ -231,11 +231,15 @@ def fused_unroll(platform: Optional[str] = None):
     return True if _on_cpu(platform) else 1
 
 
-def default_fused_steps(print_freq: int, platform: Optional[str] = None) -> int:
+def default_fused_steps(print_freq: int, platform: Optional[str] = None,
+                        num_tickets: int = 1) -> int:
     """Steps per fused chunk when ``--fused_steps`` is not given: ``--print_freq`` on
-    accelerators, ``CPU_FUSED_STEPS`` on CPU (an unrolled chunk compiles in proportion
-    to its length)."""
-    return CPU_FUSED_STEPS if _on_cpu(platform) else print_freq
+    accelerators; on CPU ``CPU_FUSED_STEPS`` divided among the ``num_tickets`` tickets
+    of the program (at least 1), whose steps are all unrolled into it: its compile time
+    grows with the number of steps it holds."""
+    if _on_cpu(platform):
+        return max(1, CPU_FUSED_STEPS // num_tickets)
+    return print_freq
 
 
 def create_train_state(model, tx, key: Array, sample_shape: tuple) -> TrainState:

@@ -49,6 +49,10 @@ def test_fused_is_on_by_default_and_unrolled_in_short_chunks_on_cpu():
     assert train_lib.fused_unroll("cpu") is True and train_lib.fused_unroll("gpu") == 1
     assert train_lib.default_fused_steps(50, "cpu") == train_lib.CPU_FUSED_STEPS == 8
     assert train_lib.default_fused_steps(50, "gpu") == 50
+    # K tickets on CPU share the unrolled steps of one chunk; accelerators loop
+    assert [train_lib.default_fused_steps(50, "cpu", k) for k in (1, 2, 4, 8, 16)] == \
+        [8, 4, 2, 1, 1]
+    assert train_lib.default_fused_steps(50, "gpu", 8) == 50
 
 
 @pytest.mark.parametrize("k", [1, 3])
