@@ -112,7 +112,7 @@ HELP = {
     "fused_steps": "(new) steps per fused chunk; the progress bar advances per chunk (when not "
                    "given: --print_freq on GPU/TPU, 8 on CPU, where compile time grows with it)",
     "num_seeds": "(new) train this many tickets (seeds --seed, --seed+1, ...) together as one "
-                 "vmapped program, each written to SAVE_DIR/seed_<s>/",
+                 "program (vmapped on accelerators), each written to SAVE_DIR/seed_<s>/",
     "nan_policy": "(new) on a NaN/Inf loss: stop the round, or skip the batch",
     "config": "(new) YAML or TOML file supplying any flag; command-line flags override it",
     "dry_run": "(new) check everything, print the plan and exit",

@@ -18,7 +18,7 @@ finished cells; OUT/sweep.json records the plan, each cell's command and outcome
 
 Cells that differ only in settings that tickets of one compiled program may differ in
 (seed, lr, rate, rate_schedule, fillback_rate, criteria, the lambda schedule, its scale,
-exponents and cap: rsst_jax.rounds.GROUPABLE) train together as one vmapped program,
+exponents and cap: rsst_jax.rounds.GROUPABLE) train together as one program,
 each still writing its own ordinary run directory; --no-group trains one program per
 cell. New and unfinished cells never share a program.
 
@@ -255,7 +255,8 @@ def plan_programs(cells: Sequence[Cell], grouped: bool = True) -> list[list[Cell
     else:
         by_key: dict = {}
         for c in todo:
-            alone = c.name if c.cfg.run.num_seeds > 1 else None
+            # --num_seeds > 1 is a program of its own; --distill trains one ticket a program
+            alone = c.name if c.cfg.run.num_seeds > 1 or c.cfg.optim.distill else None
             by_key.setdefault((c.status, alone, _program_key(c.cfg)), []).append(c)
         programs = []
         for (status, _, _), members in by_key.items():
@@ -486,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: none)")
     p.add_argument("--group", action=argparse.BooleanOptionalAction, default=True,
                    help="train cells that differ only in seed, lr, rates, criteria or the "
-                        "lambda schedule as one vmapped program; --no-group: one per cell")
+                        "lambda schedule as one program; --no-group: one per cell")
     p.add_argument("--mode", choices=("subprocess", "inprocess"), default="subprocess",
                    help="subprocess: one process per program; inprocess: all in this process")
     p.add_argument("--parallel", type=int, default=1, metavar="N",

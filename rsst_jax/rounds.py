@@ -283,6 +283,8 @@ def for_each(fn: Callable, num: int, *stacked: PyTree):
 def check_groupable(configs: Sequence) -> None:
     """ValueError unless ``configs`` differ only in :data:`GROUPABLE` settings."""
     first = configs[0].to_dict()
+    if len(configs) > 1 and first["distill"]:
+        raise ValueError("--distill trains one ticket per program; run the tickets separately")
     for cfg in configs[1:]:
         other = cfg.to_dict()
         diff = sorted(k for k in first if k not in GROUPABLE and first[k] != other[k])
