@@ -7,6 +7,10 @@ bracket the level). The table is printed and written as CSV and Markdown;
 ``--plot`` draws accuracy against remaining weights (log x) and against channel
 sparsity, one line per run; ``--bar`` draws the final numbers as grouped bars.
 
+Runs that differ only in seed (``rsst_jax.runs.group_seeds``) are one row, one line:
+per round the mean and sample standard deviation over the seeds that finished the
+round (``--no-group-seeds``: one row per run).
+
 Reads only ``summary.json``/``config.json``; no JAX. Writes files only where ``--out``,
 ``--plot`` or ``--bar`` say.
 
@@ -18,8 +22,9 @@ import argparse
 import csv
 import math
 import pathlib
+import re
 import sys
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 from experiments import cli
 from rsst_jax import runs as runs_lib
@@ -36,6 +41,11 @@ SHORT_LABELS = {"final_test_acc": "final test accuracy (%)",
                 "best_val_acc": "best validation accuracy (%)",
                 "final_val_acc": "final validation accuracy (%)"}
 MAX_AUTO_LEVELS = 5
+SeedStat = runs_lib.SeedStat
+# A row of the table: one run, or the runs of a seed group (several seeds, one configuration).
+Entry = Union[runs_lib.Run, Sequence[runs_lib.Run]]
+STAT_NOTE = "mean ± sample standard deviation over the seeds"
+BAND_NOTE = "shaded: ± 1 sample standard deviation over the seeds"
 
 
 # --------------------------------------------------------------------------- numbers
@@ -87,11 +97,92 @@ def level_column(level: float) -> str:
     return f"acc@{level:g}%"
 
 
-def comparison_rows(runs: Sequence[runs_lib.Run], names: Sequence[str], metric: str,
+def members(entry: Entry) -> list[runs_lib.Run]:
+    """The runs of a table entry (one run, or a seed group)."""
+    return [entry] if isinstance(entry, runs_lib.Run) else list(entry)
+
+
+def seed_curve(group: Sequence[runs_lib.Run], metric: str, x: str = "remaining_weight_pct"
+               ) -> list[tuple[SeedStat, SeedStat, int]]:
+    """``curve`` over the seeds of a group: per round, (x, accuracy, round) as mean and
+    standard deviation over the seeds that have both values in that round."""
+    per_seed = [{rnd: (xv, yv) for xv, yv, rnd in curve(run, metric, x)} for run in group]
+    out = []
+    for rnd in sorted({r for points in per_seed for r in points}):
+        pts = [points[rnd] for points in per_seed if rnd in points]
+        out.append((runs_lib.seed_stat([p[0] for p in pts], of=len(group)),
+                    runs_lib.seed_stat([p[1] for p in pts], of=len(group)), rnd))
+    return out
+
+
+def seeds_label(group: Sequence[runs_lib.Run]) -> str:
+    return f"{len(group)} seeds"
+
+
+def seed_group_row(group: Sequence[runs_lib.Run], name: str, metric: str,
+                   levels: Sequence[float]) -> dict:
+    """The table row of a seed group: each number a ``SeedStat`` over its seeds (the last
+    round's sparsities over the seeds that finished it; the best round by mean accuracy;
+    accuracy at a level matched per seed, then averaged)."""
+    first, of = group[0], len(group)
+    last = {key: runs_lib.round_stats(group, key) for key in ("remaining_weight_pct",
+                                                              "channel_sparsity_pct")}
+    points = seed_curve(group, metric)
+    best = max(points, key=lambda p: (p[1].mean, -p[2])) if points else None
+    done = sorted({run.rounds_done for run in group})
+    done_text = str(done[0]) if len(done) == 1 else f"{done[0]}-{done[-1]}"
+    planned = first.rounds_planned
+    row = {
+        "run": f"{name} ({seeds_label(group)})",
+        "method": first.method,
+        "criteria": first.criteria,
+        "schedule": first.schedule,
+        "rounds": f"{done_text}/{planned}" if planned else done_text,
+        "remaining_weight_pct": last["remaining_weight_pct"][max(last["remaining_weight_pct"])]
+        if last["remaining_weight_pct"] else None,
+        "channel_sparsity_pct": last["channel_sparsity_pct"][max(last["channel_sparsity_pct"])]
+        if last["channel_sparsity_pct"] else None,
+        "best_acc": best[1] if best else None,
+        "best_round": best[2] if best else None,
+    }
+    for level in levels:
+        row[level_column(level)] = runs_lib.seed_stat(
+            [matched_accuracy(curve(run, metric), level) for run in group], of=of)
+    row["path"] = ";".join(str(run.path) for run in group)
+    row["seeds"] = of
+    return row
+
+
+def partial_rounds(group: Sequence[runs_lib.Run]) -> dict[int, int]:
+    """Round -> number of seeds that finished it, for the rounds some seed has not."""
+    counts: dict[int, int] = {}
+    for run in group:
+        for row in run.summary:
+            counts[int(row["round"])] = counts.get(int(row["round"]), 0) + 1
+    return {r: n for r, n in sorted(counts.items()) if n < len(group)}
+
+
+def partial_note(name: str, group: Sequence[runs_lib.Run]) -> Optional[str]:
+    """One line saying which rounds of a seed group not every seed has finished."""
+    partial = partial_rounds(group)
+    if len(group) < 2 or not partial:
+        return None
+    rounds = ", ".join(f"round {r} by {n}" for r, n in partial.items())
+    return (f"note: {name} ({seeds_label(group)}): not every seed has finished ({rounds} of "
+            f"{len(group)} seeds); a round's numbers are over the seeds that finished it")
+
+
+def comparison_rows(runs: Sequence[Entry], names: Sequence[str], metric: str,
                     levels: Sequence[float]) -> list[dict]:
-    """One dict per run with the table's values (numbers unrounded, None where unknown)."""
+    """One dict per run, or per seed group (a sequence of runs; its numbers are
+    ``SeedStat``s), with the table's values (numbers unrounded, None where unknown)."""
     rows = []
-    for run, name in zip(runs, names):
+    for entry, name in zip(runs, names):
+        group = members(entry)
+        if len(group) > 1:
+            rows.append(seed_group_row(group, name, metric, levels))
+            continue
+        run = group[0]
         last = run.summary[-1] if run.summary else {}
         points = curve(run, metric)
         best = max(points, key=lambda p: (p[1], -p[2])) if points else None
@@ -110,6 +201,7 @@ def comparison_rows(runs: Sequence[runs_lib.Run], names: Sequence[str], metric: 
         for level in levels:
             row[level_column(level)] = matched_accuracy(points, level)
         row["path"] = str(run.path)
+        row["seeds"] = 1
         rows.append(row)
     return rows
 
@@ -125,6 +217,39 @@ def unique_names(runs: Sequence[runs_lib.Run]) -> list[str]:
     return out
 
 
+# A seed in a name: a sweep cell's ``seed=3`` or a --num_seeds folder's ``seed_3``.
+_SEED_PART = re.compile(r"(?:^|(?<=[ ,/]))seed[=_]-?\d+(?=$|[ ,/])")
+
+
+def strip_seed(name: str) -> str:
+    """``name`` without its seed part: 'struct=rsst seed=2' -> 'struct=rsst', 'seed_2' -> ''."""
+    text = _SEED_PART.sub("", name)
+    return re.sub(r"[ ,/]{2,}", lambda m: m.group(0)[0], text).strip(" ,/")
+
+
+def seed_group_name(group: Sequence[runs_lib.Run], names: Sequence[str]) -> str:
+    """The name of a seed group from its runs' names: their common name without the seed
+    ('struct=rsst seed=0', 'struct=rsst seed=1' -> 'struct=rsst'); for --num_seeds
+    folders (seed_0, seed_1, ...) the folder holding them; else the names joined by '+'."""
+    stripped = list(dict.fromkeys(strip_seed(n) for n in names))
+    if len(stripped) == 1 and stripped[0]:
+        return stripped[0]
+    parents = {run.path.parent for run in group}
+    if stripped == [""] and len(parents) == 1:
+        return next(iter(parents)).name or str(next(iter(parents)))
+    return "+".join(n for n in stripped if n) or "+".join(names)
+
+
+def table_entries(runs: Sequence[runs_lib.Run], names: Sequence[str], *, group: bool = True,
+                  note=None) -> tuple[list[list[runs_lib.Run]], list[str]]:
+    """The table's entries (seed groups with ``group``, else one per run) and their names
+    (a group's from ``seed_group_name``), in the order of the runs."""
+    name_of = {id(run): name for run, name in zip(runs, names)}
+    entries = runs_lib.group_seeds(runs, note=note) if group else [[run] for run in runs]
+    return entries, [name_of[id(e[0])] if len(e) == 1 else
+                     seed_group_name(e, [name_of[id(r)] for r in e]) for e in entries]
+
+
 # --------------------------------------------------------------------------- tables
 
 HEADERS = {"run": "run", "method": "method", "criteria": "criteria", "schedule": "schedule",
@@ -136,13 +261,20 @@ HEADERS = {"run": "run", "method": "method", "criteria": "criteria", "schedule":
 def _cell(value) -> str:
     if value is None:
         return "-"
+    if isinstance(value, SeedStat):
+        text = f"{value.mean:.2f}" + (f" ± {value.std:.2f}" if value.std is not None else "")
+        return text + (f" (n={value.n})" if value.n < value.of else "")
     if isinstance(value, float):
         return f"{value:.2f}"
     return str(value)
 
 
 def table_columns(rows: Sequence[dict]) -> list[str]:
-    return [k for k in rows[0] if k != "path"] if rows else list(HEADERS)
+    return [k for k in rows[0] if k not in ("path", "seeds")] if rows else list(HEADERS)
+
+
+def has_seed_groups(rows: Sequence[dict]) -> bool:
+    return any(r.get("seeds", 1) > 1 for r in rows)
 
 
 def format_table(rows: Sequence[dict], *, markdown: bool = False) -> str:
@@ -150,8 +282,8 @@ def format_table(rows: Sequence[dict], *, markdown: bool = False) -> str:
     cols = table_columns(rows)
     header = [HEADERS.get(c, c) for c in cols]
     body = [[_cell(r[c]) for c in cols] for r in rows]
-    numeric = [any(isinstance(r[c], (int, float)) and not isinstance(r[c], bool) for r in rows)
-               for c in cols]
+    numeric = [any(isinstance(r[c], (int, float, SeedStat)) and not isinstance(r[c], bool)
+                   for r in rows) for c in cols]
     if markdown:
         sep = ["---:" if n else "---" for n in numeric]
         lines = [header, sep] + body
@@ -166,12 +298,34 @@ def format_table(rows: Sequence[dict], *, markdown: bool = False) -> str:
 
 
 def write_csv(rows: Sequence[dict], path: pathlib.Path) -> None:
+    """The rows as CSV. With seed groups, a ``seeds`` column follows ``run`` and each
+    column holding a ``SeedStat`` becomes ``<col>_mean``, ``<col>_std`` and ``<col>_n``
+    (the seeds it is over); a single run's value is then a mean over 1 with no std."""
     cols = table_columns(rows) + ["path"]
+    if has_seed_groups(rows):
+        stat_cols = [c for c in cols if any(isinstance(r.get(c), SeedStat) for r in rows)]
+        flat = [dict(_flat_stats(r, stat_cols), seeds=r.get("seeds", 1)) for r in rows]
+        cols = [x for c in cols for x in ([c, "seeds"] if c == "run" else
+                                          [f"{c}_mean", f"{c}_std", f"{c}_n"] if c in stat_cols
+                                          else [c])]
+        rows = flat
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         for r in rows:
             w.writerow({c: ("" if r.get(c) is None else r.get(c)) for c in cols})
+
+
+def _flat_stats(row: dict, stat_cols: Sequence[str]) -> dict:
+    out = dict(row)
+    for c in stat_cols:
+        v = out.pop(c)
+        if not isinstance(v, SeedStat):  # a single run: its value over one seed
+            v = None if v is None else SeedStat(float(v), None, 1, 1)
+        out.update({f"{c}_mean": None if v is None else v.mean,
+                    f"{c}_std": None if v is None else v.std,
+                    f"{c}_n": 0 if v is None else v.n})
+    return out
 
 
 # --------------------------------------------------------------------------- plots
@@ -205,18 +359,44 @@ def spread_ticks(values: Sequence[float], min_gap: float = 0.07) -> list[float]:
     return kept
 
 
-def plot_accuracy(runs: Sequence[runs_lib.Run], names: Sequence[str], metric: str,
-                  path: pathlib.Path) -> None:
-    """Accuracy vs remaining weights (log x, sparser to the right) and vs channel sparsity."""
+def _seed_line(ax, points, color, marker, label) -> list[float]:
+    """A seed group's mean accuracy per round with a band of ± 1 standard deviation
+    (none where one seed has the round); returns the x values."""
+    xs = [p[0].mean for p in points]
+    ys = [p[1].mean for p in points]
+    sd = [p[1].std or 0.0 for p in points]
+    ax.fill_between(xs, [y - d for y, d in zip(ys, sd)], [y + d for y, d in zip(ys, sd)],
+                    color=color, alpha=0.2, linewidth=0)
+    ax.plot(xs, ys, marker=marker, color=color, label=label, linewidth=1.5, markersize=6)
+    return xs
+
+
+def plot_accuracy(runs: Sequence[Entry], names: Sequence[str], metric: str,
+                  path: pathlib.Path) -> list[str]:
+    """Accuracy vs remaining weights (log x, sparser to the right) and vs channel sparsity.
+    A seed group (an entry that is a sequence of runs) is one line, the mean over its
+    seeds per round, in a band of ± 1 standard deviation; its legend entry says how many
+    seeds. Returns the legend's texts."""
     plt = _pyplot()
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
     fig, (ax_w, ax_c) = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
     xs_all = []
-    for i, (run, name) in enumerate(zip(runs, names)):
+    grouped = False
+    for i, (entry, name) in enumerate(zip(runs, names)):
+        group = members(entry)
+        run = group[0]
         color = f"C{i % 10}"
         marker = MARKERS.get(run.method.split(" ")[0], "o")
         extra = [x for x in (run.method, run.criteria) if x not in ("-", name)]
+        if len(group) > 1:
+            grouped = True
+            extra.append(seeds_label(group))
+            xs_all += _seed_line(ax_w, seed_curve(group, metric), color, marker,
+                                 f"{name} ({', '.join(extra)})")
+            _seed_line(ax_c, seed_curve(group, metric, "channel_sparsity_pct"), color, marker,
+                       f"{name} ({', '.join(extra)})")
+            continue
         label = f"{name} ({', '.join(extra)})" if extra else name
         pts = curve(run, metric)
         if pts:
@@ -245,10 +425,16 @@ def plot_accuracy(runs: Sequence[runs_lib.Run], names: Sequence[str], metric: st
     if handles:
         fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), frameon=False,
                    fontsize=9)
-    fig.suptitle(f"{len(runs)} run(s): {METRIC_LABELS[metric]} per round")
+    if grouped:
+        total = sum(len(members(e)) for e in runs)
+        fig.suptitle(f"{total} runs in {len(runs)} line(s): {METRIC_LABELS[metric]} per round, "
+                     f"mean over seeds; {BAND_NOTE}", fontsize=10)
+    else:
+        fig.suptitle(f"{len(runs)} run(s): {METRIC_LABELS[metric]} per round")
     fig.tight_layout(rect=(0, 0.06 + 0.05 * ((len(labels) - 1) // 3), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return list(labels)
 
 
 def plot_bars(rows: Sequence[dict], path: pathlib.Path, metric: str) -> None:
@@ -264,13 +450,24 @@ def plot_bars(rows: Sequence[dict], path: pathlib.Path, metric: str) -> None:
     fig, ax = plt.subplots(figsize=(max(8.0, 1.6 * len(rows) + 2), 4.5))
     for j, (key, label) in enumerate(series):
         vals = [r[key] if r[key] is not None else 0.0 for r in rows]
-        bars = ax.bar(x + (j - 1) * width, vals, width, label=label, color=f"C{j}")
-        ax.bar_label(bars, labels=[_cell(r[key]) for r in rows], fontsize=8, padding=2)
+        if not any(isinstance(v, SeedStat) for v in vals):
+            bars = ax.bar(x + (j - 1) * width, vals, width, label=label, color=f"C{j}")
+            ax.bar_label(bars, labels=[_cell(r[key]) for r in rows], fontsize=8, padding=2)
+            continue
+        # seed groups: the mean, an error bar of ± 1 standard deviation
+        means = [v.mean if isinstance(v, SeedStat) else v for v in vals]
+        errs = [(v.std or 0.0) if isinstance(v, SeedStat) else np.nan for v in vals]  # nan: no bar
+        bars = ax.bar(x + (j - 1) * width, means, width, yerr=errs, capsize=3, label=label,
+                      color=f"C{j}")
+        ax.bar_label(bars, labels=[_cell(v.mean if isinstance(v, SeedStat) else r[key])
+                                   for v, r in zip(vals, rows)], fontsize=8, padding=2)
     ax.set_xticks(x, [f"{r['run']}\n{r['method']}" for r in rows], fontsize=9)
     ax.set_ylabel("%")
     ax.set_ylim(0, 125)
     ax.set_yticks(range(0, 101, 20))
-    ax.set_title("each run: sparsity of its last round, best accuracy over its rounds")
+    ax.set_title("each run: sparsity of its last round, best accuracy over its rounds"
+                 + ("\nseed groups: mean over the seeds, error bar ± 1 sample standard deviation"
+                    if has_seed_groups(rows) else ""))
     ax.legend(loc="upper center", fontsize=9, ncol=3, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -285,8 +482,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m experiments.compare", epilog=cli.EXIT_CODES + ".",
         description="Table (terminal, CSV, Markdown) and charts comparing runs of "
                     "python -m experiments.run. A directory that is not a run stands for the "
-                    "runs directly inside it (e.g. a sweep's --out). Without --out, --plot "
-                    "or --bar nothing is written.")
+                    "runs directly inside it (e.g. a sweep's --out or a --num_seeds SAVE_DIR). "
+                    "Runs that differ only in seed are one row: mean ± sample standard "
+                    "deviation over the seeds per round. Without --out, --plot or --bar "
+                    "nothing is written.")
     p.add_argument("dirs", nargs="+", metavar="DIR", help="run directories (--save_dir of each run)")
     p.add_argument("--out", default=None, metavar="OUT",
                    help="write the table to OUT.csv and OUT.md (default: print it only)")
@@ -304,10 +503,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "80,51.2,10.7; 'auto': the nominal levels of the first run's rate (at most 5); "
                         "'' for none")
     p.add_argument("--names", default=None,
-                   help="comma-separated names for the runs, in order (default: the directory "
+                   help="comma-separated names for the runs, in order, or one per row where "
+                        "runs differing only in seed form one row (default: the directory "
                         "names)")
     p.add_argument("--allow_empty", action="store_true",
                    help="also list runs that have not finished a round (skipped otherwise with a note)")
+    p.add_argument("--no-group-seeds", dest="group_seeds", action="store_false",
+                   help="one row (and line) per run, also for runs that differ only in seed "
+                        "(default: such runs are one row, 'NAME (k seeds)', of mean ± sample "
+                        "standard deviation over the seeds per round, and one line with a "
+                        "± 1 std band)")
     return p
 
 
@@ -347,26 +552,39 @@ def compare(args) -> int:
     if not runs:
         raise cli.BadInput(f"none of {', '.join(args.dirs)} has a finished round to compare")
     names = unique_names(runs)
+    entries, entry_names = table_entries(runs, names, group=args.group_seeds,
+                                         note=lambda m: print(m, file=sys.stderr))
     if args.names:
         given = [n.strip() for n in args.names.split(",")]
-        if len(given) != len(runs):
-            raise cli.BadInput(f"--names has {len(given)} names for {len(runs)} runs")
-        names = given
+        if len(given) == len(runs):  # one per run: seed groups named from them
+            entries, entry_names = table_entries(runs, given, group=args.group_seeds)
+        elif len(given) == len(entries):  # one per row
+            entry_names = given
+        else:
+            rows_too = f" ({len(entries)} rows)" if len(entries) != len(runs) else ""
+            raise cli.BadInput(f"--names has {len(given)} names for {len(runs)} runs{rows_too}")
     levels = parse_levels(args.levels, runs)
-    rows = comparison_rows(runs, names, args.metric, levels)
-    print(f"accuracy: {METRIC_LABELS[args.metric]}; acc@X%: interpolated at X% remaining weights")
+    rows = comparison_rows(entries, entry_names, args.metric, levels)
+    notes = [n for n in (partial_note(name, e) for e, name in zip(entries, entry_names)) if n]
+    print(f"accuracy: {METRIC_LABELS[args.metric]}; acc@X%: interpolated at X% remaining weights"
+          + (f"; seed groups: {STAT_NOTE}" if has_seed_groups(rows) else ""))
     print(format_table(rows), end="")
+    for line in notes:
+        print(line)
     try:
         if args.out:
             out = pathlib.Path(args.out)
             out.parent.mkdir(parents=True, exist_ok=True)
             write_csv(rows, out.with_name(out.name + ".csv"))
+            seeds = (f" Seed groups: {STAT_NOTE} (n-1 in the denominator); (n=k): over the k "
+                     f"seeds that have the value." if has_seed_groups(rows) else "")
             out.with_name(out.name + ".md").write_text(
                 f"Accuracy: {METRIC_LABELS[args.metric]}. `acc@X%`: interpolated at X% "
-                f"remaining weights.\n\n" + format_table(rows, markdown=True))
+                f"remaining weights.{seeds}\n\n" + format_table(rows, markdown=True)
+                + "".join(f"\nNote{line[len('note'):]}\n" for line in notes))
             print(f"wrote {out}.csv and {out}.md")
         if args.plot:
-            plot_accuracy(runs, names, args.metric, pathlib.Path(args.plot))
+            plot_accuracy(entries, entry_names, args.metric, pathlib.Path(args.plot))
             print(f"wrote {args.plot}")
         if args.bar:
             plot_bars(rows, pathlib.Path(args.bar), args.metric)

@@ -11,6 +11,12 @@ Writes into ``DIR/plots/`` (or ``--out``):
   of weights kept (read from the ``round_<r>/final`` checkpoints);
 * ``epochs.png``   training curves over all epochs of all rounds.
 
+A directory that is not a run stands for the runs inside it (a ``--num_seeds`` SAVE_DIR,
+a sweep's ``--out``). Runs that differ only in seed (``rsst_jax.runs.group_seeds``) also
+get one ``rounds.png`` for the group: per round the mean over the seeds that finished
+it, in a band of ± 1 sample standard deviation (in ``SAVE_DIR/plots/`` for a
+``--num_seeds`` SAVE_DIR, else in ``PARENT/plots/NAME/``, or ``--out``/NAME).
+
 Exit codes: 0 done, 2 bad input (one line on stderr: also a damaged checkpoint, named).
 """
 from __future__ import annotations
@@ -21,6 +27,7 @@ import sys
 from typing import Optional, Sequence
 
 from experiments import cli
+from experiments import compare as compare_cmd
 from rsst_jax import paths as paths_lib
 from rsst_jax import runs as runs_lib
 
@@ -36,9 +43,9 @@ def _pyplot():
     return plt
 
 
-def _title(run: runs_lib.Run) -> str:
+def _title(run: runs_lib.Run, name: Optional[str] = None) -> str:
     c = run.config
-    parts = [run.name, run.method]
+    parts = [run.name if name is None else name, run.method]
     if run.criteria != "-":
         parts.append(f"criteria {run.criteria}")
     if run.schedule != "-":
@@ -51,43 +58,93 @@ def _title(run: runs_lib.Run) -> str:
 # --------------------------------------------------------------------------- (a) rounds
 
 
-def plot_rounds(run: runs_lib.Run, path: pathlib.Path) -> None:
-    """Remaining weights and channel sparsity (left) and test accuracy (right) per round."""
-    plt = _pyplot()
+# (summary key, left or right axis, format, style, legend label) of each line of rounds.png
+ROUND_LINES = (
+    ("remaining_weight_pct", "left", "o-", dict(color="C0"), "remaining weights %"),
+    ("channel_sparsity_pct", "left", "s-", dict(color="C1"), "channel sparsity %"),
+    ("final_test_acc", "right", "^-", dict(color="C2"), "final test accuracy %"),
+    ("test_acc_at_best_val", "right", "v--", dict(color="C2", alpha=0.6),
+     "test accuracy at best val %"),
+    ("rsst_acc_before", "right", "x", dict(color="C3", markersize=9),
+     "RSST: test accuracy before removing channels %"),
+)
+
+
+def plot_rounds(run: runs_lib.Run, path: pathlib.Path) -> list[str]:
+    """Remaining weights and channel sparsity (left) and test accuracy (right) per round;
+    returns the legend's texts."""
     val = runs_lib.summary_value
     rounds = [int(r["round"]) for r in run.summary]
+    lines = {}
+    for key, *_ in ROUND_LINES:
+        if key == "rsst_acc_before":  # only the rounds that removed channels
+            pts = [(int(r["round"]), val(r, key)) for r in run.summary if val(r, key) is not None]
+            lines[key] = ([p[0] for p in pts], [p[1] for p in pts], None)
+        else:
+            lines[key] = (rounds, [val(r, key) for r in run.summary], None)
+    return _draw_rounds(lines, rounds, _title(run), path)
+
+
+def plot_seed_rounds(group: Sequence[runs_lib.Run], name: str, path: pathlib.Path) -> list[str]:
+    """``plot_rounds`` of a seed group: per round the mean over the seeds that finished
+    it, in a band of ± 1 sample standard deviation; the title and legend say how many
+    seeds (and the rounds not every seed has finished). Returns the legend's texts."""
+    lines = {}
+    for key, *_ in ROUND_LINES:
+        stats = runs_lib.round_stats(group, key)
+        lines[key] = (list(stats), [s.mean for s in stats.values()],
+                      [s.std or 0.0 for s in stats.values()])
+    rounds = sorted({int(r["round"]) for run in group for r in run.summary})
+    partial = compare_cmd.partial_rounds(group)
+    title = _title(group[0], f"{name} ({compare_cmd.seeds_label(group)})")
+    if partial:
+        title += "\n" + ", ".join(f"round {r}: {n}" for r, n in partial.items()) + \
+            f" of {len(group)} seeds finished"
+    band = f"shaded: ± 1 sample standard deviation over the {compare_cmd.seeds_label(group)}"
+    return _draw_rounds(lines, rounds, title, path, band=band)
+
+
+def _draw_rounds(lines: dict, rounds: list[int], title: str, path: pathlib.Path,
+                 band: Optional[str] = None) -> list[str]:
+    """rounds.png from ``lines``: summary key -> (rounds, values, standard deviations or
+    None); a band of ± the deviation around a line that has them."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 4.8))
-    ax.plot(rounds, [val(r, "remaining_weight_pct") for r in run.summary], "o-", color="C0",
-            label="remaining weights %")
-    ax.plot(rounds, [val(r, "channel_sparsity_pct") for r in run.summary], "s-", color="C1",
-            label="channel sparsity %")
+    acc = ax.twinx()
+    shown = []
+    for key, side, fmt, style, label in ROUND_LINES:
+        xs, ys, sds = lines[key]
+        if key == "rsst_acc_before" and not xs:
+            continue
+        axis = ax if side == "left" else acc
+        axis.plot(xs, ys, fmt, label=label, **style)
+        if sds is not None:
+            axis.fill_between(xs, [y - d for y, d in zip(ys, sds)],
+                              [y + d for y, d in zip(ys, sds)], color=style["color"], alpha=0.15,
+                              linewidth=0)
+        if side == "right":
+            shown += [y - (sds[i] if sds else 0.0) for i, y in enumerate(ys) if y is not None]
     ax.set_xlabel("round")
     ax.set_ylabel("% of prunable weights / channels")
     ax.set_ylim(-3, 105)
     ax.set_xticks(rounds)
     ax.grid(True, alpha=0.3)
-    acc = ax.twinx()
-    acc.plot(rounds, [val(r, "final_test_acc") for r in run.summary], "^-", color="C2",
-             label="final test accuracy %")
-    acc.plot(rounds, [val(r, "test_acc_at_best_val") for r in run.summary], "v--", color="C2",
-             alpha=0.6, label="test accuracy at best val %")
-    before = [(int(r["round"]), val(r, "rsst_acc_before")) for r in run.summary
-              if val(r, "rsst_acc_before") is not None]
-    if before:
-        acc.plot([b[0] for b in before], [b[1] for b in before], "x", color="C3", markersize=9,
-                 label="RSST: test accuracy before removing channels %")
     acc.set_ylabel("test accuracy (%)", color="C2")
     acc.tick_params(axis="y", colors="C2")
-    lo = min([v for r in run.summary for v in (val(r, "final_test_acc"), val(r, "test_acc_at_best_val"))
-              if v is not None] + [b[1] for b in before] + [100.0])
-    acc.set_ylim(max(0.0, lo - 10), 100)
+    acc.set_ylim(max(0.0, min(shown + [100.0]) - 10), 100)
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = acc.get_legend_handles_labels()
-    fig.legend(h1 + h2, l1 + l2, loc="lower center", ncol=3, fontsize=8.5, frameon=False)
-    ax.set_title(_title(run), fontsize=10)
+    handles, labels = h1 + h2, l1 + l2
+    if band is not None:
+        from matplotlib.patches import Patch
+        handles.append(Patch(color="grey", alpha=0.3))
+        labels.append(band)
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8.5, frameon=False)
+    ax.set_title(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return labels
 
 
 # --------------------------------------------------------------------------- (b) lambda
@@ -287,13 +344,30 @@ def build_parser() -> argparse.ArgumentParser:
             "lambda.png (RSST penalty per epoch and its effect on the penalized weights)",
             "channels.png (per-layer fraction of channels and weights kept, per round)",
             "epochs.png (training curves)")))
-    p.add_argument("dirs", nargs="+", metavar="DIR", help="run directories")
+    p.add_argument("dirs", nargs="+", metavar="DIR",
+                   help="run directories; a directory that is not a run stands for the runs "
+                        "inside it (a --num_seeds SAVE_DIR, a sweep's --out)")
     p.add_argument("--out", default=None,
                    help=f"output folder (default: DIR/{paths_lib.PLOTS}; with several runs "
-                        f"OUT/<run name>)")
+                        f"OUT/<run name>, and OUT/<group name> for a seed group)")
     p.add_argument("--only", default=",".join(PLOTS),
                    help=f"comma-separated subset of {', '.join(PLOTS)}")
+    p.add_argument("--no-group-seeds", dest="group_seeds", action="store_false",
+                   help="no rounds.png of mean and band for runs that differ only in seed "
+                        "(default: one for each such group, besides each run's own plots)")
     return p
+
+
+def seed_group_dir(group: Sequence[runs_lib.Run], out: Optional[str]) -> pathlib.Path:
+    """Where a seed group's plots go: OUT/NAME with --out; else the plots folder of the
+    folder holding the seeds when they are all of it (a --num_seeds SAVE_DIR), or
+    PARENT/plots/NAME (a sweep's seed cells)."""
+    name = compare_cmd.seed_group_name(group, [r.name for r in group])
+    if out is not None:
+        return pathlib.Path(out) / name
+    parent = group[0].path.parent
+    whole = all(compare_cmd.strip_seed(r.name) == "" and r.path.parent == parent for r in group)
+    return paths_lib.RunPaths.of(parent).plots / ("" if whole else name)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -307,7 +381,9 @@ def plot(args) -> int:
     bad = [w for w in which if w not in PLOTS]
     if bad or not which:
         raise cli.BadInput(f"--only takes some of {', '.join(PLOTS)}; got {args.only!r}")
-    runs = [runs_lib.load_run(p) for p in args.dirs]
+    runs = [runs_lib.load_run(p) for p in runs_lib.find_runs(list(args.dirs))]
+    groups = [g for g in runs_lib.group_seeds(runs, note=lambda m: print(m, file=sys.stderr))
+              if len(g) > 1] if args.group_seeds and "rounds" in which else []
     try:
         for run in runs:
             if args.out is None:
@@ -315,6 +391,12 @@ def plot(args) -> int:
             else:
                 out = pathlib.Path(args.out) / (run.name if len(runs) > 1 else "")
             plot_run(run, out, which)
+        for group in groups:
+            path = seed_group_dir(group, args.out) / "rounds.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            plot_seed_rounds(group, compare_cmd.seed_group_name(group, [r.name for r in group]),
+                             path)
+            print(f"wrote {path}")
     except OSError as e:
         if e.filename is None:
             raise

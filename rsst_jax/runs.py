@@ -3,7 +3,8 @@
 A run directory (``--save_dir``, layout in ``rsst_jax.paths``) holds ``config.json``,
 ``log.jsonl`` (one JSON object per epoch), ``summary.json`` (one row per round) and orbax
 checkpoints; ``load_run`` checks that a directory is one and returns its contents
-(checkpoints are opened with ``rsst_jax.tickets``). No JAX here. Errors are
+(checkpoints are opened with ``rsst_jax.tickets``). ``group_seeds`` finds the runs that
+differ only in seed and ``SeedStat`` holds one value over them. No JAX here. Errors are
 ``RunDirError`` with a one-line message saying what was expected.
 """
 from __future__ import annotations
@@ -12,8 +13,9 @@ import dataclasses
 import json
 import math
 import pathlib
-from typing import Any, Optional
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
+from rsst_jax import config as config_lib
 from rsst_jax import paths as paths_lib
 
 # Columns every summary row of this layout has; a row without them is another layout.
@@ -209,3 +211,90 @@ def summary_value(row: dict, key: str) -> Optional[float]:
     except (TypeError, ValueError):
         return None
     return value if math.isfinite(value) else None
+
+
+# --------------------------------------------------------------------------- seeds
+
+# Fields in which runs of one configuration and different seeds differ (besides the
+# fields of config_lib.NON_SEMANTIC, which change nothing a run computes).
+SEED_FIELDS = ("seed", "num_seeds", "save_dir", "init")
+
+
+def seed_of(run: Run) -> int:
+    """The run's seed (``--seed`` None means 0)."""
+    seed = run.config.get("seed")
+    return 0 if seed is None else int(seed)
+
+
+def seed_key(config: dict) -> Optional[str]:
+    """What a run computes apart from its seed: its configuration without ``SEED_FIELDS``
+    and the non-semantic fields (absent fields at their default), as canonical JSON.
+    None for a run without a configuration, which groups with nothing."""
+    if not config:
+        return None
+    ignore = set(SEED_FIELDS) | set(config_lib.NON_SEMANTIC)
+    values = {name: config_lib.field_of(name).default for name in config_lib.FLAG_ORDER}
+    values.update(config)
+    return json.dumps({k: v for k, v in values.items() if k not in ignore}, sort_keys=True,
+                      default=str)
+
+
+def group_seeds(runs: Sequence[Run], note: Optional[Callable[[str], None]] = None
+                ) -> list[list[Run]]:
+    """``runs`` partitioned into groups of runs that differ only in seed (equal
+    ``seed_key``), each sorted by seed, the groups in the order of their first run. A
+    group of one is an ordinary run. Runs of one configuration where two share a seed are
+    replicas, not seeds: they stay apart (``note`` says so)."""
+    by_key: dict[Any, list[Run]] = {}
+    for i, run in enumerate(runs):
+        key = seed_key(run.config)
+        by_key.setdefault(("alone", i) if key is None else key, []).append(run)
+    groups: list[list[Run]] = []
+    for members in by_key.values():
+        seeds = [seed_of(r) for r in members]
+        if len(set(seeds)) == len(seeds):
+            groups.append(sorted(members, key=seed_of))
+            continue
+        if note is not None:
+            note(f"note: {', '.join(str(r.path) for r in members)} share a configuration but "
+                 f"not distinct seeds ({', '.join(map(str, seeds))}); each stays its own run")
+        groups.extend([r] for r in members)
+    return groups
+
+
+class SeedStat(NamedTuple):
+    """One number over the seeds of a group: the mean, the sample standard deviation
+    (n - 1 in the denominator; None for a single value), the number of seeds it is
+    over (``n``) and the group's size (``of``; n < of where some seed lacks the value,
+    e.g. has not finished that round)."""
+
+    mean: float
+    std: Optional[float]
+    n: int
+    of: int
+
+
+def seed_stat(values: Sequence[Optional[float]], of: Optional[int] = None) -> Optional[SeedStat]:
+    """Mean and sample standard deviation of the values that are not None (float64, as
+    numpy computes them); None when there is none. ``of``: the group's size (default:
+    the number of values given)."""
+    import numpy as np
+
+    known = np.asarray([v for v in values if v is not None], dtype=np.float64)
+    if known.size == 0:
+        return None
+    std = float(np.std(known, ddof=1)) if known.size > 1 else None
+    return SeedStat(float(np.mean(known)), std, int(known.size), len(values) if of is None else of)
+
+
+def round_stats(group: Sequence[Run], key: str) -> dict[int, SeedStat]:
+    """Round -> ``key`` of that round's summary rows over the seeds of ``group`` that
+    finished the round with a finite value (``summary_value``), in round order."""
+    rows = [{int(r["round"]): summary_value(r, key) for r in run.summary} for run in group]
+    out = {}
+    for rnd in sorted({r for by_round in rows for r in by_round}):
+        value = seed_stat([by_round[rnd] for by_round in rows if by_round.get(rnd) is not None],
+                          of=len(group))
+        if value is not None:
+            out[rnd] = value
+    return out
