@@ -185,7 +185,7 @@ def test_analyze_json_of_a_best_checkpoint(quick, res8_registered, capsys):
     result = json.loads(capsys.readouterr().out)
     tree, meta, _ = tickets.read(quick / "struct=rsst" / "round_0" / "best")
     assert (result["kind"], result["round"], result["arch"], result["arch_from"]) == \
-           ("best", 0, "res8s_narrow", "final checkpoint")
+           ("best", 0, "res8s_narrow", "checkpoint")  # best checkpoints name their network
     report = masks_lib.report(tree["masks"], tree["params"])
     assert [(l["path"], l["kept"], l["total"], l["channels_kept"], l["nonzero"]) for l in result["layers"]] == \
            [(r.path, r.kept, r.total, r.channels_kept, r.nonzero) for r in report]
