@@ -25,7 +25,6 @@ import csv
 import json
 import os
 import pathlib
-import sys
 from typing import Optional
 
 import numpy as np
@@ -279,10 +278,6 @@ def default_callbacks(cfg, *, progress: bool = True) -> list[Callback]:
     # The summary before the checkpoint: a run killed between the two redoes the round's end.
     return [NanGuard(cfg.run.nan_policy), ProgressBar(progress), EpochLog(), SummaryWriter(),
             Checkpointer(), NextSteps()]
-
-
-def terminal_has_bar() -> bool:
-    return sys.stderr.isatty()
 
 
 __all__ = ["Callback", "ProgressBar", "EpochLog", "NanGuard", "Checkpointer", "SummaryWriter",
