@@ -16,14 +16,18 @@ The functional API, all pure functions on pytrees:
   same function (the function; ``rsst_jax.channel_flow`` decides which channels go and
   each ``rsst_jax.nets`` family registers its rebuilder).
 - ``rsst_jax.counting``: parameters, MACs and FLOPs (dense, masked, compact).
+- ``rsst_jax.config``: the settings as typed groups (``Config``).
 - ``rsst_jax.rounds``: the procedure's rounds as pure functions (prune, structure, plan).
-- ``rsst_jax.driver``: ``run(configs)``, the loop behind ``python -m experiments.run``.
+- ``rsst_jax.engine``: ``Engine``, the compiled programs of K tickets trained as one.
+- ``rsst_jax.driver``: ``run(configs)``, the loop behind ``python -m experiments.run``,
+  with ``rsst_jax.callbacks`` for its side effects and ``rsst_jax.paths`` for its files.
+  ``docs/api.md`` shows a loop of your own.
 - ``rsst_jax.runs`` reads a run directory (summaries, logs); ``rsst_jax.tickets.load(path)``
   opens any of its checkpoints with the network that reads it.
 """
 from rsst_jax import (  # noqa: F401
-    checkpoint, config, counting, criteria, data, masks, model_masks, nets, regularizers, runs,
-    tickets, train)
+    callbacks, checkpoint, config, counting, criteria, data, driver, engine, masks, model_masks,
+    nets, paths, regularizers, rounds, runs, tickets, train)
 from rsst_jax.compact import compact  # noqa: F401  (the function: rsst_jax.compact(...))
 from rsst_jax.criteria import channel_scores, register_criterion  # noqa: F401
 from rsst_jax.masks import (  # noqa: F401
@@ -32,4 +36,4 @@ from rsst_jax.masks import (  # noqa: F401
 from rsst_jax.nets import get_net, register_net  # noqa: F401
 from rsst_jax.regularizers import lambda_schedule, rsst_penalty  # noqa: F401
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
