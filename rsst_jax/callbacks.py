@@ -87,6 +87,15 @@ def round_line(row: dict) -> str:
     return text + f" ({row['round_time_s']:.0f} s)"
 
 
+def penalty_warning(row: dict, budget: float) -> str:
+    cost = row["rsst_acc_before"] - row["rsst_acc_after"]
+    return (f"warning: round {row['round']}'s penalized weights kept "
+            f"{100 * row['target_norm_rel']:.1f}% of their norm (above {100 * budget:.0f}%; "
+            f"the loss gradient holds them against the penalty), and removing them cost "
+            f"{cost:.2f} points; a larger --reg_granularity_prune (or --block_loss_grad) "
+            f"shrinks them further")
+
+
 def _prefix(run, k: int) -> str:
     return f"seed {run.tickets[k].seed}: " if len(run.tickets) > 1 else ""
 
@@ -218,14 +227,19 @@ class Checkpointer(Callback):
 
 class SummaryWriter(Callback):
     """summary.json and summary.csv (one row per round, written atomically) and the
-    round's line on the screen."""
+    round's line on the screen; a warning when RSST's penalized weights kept more of
+    their norm than ``starting.PENALTY_BUDGET``."""
 
     def round_end(self, run, r, rows):
+        from rsst_jax.starting import PENALTY_BUDGET
         for k, (t, row) in enumerate(zip(run.tickets, rows)):
             if row is None:
                 continue
             write_summary(t.paths, t.progress.rows)
             run.log(_prefix(run, k) + round_line(row))
+            kept = row.get("target_norm_rel")
+            if kept is not None and kept > PENALTY_BUDGET:
+                run.log(_prefix(run, k) + penalty_warning(row, PENALTY_BUDGET))
 
 
 def write_summary(paths: paths_lib.RunPaths, rows: list[dict]) -> None:

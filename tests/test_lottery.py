@@ -277,6 +277,9 @@ def test_predicted_and_measured_penalized_norm_agree(tmp_path, monkeypatch):
     assert (f"keep {100 * rows[1]['target_norm_rel']:.1f}% of their norm (predicted "
             f"{100 * rows[1]['predicted_norm_rel']:.1f}%)") in round_line
     assert any(x.startswith("RSST penalty: by the end of each round") for x in lines)
+    kept = rows[1]["target_norm_rel"]  # above the 3% budget here: the round warns
+    assert f"warning: round 1's penalized weights kept {100 * kept:.1f}% of their norm" in \
+        "\n".join(lines)
     rows = quiet_run(tiny_config(tmp_path / "loss", **kw))[0]
     assert abs(rows[1]["target_norm_rel"] - rows[1]["predicted_norm_rel"]) < 0.05
 
