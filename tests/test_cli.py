@@ -78,7 +78,7 @@ def test_cli_errors_are_one_line_with_the_fix_and_exit_2(tmp_path):
     assert_one_line_error(results["choice"], "argument --optimizer: invalid choice: 'lbfgs'",
                           "'sgd'", "--help")
     assert_one_line_error(results["int"], "argument --epochs: invalid int value: 'ten'")
-    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing ran
+    assert not (tmp_path / "run").exists()  # nothing ran, no empty directory left behind
 
 
 # ------------------------------------------------------------------ issue 4: bad data
