@@ -30,6 +30,8 @@ import statistics
 import sys
 import time
 
+from experiments.cli import BadInput
+
 
 def build_parser() -> argparse.ArgumentParser:
     from experiments.cli import HelpFormatter
@@ -72,12 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _bad_input():
-    from experiments.cli import BadInput
-    return BadInput
-
-
-class BenchError(_bad_input()):
+class BenchError(BadInput):
     """Bad bench input; the message says what to change."""
 
 

@@ -81,20 +81,12 @@ def dry_run(cfg) -> None:
 
 
 def penalty_lines(cfg, n_train: int) -> list[str]:
-    """RSST on SGD: what the penalty alone leaves of the penalized weights' norm by the
-    end of each round, and the warning with the flags to change when that is too much."""
-    p = cfg.prune
-    if p.struct != "rsst" or cfg.optim.optimizer != "sgd" or p.pruning_times < 2:
-        return []
-    from rsst_jax import engine, starting
+    """What the run would say of its RSST penalty before training (``starting.penalty_check``)."""
+    from rsst_jax import starting
     from rsst_jax import train as train_lib
     schedules = train_lib.Schedules.of(cfg.optim, cfg.rsst, train_lib.steps_per_epoch(
         n_train, cfg.optim.batch_size))
-    frac, warning = starting.penalty_report(schedules, engine.hyper_of(cfg), cfg)
-    lines = [f"RSST penalty: by the end of each round the penalty alone leaves the penalized "
-             f"weights {100 * frac:.2f}% of their norm (at most "
-             f"{100 * starting.PENALTY_BUDGET:.0f}% wanted)"]
-    return lines + ([warning] if warning else [])
+    return starting.penalty_check(cfg, schedules)[1]
 
 
 def seed_configs(cfg) -> list:

@@ -513,9 +513,8 @@ def _write_record(out: pathlib.Path, args, cells: Sequence[Cell]) -> None:
                          "program": c.program, "returncode": c.returncode, "seconds": c.seconds,
                          "note": c.note, "command": c.command}
                         for c in cells]}
-    tmp = out / (RECORD + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, out / RECORD)
+    from rsst_jax.callbacks import atomic_write
+    atomic_write(out / RECORD, json.dumps(record, indent=1))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -22,10 +22,10 @@ progress), the stacked states and plans, and ``log``.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import pathlib
-from typing import Optional
 
 import numpy as np
 
@@ -61,8 +61,10 @@ class Callback:
 
 
 def atomic_write(path: pathlib.Path, text: str) -> None:
+    """``path`` gets ``text`` whole or not at all (a temporary file renamed over it)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    with open(tmp, "w", newline="") as f:
+        f.write(text)
     os.replace(tmp, path)
 
 
@@ -244,13 +246,12 @@ class SummaryWriter(Callback):
 
 def write_summary(paths: paths_lib.RunPaths, rows: list[dict]) -> None:
     atomic_write(paths.summary_json, json.dumps(rows, indent=1))
-    tmp = paths.summary_csv.with_name(paths.summary_csv.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
-        w.writeheader()
-        for row in rows:
-            w.writerow(row)
-    os.replace(tmp, paths.summary_csv)
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
+    w.writeheader()
+    for row in rows:
+        w.writerow(row)
+    atomic_write(paths.summary_csv, text.getvalue())
 
 
 class RunLocks(Callback):

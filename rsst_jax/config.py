@@ -315,7 +315,7 @@ def validate(cfg: Config) -> Config:
     flat = {name: _checked_value(name, value, allowed.get(name))
             for name, value in cfg.to_dict().items()}
     cfg = Config.from_dict(flat)
-    d, m, o, p, s, r = cfg.data, cfg.model, cfg.optim, cfg.prune, cfg.rsst, cfg.run
+    m, o, p, s, r = cfg.model, cfg.optim, cfg.prune, cfg.rsst, cfg.run
     for name in _FINITE:
         value = flat[name]
         need(value is None or math.isfinite(value), f"--{name} must be a finite number, got {value}")

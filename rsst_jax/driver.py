@@ -13,20 +13,17 @@ with the numbers of an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
-import json
-import pathlib
 import time
 from typing import Callable, Optional, Sequence
 
-import jax
 import jax.numpy as jnp
 
 from rsst_jax import callbacks as cb
-from rsst_jax import checkpoint as ckpt
 from rsst_jax import config as config_lib
 from rsst_jax import masks as masks_lib
 from rsst_jax import paths as paths_lib
 from rsst_jax import regularizers, rounds
+from rsst_jax import train as train_lib
 from rsst_jax import starting
 from rsst_jax.engine import Engine, model_options
 
@@ -54,7 +51,7 @@ class Ticket:
     paths: paths_lib.RunPaths
     progress: Progress
     failed: Optional[BaseException] = None
-    predicted_norm_rel: Optional[float] = None  # starting.penalty_report, RSST on SGD
+    predicted_norm_rel: Optional[float] = None  # starting.penalty_check, RSST on SGD
 
     @property
     def seed(self) -> int:
@@ -209,7 +206,6 @@ def _train_epoch(run: Run, callbacks, r: int, epoch: int) -> None:
 
 
 def _params_finite(run: Run, k: int) -> bool:
-    from rsst_jax import train as train_lib
     return train_lib.tree_is_finite(rounds.ticket(run.states.params, k))
 
 

@@ -4,13 +4,15 @@ An :class:`Engine` is built from K configurations that differ only in
 ``rounds.GROUPABLE`` settings (seeds, learning rate, lambda schedule, rates, criteria):
 one network, one data set on the device, one optimizer chain, and jit-compiled
 programs over a leading ticket axis: the train step, the fused chunk of steps and the
-evaluation (``train.over_tickets``: ``jax.vmap`` for K > 1; for K = 1 the very program a
-ticket runs alone, data parallel over a mesh where there are several devices).
+evaluation (``train.over_tickets``: for K > 1 ``jax.vmap`` on accelerators and the
+tickets' steps written one after another on CPU; for K = 1 the very program a ticket
+runs alone, data parallel over a mesh where there are several devices).
 Everything a ticket has of its own (weights, masks, targets, learning rate, lambda
 values, batch order) is an argument, so the programs compile once per run.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional, Sequence
 
 import jax
@@ -115,7 +117,6 @@ class Engine:
             r.print_freq, num_tickets=self.k)
         self._eval = eval_program(self.model, self.step_cfg, self.k, self.mesh, min(
             o.eval_batch_size, len(self.ds.val_y), len(self.ds.test_y)))
-        self._param_shapes = None
 
     # ------------------------------------------------------------------ tickets
     def hyper(self, cfg) -> train_lib.Hyper:
@@ -127,12 +128,10 @@ class Engine:
         key = jax.random.fold_in(jax.random.PRNGKey(seed), rounds.KEY_INIT)
         return train_lib.create_train_state(self.model, self.tx, key, self.ds.image_shape)
 
-    @property
+    @functools.cached_property
     def param_shapes(self):
         """The parameters' shapes and dtypes (for masks and plans without weights)."""
-        if self._param_shapes is None:
-            self._param_shapes = jax.eval_shape(lambda: self.fresh_state(0)).params
-        return self._param_shapes
+        return jax.eval_shape(lambda: self.fresh_state(0)).params
 
     def epoch_perms(self, seeds: Sequence[int], round_idx: int, epoch: int) -> np.ndarray:
         """[K, steps, B] batch indices of every ticket's epoch (from 0; drop_last)."""

@@ -16,6 +16,7 @@ take one ticket; tickets trained as one program are planned one by one with
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Optional, Sequence
 
 import flax
@@ -55,19 +56,12 @@ class Network:
     model: Any
     image_shape: tuple
 
-    @property
+    @functools.cached_property  # writes the instance __dict__: fine on a frozen dataclass
     def stem(self) -> Optional[str]:
-        return _cached(self, "_stem", lambda: model_masks.stem_kernel(self.model,
-                                                                       self.image_shape))
+        return model_masks.stem_kernel(self.model, self.image_shape)
 
     def bn_masks(self, params_like, masks):
         return model_masks.bn_masks(self.model, params_like, masks, self.image_shape)
-
-
-def _cached(obj, name, make):
-    if name not in obj.__dict__:
-        object.__setattr__(obj, name, make())
-    return obj.__dict__[name]
 
 
 @flax.struct.dataclass

@@ -22,7 +22,8 @@ from rsst_jax import config as config_lib
 from rsst_jax import masks as masks_lib
 from rsst_jax import pretrained as pretrained_lib
 from rsst_jax import regularizers, rounds
-from rsst_jax.engine import model_options  # noqa: F401  (re-exported for the driver)
+from rsst_jax.callbacks import atomic_write
+from rsst_jax.engine import hyper_of
 
 
 class RunError(RuntimeError):
@@ -45,22 +46,6 @@ def snapshot(state) -> dict:
 def replace_ticket(stacked, k: int, tree):
     """``stacked`` with ticket k replaced by ``tree``."""
     return jax.tree_util.tree_map(lambda s, x: s.at[k].set(x), stacked, tree)
-
-
-def check_same_shapes(template, tree, what: str):
-    ts = jax.tree_util.tree_structure(template)
-    try:
-        ls = jax.tree_util.tree_structure(tree)
-    except Exception:
-        ls = None
-    if ts != ls:
-        raise RunError(f"{what} does not match the network: different parameter structure")
-    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(template)[0],
-                            jax.tree_util.tree_leaves(tree)):
-        if jnp.shape(a) != jnp.shape(b):
-            name = "/".join(str(getattr(k, "key", k)) for k in path)
-            raise RunError(f"{what} does not match the network at {name}: "
-                           f"shape {jnp.shape(b)} vs {jnp.shape(a)}")
 
 
 def resume_source(cfg) -> Optional[pathlib.Path]:
@@ -129,19 +114,11 @@ def start(run, progress_cls) -> None:
             t.progress = progress_cls()
     for t in ticks:
         resolved = dict(t.cfg.to_dict(), seed=t.seed, resume=False, checkpoint=None)
-        from rsst_jax.callbacks import atomic_write
         atomic_write(t.paths.config, json.dumps(resolved, indent=1))
+        t.predicted_norm_rel, lines = penalty_check(t.cfg, eng.schedules)
+        for line in lines:
+            run.log((f"seed {t.seed}: " if len(ticks) > 1 else "") + line)
     cfg = ticks[0].cfg
-    if cfg.prune.struct == "rsst" and cfg.optim.optimizer == "sgd" and run.rounds > 1:
-        _warn_stability(run)
-        for t in ticks:
-            t.predicted_norm_rel, warning = penalty_report(eng.schedules, eng.hyper(t.cfg), t.cfg)
-            who = f"seed {t.seed}: " if len(ticks) > 1 else ""
-            run.log(f"{who}RSST penalty: by the end of each round the penalty alone leaves the "
-                    f"penalized weights {100 * t.predicted_norm_rel:.2f}% of their norm (a "
-                    f"round's line shows the measured fraction)")
-            if warning:
-                run.log(who + warning)
     if cfg.optim.distill and ticks[0].progress.round > 0:
         run.teacher = load_teacher(run)
     _set_teacher(run, ticks[0].progress.round)
@@ -177,11 +154,11 @@ def _load_or_make_init(run, k: int, state):
     init_dir = t.paths.init(t.cfg.run.init)
     template = {"params": state.params, "batch_stats": state.batch_stats}
     if ckpt.latest_step(init_dir) is not None:
-        raw, _ = ckpt.restore_raw(init_dir)
-        check_same_shapes(template, {"params": raw.get("params"),
-                                     "batch_stats": raw.get("batch_stats", {})},
-                          f"--init {init_dir}")
-        w0, _ = ckpt.restore(init_dir, template)
+        try:  # restore checks names and shapes against the network's
+            w0, _ = ckpt.restore(init_dir, template)
+        except ckpt.CheckpointError as e:
+            raise RunError(f"--init {init_dir} cannot be used for this network: {e.reason}"
+                           ) from None
         run.log(f"loaded initialization from {init_dir}")
     else:
         w0 = template
@@ -230,18 +207,6 @@ def _resume(run, sources, progress_cls) -> None:
     run.states = rounds.stack([p[0] for p in per])
     run.plan = rounds.stack([p[1] for p in per])
     run.rewind = rounds.stack([p[2] for p in per])
-
-
-def _warn_stability(run) -> None:
-    eng, cfg = run.engine, run.tickets[0].cfg
-    for t in run.tickets:
-        step = regularizers.first_unstable_step(*schedule_values(eng.schedules, eng.hyper(t.cfg)),
-                                                cfg.optim.momentum, eng.schedules.total_steps)
-        if step is not None:
-            run.log(f"warning: lr * lambda crosses 2 * (1 + momentum) at step {step} of "
-                    f"{eng.schedules.total_steps} in each RSST round; SGD will diverge there. "
-                    f"Set --reg_upper_limit or a smaller --reg_granularity_prune")
-            return
 
 
 # A round's penalized weights should end below this fraction of their norm. Measured
@@ -309,9 +274,12 @@ def suggest_granularity(schedules, hyper, optim_cfg, target: float) -> Optional[
     return hi
 
 
-def penalty_report(schedules, hyper, cfg) -> tuple[float, Optional[str]]:
-    """(predicted fraction, a warning line or None) for an RSST configuration on SGD."""
-    frac = predicted_norm_fraction(schedules, hyper, cfg.optim)
+def penalty_report(schedules, hyper, cfg, values=None) -> tuple[float, Optional[str]]:
+    """(predicted fraction, a warning line or None) for an RSST configuration on SGD;
+    ``values``: ``schedule_values(schedules, hyper)`` when already computed."""
+    lam, lr = values if values is not None else schedule_values(schedules, hyper)
+    frac = regularizers.remaining_norm_fraction(lr, lam, cfg.optim.momentum,
+                                                cfg.optim.weight_decay)
     if frac <= PENALTY_BUDGET:
         return frac, None
     g = suggest_granularity(schedules, hyper, cfg.optim, SUGGESTION_TARGET)
@@ -323,6 +291,30 @@ def penalty_report(schedules, hyper, cfg) -> tuple[float, Optional[str]]:
                   f"{100 * PENALTY_BUDGET:.0f}%), so applying the channel mask will cost "
                   f"accuracy; {fix}, or decay the learning rate later in the round "
                   f"(--decreasing_lr {cfg.optim.decreasing_lr} now)")
+
+
+def penalty_check(cfg, schedules) -> tuple[Optional[float], list[str]]:
+    """What a run (and its --dry_run) says of its RSST penalty before training: the
+    stability of SGD under it and what it leaves of the penalized weights' norm by
+    each round's end. (predicted fraction, lines); (None, []) unless the run has RSST
+    rounds on SGD."""
+    p = cfg.prune
+    if p.struct != "rsst" or cfg.optim.optimizer != "sgd" or p.pruning_times < 2:
+        return None, []
+    hyper = hyper_of(cfg)
+    lam, lr = schedule_values(schedules, hyper)
+    lines = []
+    step = regularizers.first_unstable_step(lam, lr, cfg.optim.momentum, schedules.total_steps)
+    if step is not None:
+        lines.append(f"warning: lr * lambda crosses 2 * (1 + momentum) at step {step} of "
+                     f"{schedules.total_steps} in each RSST round; SGD will diverge there. "
+                     f"Set --reg_upper_limit or a smaller --reg_granularity_prune")
+    frac, warning = penalty_report(schedules, hyper, cfg, (lam, lr))
+    lines.append(f"RSST penalty: by the end of each round the penalty alone leaves the "
+                 f"penalized weights {100 * frac:.2f}% of their norm (at most "
+                 f"{100 * PENALTY_BUDGET:.0f}% wanted; a round's line shows the measured "
+                 f"fraction)")
+    return frac, lines + ([warning] if warning else [])
 
 
 # --------------------------------------------------------------------------- rounds
@@ -383,4 +375,5 @@ def plan_next_round(run, r: int) -> None:
 
 
 __all__ = ["RunError", "start", "resume_source", "plan_next_round", "load_teacher", "snapshot",
-           "copy", "replace_ticket", "check_same_shapes", "print_flushed"]
+           "copy", "replace_ticket", "print_flushed", "penalty_report", "penalty_check",
+           "PENALTY_BUDGET", "SUGGESTION_TARGET"]

@@ -407,20 +407,27 @@ def _stacked(outs):
     return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *outs)
 
 
-def over_tickets(fn, num_tickets: int, batching: Optional[str] = None):
-    """``fn(state, data_x, data_y, idx_or_perm, plan)`` for a leading ticket axis K on
-    the state, the indices and the plan (the data set is shared). K > 1: ``jax.vmap``,
-    or with ``batching='unroll'`` (CPU, ``ticket_batching``) K calls of ``fn`` in the one
-    program; K = 1: the axis is dropped and restored around ``fn``, so a single ticket
-    runs exactly the program it would run alone."""
+def ticket_map(fn, num_tickets: int, in_axes: tuple, batching: Optional[str] = None):
+    """``fn`` over a leading ticket axis K of the arguments whose ``in_axes`` entry is 0
+    (the others, None, are shared): ``jax.vmap`` for K > 1, or with ``batching='unroll'``
+    (CPU, ``ticket_batching``) K calls of ``fn`` written one after another into the one
+    program; for K = 1 the axis is dropped and restored around ``fn``, so a single
+    ticket runs exactly the program it would run alone."""
     batching = batching or ticket_batching()
     if num_tickets > 1 and batching == "vmap":
-        return jax.vmap(fn, in_axes=(0, None, None, 0, 0))
+        return jax.vmap(fn, in_axes=in_axes)
 
-    def each(state, data_x, data_y, idx, plan):
-        return _stacked([fn(_ticket(state, k), data_x, data_y, idx[k], _ticket(plan, k))
+    def each(*args):
+        return _stacked([fn(*(a if axis is None else _ticket(a, k)
+                              for a, axis in zip(args, in_axes)))
                          for k in range(num_tickets)])
     return each
+
+
+def over_tickets(fn, num_tickets: int, batching: Optional[str] = None):
+    """``fn(state, data_x, data_y, idx_or_perm, plan)`` with a ticket axis on the state,
+    the indices and the plan; the data set is shared (``ticket_map``)."""
+    return ticket_map(fn, num_tickets, (0, None, None, 0, 0), batching)
 
 
 def make_eval_step(model, cfg: StepConfig):
@@ -438,15 +445,8 @@ def make_eval_step(model, cfg: StepConfig):
 
 def eval_over_tickets(eval_step, num_tickets: int, batching: Optional[str] = None):
     """``eval_step`` for variables with a leading ticket axis K (the batch is shared):
-    returns ([K] loss sums, [K] correct counts); batched as ``over_tickets``."""
-    batching = batching or ticket_batching()
-    if num_tickets > 1 and batching == "vmap":
-        return jax.vmap(eval_step, in_axes=(0, None, None, None))
-
-    def each(variables, x, y, valid):
-        return _stacked([eval_step(_ticket(variables, k), x, y, valid)
-                         for k in range(num_tickets)])
-    return each
+    returns ([K] loss sums, [K] correct counts) (``ticket_map``)."""
+    return ticket_map(eval_step, num_tickets, (0, None, None, None), batching)
 
 
 def evaluate(eval_step, variables, x: Array, y: Array, batch_size: int):
@@ -499,7 +499,7 @@ __all__ = ["OPTIMIZERS", "PRECISIONS", "FUSED_MODES", "NAN_POLICIES", "TrainStat
            "Plan", "StepConfig", "Schedules", "lr_schedule", "scale_by_learning_rate_arg",
            "make_optimizer", "compute_dtype", "use_fused", "fused_unroll",
            "default_fused_steps", "create_train_state", "reset_optimizer", "make_train_step",
-           "gather_step", "make_epoch_fn", "ticket_batching", "over_tickets", "make_eval_step", "eval_over_tickets",
+           "gather_step", "make_epoch_fn", "ticket_batching", "ticket_map", "over_tickets", "make_eval_step", "eval_over_tickets",
            "evaluate",
            "steps_per_epoch", "epoch_permutation", "cross_entropy", "all_finite",
            "tree_is_finite"]
