@@ -114,6 +114,10 @@ HELP = {
     "num_seeds": "(new) train this many tickets (seeds --seed, --seed+1, ...) together as one "
                  "program (vmapped on accelerators), each written to SAVE_DIR/seed_<s>/",
     "nan_policy": "(new) on a NaN/Inf loss: stop the round, or skip the batch",
+    "wandb": "(new) also log to Weights & Biases project [ENTITY/]PROJECT, one W&B run per "
+             "ticket named after its run directory, grouped by the parent directory (needs "
+             "pip install -e \".[wandb]\"; WANDB_MODE=offline keeps it local). TensorBoard "
+             "event files are always written: tensorboard --logdir SAVE_DIR",
     "config": "(new) YAML or TOML file supplying any flag; command-line flags override it",
     "dry_run": "(new) check everything, print the plan and exit",
 }
@@ -338,6 +342,14 @@ def check_paths(cfg: config_lib.Config) -> None:
         raise ConfigError(f"--init {r.init} is a file; it must be a checkpoint directory "
                           f"(or a new path)")
     check_save_dir(r.save_dir)
+    if r.wandb is not None:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ConfigError(f"--wandb {r.wandb} needs the wandb package: "
+                              f"pip install -e \".[wandb]\"") from None
+        if not r.wandb.rpartition("/")[2]:
+            raise ConfigError(f"--wandb {r.wandb!r} must name a project: [ENTITY/]PROJECT")
 
 
 def _unwritable(path) -> Optional[str]:

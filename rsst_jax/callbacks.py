@@ -277,6 +277,104 @@ class RunLocks(Callback):
             lock.release()
 
 
+EPOCH_SCALARS = ("train_loss", "train_acc", "val_acc", "test_acc", "val_loss", "test_loss", "lr",
+                 "reg_lambda", "target_norm_rel")
+ROUND_SCALARS = ("remaining_weight_pct", "channel_sparsity_pct", "best_val_acc",
+                 "test_acc_at_best_val", "final_val_acc", "final_test_acc", "rsst_acc_before",
+                 "rsst_acc_after")
+
+
+class TensorBoard(Callback):
+    """TensorBoard event files in every ticket's run directory (``rsst_jax.tensorboard``).
+
+    Per epoch, at step ``round * epochs + epoch``: ``epoch/<key>`` for the keys of
+    ``EPOCH_SCALARS`` in the epoch's log row (RSST: lambda and the penalized weights' norm
+    relative to the round start). Per round, at step ``round``: ``round/<key>`` for
+    ``ROUND_SCALARS`` (RSST: test accuracy before and after S) and ``density/<layer>``,
+    each prunable layer's fraction of weights kept. Written at the end of each epoch and
+    round; a resumed run starts a new file and leaves out the (tag, step) pairs earlier
+    files of the directory hold, so an epoch redone after a resume is not drawn twice."""
+
+    def __init__(self):
+        self.writers: dict = {}
+
+    def run_start(self, run):
+        from rsst_jax import tensorboard
+        for t in run.live_tickets():
+            try:
+                done = {(s.tag, s.step) for s in tensorboard.read_scalars(t.paths.root)}
+            except (OSError, ValueError):  # a damaged file: write everything again
+                done = set()
+            self.writers[t.paths.root] = tensorboard.EventWriter(t.paths.root, skip=done)
+
+    def epoch_end(self, run, r, epoch, rows):
+        for t, row in zip(run.tickets, rows):
+            w = self.writers.get(t.paths.root)
+            if row is None or w is None:
+                continue
+            w.scalars(r * run.epochs + epoch, {f"epoch/{k}": row[k] for k in EPOCH_SCALARS
+                                               if k in row})
+            w.flush()
+
+    def round_finished(self, run, r, rows):
+        from rsst_jax import masks as masks_lib
+        for k, (t, row) in enumerate(zip(run.tickets, rows)):
+            w = self.writers.get(t.paths.root)
+            if row is None or w is None:
+                continue
+            values = {f"round/{key}": row[key] for key in ROUND_SCALARS if key in row}
+            for layer in masks_lib.report(rounds.ticket(run.plan.masks, k)):
+                values[f"density/{layer.path}"] = layer.density
+            w.scalars(r, values)
+            w.flush()
+
+
+class Wandb(Callback):
+    """``--wandb [ENTITY/]PROJECT``: the same scalars as :class:`TensorBoard` sent to
+    Weights & Biases, one W&B run per ticket: name the run directory's name, group its
+    parent's (a sweep's --out, a --num_seeds SAVE_DIR), config the run's flags. The W&B
+    run id is kept in ``wandb/run_id`` of the run directory, so a resumed run continues
+    the same W&B run. Needs ``pip install -e ".[wandb]"``; ``WANDB_MODE=offline`` writes
+    under the run directory only."""
+
+    def __init__(self, target: str):
+        entity, _, project = target.rpartition("/")
+        self.entity, self.project = entity or None, project
+        self.runs: dict = {}
+
+    def run_start(self, run):
+        import wandb
+        for t in run.live_tickets():
+            root = t.paths.root.resolve()
+            (root / "wandb").mkdir(parents=True, exist_ok=True)
+            id_file = root / "wandb" / "run_id"
+            run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+            id_file.write_text(run_id + "\n")
+            self.runs[t.paths.root] = wandb.init(
+                project=self.project, entity=self.entity, group=root.parent.name,
+                name=root.name, id=run_id, resume="allow", dir=str(root),
+                config=t.cfg.to_dict(), reinit="create_new")
+
+    def epoch_end(self, run, r, epoch, rows):
+        for t, row in zip(run.tickets, rows):
+            w = self.runs.get(t.paths.root)
+            if row is not None and w is not None:
+                w.log({f"epoch/{k}": row[k] for k in EPOCH_SCALARS if k in row},
+                      step=r * run.epochs + epoch)
+
+    def round_finished(self, run, r, rows):
+        for t, row in zip(run.tickets, rows):
+            w = self.runs.get(t.paths.root)
+            if row is not None and w is not None:
+                w.log(dict({f"round/{k}": row[k] for k in ROUND_SCALARS if k in row}, round=r),
+                      step=(r + 1) * run.epochs)
+
+    def run_end(self, run):
+        for w in self.runs.values():
+            w.finish()
+        self.runs = {}
+
+
 class NextSteps(Callback):
     """At the end: where the results are and the commands that read them."""
 
@@ -291,10 +389,12 @@ class NextSteps(Callback):
 def default_callbacks(cfg, *, progress: bool = True) -> list[Callback]:
     """What ``python -m experiments.run`` does (the run lock is taken by the driver)."""
     # The summary before the checkpoint: a run killed between the two redoes the round's end.
-    return [NanGuard(cfg.run.nan_policy), ProgressBar(progress), EpochLog(), SummaryWriter(),
-            Checkpointer(), NextSteps()]
+    extra = [Wandb(cfg.run.wandb)] if cfg.run.wandb else []
+    return [NanGuard(cfg.run.nan_policy), ProgressBar(progress), EpochLog(), TensorBoard(),
+            *extra, SummaryWriter(), Checkpointer(), NextSteps()]
 
 
 __all__ = ["Callback", "ProgressBar", "EpochLog", "NanGuard", "Checkpointer", "SummaryWriter",
-           "RunLocks", "NextSteps", "TrainingDiverged", "Interrupted", "SUMMARY_FIELDS", "epoch_line",
+           "RunLocks", "NextSteps", "TensorBoard", "Wandb", "EPOCH_SCALARS", "ROUND_SCALARS",
+           "TrainingDiverged", "Interrupted", "SUMMARY_FIELDS", "epoch_line",
            "round_line", "write_summary", "atomic_write", "default_callbacks"]

@@ -134,6 +134,7 @@ class RunConfig:
     fused_steps: Optional[int] = None
     num_seeds: int = 1
     nan_policy: str = "stop"
+    wandb: Optional[str] = None         # [ENTITY/]PROJECT of Weights & Biases
     config: Optional[str] = None        # the --config file this came from
     dry_run: bool = False
 
@@ -155,8 +156,8 @@ FLAG_ORDER = (
     "hessian_samples", "mask_bn", "score_after_prune", "block_loss_grad", "RST_schedule",
     "reg_granularity_prune", "exponents", "reg_upper_limit", "update_reg_interval",
     "reg_progress", "reg_adaptive", "target_acc", "distill", "kd_alpha", "kd_temperature",
-    "accum_steps", "precision", "fused", "fused_steps", "num_seeds", "nan_policy", "config",
-    "dry_run")
+    "accum_steps", "precision", "fused", "fused_steps", "num_seeds", "nan_policy", "wandb",
+    "config", "dry_run")
 
 # flag name -> group attribute
 GROUP_OF = {f.name: g for g, cls in GROUPS.items() for f in dataclasses.fields(cls)}
@@ -209,7 +210,8 @@ class Config:
 
 # Fields that do not change what a run computes, so a resumed run may differ in them.
 NON_SEMANTIC = ("resume", "checkpoint", "print_freq", "dry_run", "config", "save_dir", "data",
-                "eval_batch_size", "fused", "fused_steps")  # fused: equal results, tested
+                "eval_batch_size", "fused", "fused_steps",  # fused: equal results, tested
+                "wandb")
 
 
 def semantic_diffs(saved: dict, now: dict, limit: int = 5) -> str:
