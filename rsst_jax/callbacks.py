@@ -26,6 +26,7 @@ import io
 import json
 import os
 import pathlib
+import secrets
 
 import numpy as np
 
@@ -348,7 +349,7 @@ class Wandb(Callback):
             root = t.paths.root.resolve()
             (root / "wandb").mkdir(parents=True, exist_ok=True)
             id_file = root / "wandb" / "run_id"
-            run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+            run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
             id_file.write_text(run_id + "\n")
             self.runs[t.paths.root] = wandb.init(
                 project=self.project, entity=self.entity, group=root.parent.name,

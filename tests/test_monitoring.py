@@ -123,7 +123,7 @@ def test_wandb_is_not_a_semantic_setting():
 
 
 def test_wandb_offline_logs_the_run(tmp_path, monkeypatch):
-    wandb = pytest.importorskip("wandb", reason="the wandb extra is not installed "
+    pytest.importorskip("wandb", reason="the wandb extra is not installed "
                                                 "(pip install -e \".[wandb]\")")
     use_tiny_data(monkeypatch)
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -135,5 +135,23 @@ def test_wandb_offline_logs_the_run(tmp_path, monkeypatch):
     root = tmp_path / "sweep" / "cell"
     run_id = (root / "wandb" / "run_id").read_text().strip()
     runs = sorted((root / "wandb").glob(f"offline-run-*-{run_id}"))
-    assert len(runs) == 1 and (runs[0] / f"run-{run_id}.wandb").stat().st_size > 0
-    del wandb, rows
+    assert len(runs) == 1
+    record = (runs[0] / f"run-{run_id}.wandb").read_bytes()  # protobuf strings stay readable
+    for text in ("proj", "sweep", "cell"):
+        assert text.encode() in record, text
+    log = _rows(root / "log.jsonl")
+    # (each value is stored twice: as the step's partial history and as its history)
+    assert set(_wandb_values(record, "epoch/val_acc")) == {row["val_acc"] for row in log}
+    assert set(_wandb_values(record, "epoch/train_loss")) == {row["train_loss"] for row in log}
+    assert set(_wandb_values(record, "round/final_test_acc")) == {rows[0]["final_test_acc"]}
+
+
+def _wandb_values(record: bytes, key: str) -> list:
+    """The values logged under ``key`` in a .wandb file: each HistoryItem holds the key
+    (field 2) followed by its value as JSON (field 16, tag bytes 0x82 0x01)."""
+    out, start, tag = [], 0, bytes([2 << 3 | 2, len(key)]) + key.encode() + b"\x82\x01"
+    while (i := record.find(tag, start)) >= 0:
+        n = record[i + len(tag)]
+        out.append(json.loads(record[i + len(tag) + 1:i + len(tag) + 1 + n]))
+        start = i + 1
+    return out
