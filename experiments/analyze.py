@@ -91,6 +91,20 @@ def accuracies(ref, meta: dict) -> dict:
     return out
 
 
+def kept_zero_note(kept: int, nonzero: int, prunable: int, *, rsst: bool) -> Optional[str]:
+    """Why the mask keeps more weights than are non-zero, or None when it does not."""
+    if nonzero >= kept:
+        return None
+    text = (f"{kept - nonzero:,} of the {kept:,} kept weights are exactly zero (non-zero: "
+            f"{nonzero:,}, {100.0 * nonzero / max(1, prunable):.2f}% of the prunable weights)")
+    if rsst:
+        return text + (": an RSST round ends by setting its mask to the channel mask S, "
+                       "which keeps whole channels, but it trained with the magnitude mask M, "
+                       "which held the weights it prunes inside those channels at zero; they "
+                       "count as kept because their channels stay")
+    return text + ": the masks keep them, but their values are zero"
+
+
 def analyze(path, *, round_idx=None, best=False, arch=None, dataset=None, input_shape=None,
             approximate=False) -> dict:
     """Everything ``main`` prints, as a JSON-able dict."""
@@ -118,6 +132,11 @@ def analyze(path, *, round_idx=None, best=False, arch=None, dataset=None, input_
     total = counting.count_params(params)
     prunable = sum(r.total for r in rows)
     kept = sum(r.kept for r in rows)
+    acc = accuracies(ref, meta)
+    zero_note = kept_zero_note(kept, sum(r.nonzero for r in rows), prunable,
+                               rsst=ref.kind == paths_lib.FINAL and "rsst_acc_after" in acc)
+    if zero_note:
+        notes.append(zero_note)
     return {
         "checkpoint": str(ref.path), "kind": ref.kind, "round": ref.round, "step": ref.step,
         "arch": net.arch, "arch_from": net.sources.get("arch"), "dataset": net.dataset,
@@ -129,7 +148,7 @@ def analyze(path, *, round_idx=None, best=False, arch=None, dataset=None, input_
                    "channel_sparsity_pct": 100.0 * masks_lib.channel_sparsity(masks)},
         "compact": compact_numbers(ticket.model, ticket.variables, masks, net.image_shape,
                                    approximate=approximate),
-        "accuracy": accuracies(ref, meta),
+        "accuracy": acc,
         "notes": notes,
         "_rows": rows,
     }

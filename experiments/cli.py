@@ -474,9 +474,9 @@ class ExitOnInterrupt:
     thread, which exits at once (the compiler releases the GIL); the Python handler does
     the same where it runs first. Exiting there is as safe as a kill: checkpoints are
     written atomically (a half-written one is never counted), summaries are replaced
-    atomically, a torn last log line is dropped on reading, and the OS releases the run
-    lock. Outside the main thread this does nothing (KeyboardInterrupt then reaches
-    ``run_command``)."""
+    atomically, a torn last log line is dropped on reading, and the run locks this process
+    holds are released (``runlock.release_all``). Outside the main thread this does
+    nothing (KeyboardInterrupt then reaches ``run_command``)."""
 
     def __init__(self, resume: Optional[str], cleanup: Optional[Callable[[], None]] = None):
         self.line, self.cleanup = interrupted_line(resume), cleanup
@@ -510,6 +510,8 @@ class ExitOnInterrupt:
         """Clean up, print the line and end the process (once, whichever thread comes)."""
         self.lock.acquire()  # a second caller waits here until the process is gone
         try:
+            from rsst_jax import runlock
+            runlock.release_all()  # no run.lock left behind: the resume takes it quietly
             if self.cleanup is not None:
                 self.cleanup()
         finally:

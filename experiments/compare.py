@@ -491,10 +491,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the table to OUT.csv and OUT.md (default: print it only)")
     p.add_argument("--plot", metavar="FILE.png", default=None,
                    help="accuracy vs remaining weights (log x) and vs channel sparsity, one "
-                        "line per run (default: no chart)")
+                        "line per run; an existing folder gets FOLDER/accuracy.png (default: "
+                        "no chart)")
     p.add_argument("--bar", metavar="FILE.png", default=None,
                    help="bar chart of each run's final remaining weights, channel sparsity and "
-                        "best accuracy (default: no chart)")
+                        "best accuracy; an existing folder gets FOLDER/bars.png (default: no "
+                        "chart)")
     p.add_argument("--metric", choices=METRICS, default="final_test_acc",
                    help="accuracy per round used for 'best' and the matched levels; "
                         "final_test_acc is the structured ticket's accuracy for RSST")
@@ -545,6 +547,15 @@ def main(argv=None) -> int:
     return cli.run_command(lambda: compare(args))
 
 
+def figure_path(given: str, name: str) -> pathlib.Path:
+    """The file a chart given as ``given`` goes to: ``given/name`` for an existing folder,
+    ``given.png`` without a suffix (as matplotlib would write it), else ``given``."""
+    path = pathlib.Path(given)
+    if path.is_dir():
+        return path / name
+    return path if path.suffix else path.with_name(path.name + ".png")
+
+
 def compare(args) -> int:
     """The command, parsed: print the table, write what --out, --plot and --bar ask for."""
     runs = load_runs(args.dirs, allow_empty=args.allow_empty,
@@ -584,11 +595,13 @@ def compare(args) -> int:
                 + "".join(f"\nNote{line[len('note'):]}\n" for line in notes))
             print(f"wrote {out}.csv and {out}.md")
         if args.plot:
-            plot_accuracy(entries, entry_names, args.metric, pathlib.Path(args.plot))
-            print(f"wrote {args.plot}")
+            path = figure_path(args.plot, "accuracy.png")
+            plot_accuracy(entries, entry_names, args.metric, path)
+            print(f"wrote {path}")
         if args.bar:
-            plot_bars(rows, pathlib.Path(args.bar), args.metric)
-            print(f"wrote {args.bar}")
+            path = figure_path(args.bar, "bars.png")
+            plot_bars(rows, path, args.metric)
+            print(f"wrote {path}")
     except OSError as e:
         raise cli.BadInput(f"cannot write {e.filename}: {e.strerror}") from None
     return 0

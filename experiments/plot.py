@@ -3,12 +3,16 @@
 Writes into ``DIR/plots/`` (or ``--out``):
 
 * ``rounds.png``   per round: remaining weights and channel sparsity (left axis) and
-  test accuracy (right axis; for RSST also the accuracy before removing channels);
+  test accuracy (right axis, the same 0-100 scale; for RSST also the accuracy before
+  removing channels, a hollow circle around the accuracy after);
 * ``lambda.png``   per RSST round, per epoch: the penalty lambda actually applied, the
   L2 norm of the penalized weights relative to the round's start, and the fraction
   of them below 1e-3 (skipped for runs without RSST rounds);
 * ``channels.png`` per prunable layer and round: fraction of output channels kept and
-  of weights kept (read from the ``round_<r>/final`` checkpoints);
+  of weights kept (read from the ``round_<r>/final`` checkpoints); for RSST, whose
+  final tickets keep whole channels, the second panel is the weights kept by the
+  magnitude mask M the round trained with (``round_<r>/best``), and for Refill, where
+  the two are the same numbers, there is one panel;
 * ``epochs.png``   training curves over all epochs of all rounds.
 
 A directory that is not a run stands for the runs inside it (a ``--num_seeds`` SAVE_DIR,
@@ -65,14 +69,25 @@ ROUND_LINES = (
     ("final_test_acc", "right", "^-", dict(color="C2"), "final test accuracy %"),
     ("test_acc_at_best_val", "right", "v--", dict(color="C2", alpha=0.6),
      "test accuracy at best val %"),
-    ("rsst_acc_before", "right", "x", dict(color="C3", markersize=9),
-     "RSST: test accuracy before removing channels %"),
+    # Hollow and drawn on top: where removing channels cost nothing, the after-S point
+    # (the final test accuracy) shows through it.
+    ("rsst_acc_before", "right", "o", dict(color="C3", markersize=11, fillstyle="none",
+                                           markeredgewidth=1.5, zorder=5),
+     "RSST: test accuracy before removing channels % (after: final test accuracy)"),
 )
+
+Y_LIMITS = (-3, 105)  # both axes of rounds.png: a value reads the same against either
 
 
 def plot_rounds(run: runs_lib.Run, path: pathlib.Path) -> list[str]:
     """Remaining weights and channel sparsity (left) and test accuracy (right) per round;
     returns the legend's texts."""
+    lines, rounds = round_lines(run)
+    return _draw_rounds(lines, rounds, _title(run), path)
+
+
+def round_lines(run: runs_lib.Run) -> tuple[dict, list[int]]:
+    """(lines, rounds) of ``rounds_figure`` for one run."""
     val = runs_lib.summary_value
     rounds = [int(r["round"]) for r in run.summary]
     lines = {}
@@ -82,7 +97,7 @@ def plot_rounds(run: runs_lib.Run, path: pathlib.Path) -> list[str]:
             lines[key] = ([p[0] for p in pts], [p[1] for p in pts], None)
         else:
             lines[key] = (rounds, [val(r, key) for r in run.summary], None)
-    return _draw_rounds(lines, rounds, _title(run), path)
+    return lines, rounds
 
 
 def plot_seed_rounds(group: Sequence[runs_lib.Run], name: str, path: pathlib.Path) -> list[str]:
@@ -106,12 +121,21 @@ def plot_seed_rounds(group: Sequence[runs_lib.Run], name: str, path: pathlib.Pat
 
 def _draw_rounds(lines: dict, rounds: list[int], title: str, path: pathlib.Path,
                  band: Optional[str] = None) -> list[str]:
-    """rounds.png from ``lines``: summary key -> (rounds, values, standard deviations or
-    None); a band of ± the deviation around a line that has them."""
+    """rounds.png from ``lines`` (see ``rounds_figure``); returns the legend's texts."""
+    plt = _pyplot()
+    fig, labels = rounds_figure(lines, rounds, title, band)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return labels
+
+
+def rounds_figure(lines: dict, rounds: list[int], title: str, band: Optional[str] = None):
+    """(figure, legend texts) of rounds.png from ``lines``: summary key -> (rounds, values,
+    standard deviations or None); a band of ± the deviation around a line that has them.
+    Both y axes span ``Y_LIMITS`` with the same ticks, so the grid serves both."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 4.8))
     acc = ax.twinx()
-    shown = []
     for key, side, fmt, style, label in ROUND_LINES:
         xs, ys, sds = lines[key]
         if key == "rsst_acc_before" and not xs:
@@ -122,16 +146,16 @@ def _draw_rounds(lines: dict, rounds: list[int], title: str, path: pathlib.Path,
             axis.fill_between(xs, [y - d for y, d in zip(ys, sds)],
                               [y + d for y, d in zip(ys, sds)], color=style["color"], alpha=0.15,
                               linewidth=0)
-        if side == "right":
-            shown += [y - (sds[i] if sds else 0.0) for i, y in enumerate(ys) if y is not None]
     ax.set_xlabel("round")
     ax.set_ylabel("% of prunable weights / channels")
-    ax.set_ylim(-3, 105)
     ax.set_xticks(rounds)
     ax.grid(True, alpha=0.3)
     acc.set_ylabel("test accuracy (%)", color="C2")
     acc.tick_params(axis="y", colors="C2")
-    acc.set_ylim(max(0.0, min(shown + [100.0]) - 10), 100)
+    ticks = list(range(0, 101, 20))
+    for axis in (ax, acc):
+        axis.set_ylim(*Y_LIMITS)
+        axis.set_yticks(ticks)
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = acc.get_legend_handles_labels()
     handles, labels = h1 + h2, l1 + l2
@@ -142,9 +166,7 @@ def _draw_rounds(lines: dict, rounds: list[int], title: str, path: pathlib.Path,
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8.5, frameon=False)
     ax.set_title(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return labels
+    return fig, labels
 
 
 # --------------------------------------------------------------------------- (b) lambda
@@ -218,17 +240,19 @@ def plot_lambda(run: runs_lib.Run, path: pathlib.Path) -> bool:
 # --------------------------------------------------------------------------- (c) channels
 
 
-def layer_table(run: runs_lib.Run) -> tuple:
-    """(layers, rounds, channels kept, weights kept) from the final checkpoints: the last two
-    are float arrays [layers, rounds] of fractions (NaN where a round lacks the layer)."""
+def layer_table(run: runs_lib.Run, kind: str = paths_lib.FINAL) -> tuple:
+    """(layers, rounds, channels kept, weights kept) from the ``kind`` (final or best)
+    checkpoints: the last two are float arrays [layers, rounds] of fractions (NaN where a
+    round lacks the layer)."""
     import numpy as np
 
     from rsst_jax import masks as masks_lib
     from rsst_jax import tickets
 
-    refs = [r for r in run.checkpoints() if r.kind == paths_lib.FINAL]
+    refs = [r for r in run.checkpoints() if r.kind == kind]
     if not refs:
-        raise tickets.TicketError(f"{run.path} has no round_<r>/final checkpoint to read masks from")
+        raise tickets.TicketError(f"{run.path} has no round_<r>/{kind} checkpoint to read masks "
+                                  f"from")
     layers: list[str] = []
     per_round = []
     for ref in refs:
@@ -251,17 +275,54 @@ def layer_table(run: runs_lib.Run) -> tuple:
     return layers, [r.round for r in refs], ch, wt
 
 
-def plot_channels(run: runs_lib.Run, path: pathlib.Path) -> None:
-    """Heatmaps layers x rounds: fraction of output channels kept, fraction of weights kept."""
-    plt = _pyplot()
+def channel_panels(run: runs_lib.Run) -> tuple:
+    """(layers, rounds, [(title, data [layers, rounds])]) of channels.png: channels kept,
+    then weights kept where that says something else. A channel-wise final ticket keeps
+    whole channels, so its weights kept are its channels kept: for RSST the second panel
+    shows the magnitude mask M the round trained with (its best-validation checkpoint),
+    for Refill there is no second panel."""
+    import numpy as np
+
     layers, rounds, ch, wt = layer_table(run)
+    panels = [("fraction of output channels kept", ch)]
+    if run.config.get("struct") == "rsst":
+        best_layers, best_rounds, _, trained = layer_table(run, paths_lib.BEST)
+        if best_layers == layers and best_rounds == rounds:
+            panels.append(("fraction of weights kept by the magnitude mask M the round "
+                           "trained with (the final ticket keeps whole channels)", trained))
+    elif not np.array_equal(ch, wt, equal_nan=True):
+        panels.append(("fraction of weights kept", wt))
+    return layers, rounds, panels
+
+
+def plot_channels(run: runs_lib.Run, path: pathlib.Path) -> None:
+    """channels.png: ``channels_figure`` saved."""
+    plt = _pyplot()
+    fig = channels_figure(run)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def channels_figure(run: runs_lib.Run):
+    """Heatmaps layers x rounds of ``channel_panels``."""
+    plt = _pyplot()
+    layers, rounds, panels = channel_panels(run)
     names = [l[: -len("/kernel")] if l.endswith("/kernel") else l for l in layers]
     height = max(3.5, 0.28 * len(layers) + 1.8)
-    width = max(8.0, 2 * (0.45 * len(rounds) + 1.5) + 3.0)
-    fig, axes = plt.subplots(1, 2, figsize=(width, height), sharey=True)
+    width = max(8.0 if len(panels) == 2 else 5.0,
+                len(panels) * (0.45 * len(rounds) + 1.5) + 3.0)
+    fig, axes = plt.subplots(1, len(panels), figsize=(width, height), sharey=True,
+                             squeeze=False)
+    axes = list(axes[0])
     annotate = len(rounds) <= 12
-    for ax, data, title in ((axes[0], ch, "fraction of output channels kept"),
-                            (axes[1], wt, "fraction of weights kept")):
+    if len(panels) == 1:
+        panels = [(panels[0][0] + " (= fraction of weights kept: whole channels)",
+                   panels[0][1])]
+    import textwrap
+    wrap = max(30, int(12 * (width / len(panels) - 1.5)))  # characters per title line
+    panels = [(textwrap.fill(title, wrap), data) for title, data in panels]
+    title_lines = max(title.count("\n") + 1 for title, _ in panels)
+    for ax, (title, data) in zip(axes, panels):
         im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0,
                        interpolation="nearest")
         ax.set_xticks(range(len(rounds)), [str(r) for r in rounds])
@@ -275,16 +336,25 @@ def plot_channels(run: runs_lib.Run, path: pathlib.Path) -> None:
                             color="black" if v > 0.6 else "white")
     axes[0].set_yticks(range(len(names)), names, fontsize=8)
     fig.colorbar(im, ax=axes, label="fraction kept", shrink=0.9)
-    fig.suptitle(f"per-layer masks of each round's final ticket\n{_title(run)}", fontsize=10)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    fig.suptitle(f"per-layer masks of each round\n{_title(run)}", fontsize=10,
+                 y=1.0 + 0.25 * title_lines / height)  # above the panels' titles
+    return fig
 
 
 # --------------------------------------------------------------------------- (d) epochs
 
 
 def plot_epochs(run: runs_lib.Run, path: pathlib.Path) -> None:
-    """Train/val/test accuracy over all epochs; dotted lines separate the rounds."""
+    """epochs.png: ``epochs_figure`` saved."""
+    plt = _pyplot()
+    fig = epochs_figure(run)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def epochs_figure(run: runs_lib.Run):
+    """Train/val/test accuracy over all epochs (integer ticks); dotted lines separate the
+    rounds."""
     plt = _pyplot()
     rows = sorted(run.log, key=lambda r: (r["round"], r["epoch"]))
     x = list(range(1, len(rows) + 1))
@@ -298,6 +368,8 @@ def plot_epochs(run: runs_lib.Run, path: pathlib.Path) -> None:
     starts = [1] + [int(b + 0.5) for b in boundaries]
     for s in starts:
         ax.text(s, 101.5, f"round {rows[s - 1]['round']}", fontsize=8, color="dimgrey")
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs only
     ax.set_ylim(0, 107)
     ax.set_xlabel("epoch (all rounds, in order)")
     ax.set_ylabel("accuracy (%)")
@@ -305,8 +377,7 @@ def plot_epochs(run: runs_lib.Run, path: pathlib.Path) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3, fontsize=8, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 # --------------------------------------------------------------------------- command

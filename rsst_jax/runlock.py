@@ -4,7 +4,9 @@ The lock is ``fcntl.flock`` on an open descriptor of ``save_dir/run.lock``. The 
 drops it when the process ends, however it ends (SIGKILL included), so a dead run never
 leaves the directory locked. The file also records who holds it (pid, host, start
 time) so that the refusal message can name the other run; a file whose recorded run is
-gone is stale and is taken over with a note.
+gone is stale and is taken over with a note. A process that ends on purpose without
+unwinding (Ctrl-C's ``os._exit``) calls ``release_all()`` first, so it leaves no file
+behind and the next run takes the lock without that note.
 """
 from __future__ import annotations
 
@@ -15,9 +17,13 @@ import json
 import os
 import pathlib
 import socket
+import threading
 from typing import Callable, Optional
 
 LOCK_NAME = "run.lock"
+
+_HELD: set = set()  # the locks this process holds, for release_all()
+_GUARD = threading.RLock()
 
 
 class RunLocked(RuntimeError):
@@ -80,7 +86,9 @@ class RunLock:
             except FileNotFoundError:
                 same = False
             if same:
-                self._fd = fd
+                with _GUARD:
+                    self._fd = fd
+                    _HELD.add(self)
                 self._take_over(self._read_fd(fd))
                 return self
             os.close(fd)
@@ -100,7 +108,9 @@ class RunLock:
             if not here or _pid_alive(int(info.get("pid", -1))):
                 raise RunLocked(self._busy_message() + f" (this file system has no flock: "
                                 f"delete {self.path} if that run is gone)")
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        with _GUARD:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            _HELD.add(self)
         self._take_over(info)
         return self
 
@@ -131,21 +141,33 @@ class RunLock:
 
     def release(self) -> None:
         """Remove the lock file and drop the lock (unlink first, so no waiter sees it empty)."""
-        if self._fd is None:
-            return
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-        except OSError:
-            pass
-        os.close(self._fd)
-        self._fd = None
+        with _GUARD:
+            if self._fd is None:
+                return
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+            except OSError:
+                pass
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = None
+            _HELD.discard(self)
 
     def __enter__(self) -> "RunLock":
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def release_all() -> None:
+    """Release every lock this process holds (before ending it with ``os._exit``)."""
+    with _GUARD:
+        for lock in list(_HELD):
+            lock.release()
