@@ -27,7 +27,17 @@ the output goes to OUT/<cell>/run.log of each of its cells), --parallel N at a t
 (--devices 0,1 gives each its own GPU through CUDA_VISIBLE_DEVICES), or all in this
 process (--mode inprocess: no start-up cost per program). --import MODULE imports your
 module first, so a network or criterion registered there is available to every cell.
-Ctrl-C stops the sweep and its cells within a second or two; the same command resumes.
+Ctrl-C (or SIGTERM) stops the sweep and its cells within a second or two, OUT/sweep.json
+keeping each cell's outcome; the same command resumes.
+
+--launcher slurm runs each program as one SLURM job (through submitit), --launcher ray as
+one task of a running Ray cluster (--ray_address); both need pip install
+'rsst-jax[cluster]' and a file system the sweep and the nodes share. A job that is
+preempted or reaches its time limit is requeued, a task whose node died runs again
+elsewhere; either way the program resumes its cells from their newest checkpoints.
+With --detach the sweep submits the jobs and returns; --status OUT shows each cell (done,
+running or queued with its job id, failed with the last line of its log); the same sweep
+command again collects what finished and submits only what is missing (docs/cluster.md).
 
 Exit codes: 0 every cell finished, 1 some cell failed, 2 bad input, 130 interrupted.
 """
@@ -73,11 +83,13 @@ class Cell:
     cfg: Any                        # its validated rsst_jax.config.Config (save_dir = path)
     path: pathlib.Path
     status: str = "new"             # new | partial | done | stale | finished | failed
+    #                                 (| queued | running: a launcher's job has it)
     returncode: Optional[int] = None
     seconds: Optional[float] = None
     note: str = ""
     program: Optional[int] = None   # the training call it is part of (cells of one share it)
     resume_step: Optional[int] = None
+    job: Optional[str] = None       # the SLURM job or Ray task that trains it (a launcher's)
 
     def run_config(self):
         """The configuration the cell runs with now (``--resume`` when it is unfinished)."""
@@ -314,6 +326,9 @@ def _program_entry(args: Sequence[str]) -> int:
             current.append(tok)
     from rsst_jax import parallel
     parallel.split_cpu()
+    # A scheduler's SIGTERM (preemption, scancel) stops the program like Ctrl-C: exit 130
+    # after its newest checkpoint, the run lock released.
+    signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(os.getpid(), signal.SIGINT))
     for module in imports:
         importlib.import_module(module)
     from experiments import run as run_cmd
@@ -352,7 +367,7 @@ def _finish(program: Sequence[Cell], code: int, seconds: float, log, detail: str
             + (f": {detail}" if detail else ""))
 
 
-def run_inprocess(programs: Sequence[Sequence[Cell]], log=print) -> None:
+def run_inprocess(programs: Sequence[Sequence[Cell]], log=print, record=lambda: None) -> None:
     """Train the programs one after another in this process."""
     for program in programs:
         _announce(program, log)
@@ -365,6 +380,7 @@ def run_inprocess(programs: Sequence[Sequence[Cell]], log=print) -> None:
         except SystemExit as e:
             code, detail = (e.code if isinstance(e.code, int) else 1), ""
         _finish(program, code, time.time() - start, log, detail)
+        record()
 
 
 def _last_line(path: pathlib.Path) -> str:
@@ -389,6 +405,37 @@ def _tee(stream, paths: Sequence[pathlib.Path]) -> None:
         stream.close()
 
 
+def program_command(program: Sequence[Cell], imports: Sequence[str],
+                    resume: bool = False) -> list[str]:
+    """The child process that trains ``program`` (``_program_entry``); with ``resume``
+    every cell gets --resume, so the same command also continues after an interruption
+    (a requeued job, a retried task)."""
+    code = ("import sys; from experiments.sweep import _program_entry; "
+            "sys.exit(_program_entry(sys.argv[1:]))")
+    extra = [x for m in imports for x in ("--import", m)]
+    argvs = [cli.config_argv(c.cfg.replace(resume=True)) if resume else c.argv for c in program]
+    return [sys.executable, "-c", code, *extra, *[x for argv in argvs for x in ("--", *argv)]]
+
+
+def _pythonpath() -> str:
+    root = str(pathlib.Path(__file__).resolve().parents[1])
+    paths = [root, os.getcwd()] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return os.pathsep.join(dict.fromkeys(paths))
+
+
+# Variables a program on another machine gets from the sweep's environment (the rest is
+# the node's own: PATH, CUDA_VISIBLE_DEVICES, ...).
+FORWARDED = ("JAX_", "XLA_", "RSST_", "TF_CPP_")
+
+
+def remote_env(resume: str) -> dict:
+    """What a launcher adds to a node's environment for a program."""
+    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED)}
+    env.update(PYTHONPATH=_pythonpath(), TQDM_DISABLE=os.environ.get("TQDM_DISABLE", "1"))
+    env[RESUME_ENV] = resume
+    return env
+
+
 class Subprocesses:
     """Training calls in child processes, at most ``parallel`` at once."""
 
@@ -397,18 +444,15 @@ class Subprocesses:
         self.imports, self.parallel, self.devices = list(imports), parallel, list(devices)
         self.resume, self.log = resume, log
         self.active: dict = {}  # Popen -> (program, start, tee thread, slot)
+        self.record = lambda: None  # writes OUT/sweep.json, after each program
+        self.final = lambda: None   # the same after an interrupt, unfinished cells looked at again
 
     def command(self, program: Sequence[Cell]) -> list[str]:
-        code = ("import sys; from experiments.sweep import _program_entry; "
-                "sys.exit(_program_entry(sys.argv[1:]))")
-        extra = [x for m in self.imports for x in ("--import", m)]
-        return [sys.executable, "-c", code, *extra, *[x for c in program for x in ("--", *c.argv)]]
+        return program_command(program, self.imports)
 
     def env(self, device: Optional[str]) -> dict:
         env = dict(os.environ)
-        root = str(pathlib.Path(__file__).resolve().parents[1])
-        paths = [root, os.getcwd()] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+        env["PYTHONPATH"] = _pythonpath()
         env.setdefault("TQDM_DISABLE", "1")
         env[RESUME_ENV] = self.resume
         if device is not None:
@@ -443,6 +487,7 @@ class Subprocesses:
                 output = paths_lib.RunPaths.of(program[0].path).output
                 _finish(program, proc.returncode, time.time() - start, self.log,
                         _last_line(output))
+                self.record()
             if self.active:
                 time.sleep(0.2)
 
@@ -467,16 +512,172 @@ class Subprocesses:
                 entry[2].join(timeout=0.5)
 
 
+# --------------------------------------------------------------------------- launchers
+
+LAUNCHERS = ("local", "slurm", "ray")
+# Flags of one launcher only: flag -> the launchers that take it.
+LAUNCHER_FLAGS = {"partition": ("slurm",), "mem": ("slurm",), "time": ("slurm",),
+                  "sbatch": ("slurm",), "detach": ("slurm",), "gpus": ("slurm", "ray"),
+                  "cpus": ("slurm", "ray"), "ray_address": ("ray",)}
+LOCAL_FLAGS = {"parallel": 1, "devices": "", "mode": "subprocess"}  # flag -> its default
+JOBS = "slurm_jobs"  # OUT/slurm_jobs/<job id>/: each SLURM job's script and logs
+
+
+def check_launcher_flags(args) -> None:
+    """Each flag with the launcher that uses it (one line saying which, otherwise)."""
+    for flag, takers in LAUNCHER_FLAGS.items():
+        given = getattr(args, flag)
+        if given not in (None, False) and args.launcher not in takers:
+            raise SweepError(f"--{flag} is for --launcher {' or '.join(takers)}; drop it or "
+                             f"add --launcher {takers[0]}")
+    if args.launcher != "local":
+        for flag, default in LOCAL_FLAGS.items():
+            if getattr(args, flag) != default:
+                raise SweepError(f"--{flag} is for --launcher local (a {args.launcher} "
+                                 f"launcher runs every program at once where it has room)")
+    if args.launcher == "ray" and not args.ray_address:
+        raise SweepError("--launcher ray needs --ray_address HOST:PORT of a running cluster's "
+                         "head (ray start --head prints it)")
+    for flag in ("gpus", "cpus", "time"):
+        value = getattr(args, flag)
+        if value is not None and value < (1 if flag != "gpus" else 0):
+            raise SweepError(f"--{flag} must be >= {1 if flag != 'gpus' else 0}, got {value}")
+
+
+def make_launcher(args, out: pathlib.Path):
+    from experiments import launchers
+    try:
+        if args.launcher == "slurm":
+            return launchers.Slurm(out / JOBS, partition=args.partition, gpus=args.gpus or 0,
+                                   cpus=args.cpus or 1, mem=args.mem,
+                                   time_min=args.time or 240, sbatch=args.sbatch or "")
+        return launchers.Ray(args.ray_address, gpus=args.gpus or 0, cpus=args.cpus or 1)
+    except launchers.LauncherError as e:
+        raise SweepError(str(e)) from None
+
+
+def _read_record(out: pathlib.Path) -> dict:
+    try:
+        return json.loads((out / RECORD).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def run_launched(launcher, programs: Sequence[Sequence[Cell]], cells: Sequence[Cell],
+                 args, resume: str, record, previous: dict, log=print) -> bool:
+    """Submit ``programs`` through ``launcher`` (the jobs of an earlier sweep command that
+    are still queued or running are collected, not submitted again); then, unless
+    --detach, wait for every job and finish its cells. True where jobs are still out.
+    ``previous``: the sweep.json an earlier command left (its job ids)."""
+    from experiments import launchers
+    out = pathlib.Path(args.out)
+    jobs: dict = {}  # job id -> (its cells, when the sweep saw it submitted)
+    if previous.get("launcher") == launcher.name == "slurm":
+        old = {c["name"]: c.get("job") for c in previous.get("cells", [])}
+        waiting = [c for c in cells if c.status in ("new", "partial") and old.get(c.name)]
+        phases = launcher.phases([old[c.name] for c in waiting])
+        for c in waiting:
+            if phases[old[c.name]] != "ended":
+                c.status, c.job, c.program = phases[old[c.name]], old[c.name], None
+                jobs.setdefault(c.job, ([], time.time()))[0].append(c)
+        programs = [[c for c in p if c.job is None] for p in programs]
+        programs = [p for p in programs if p]
+        for job, (members, _) in jobs.items():
+            log(f"[sweep] {', '.join(c.name for c in members)}: job {job} is "
+                f"{members[0].status}; collecting it")
+        record()
+    env = remote_env(resume)
+    for program in programs:
+        logs = []
+        for c in program:
+            c.path.mkdir(parents=True, exist_ok=True)
+            logs.append(str(paths_lib.RunPaths.of(c.path).output.resolve()))
+        job = launcher.submit(launchers.Program(
+            name=program[0].name if len(program) == 1 else f"{program[0].name}+{len(program) - 1}",
+            argv=program_command(program, args.imports, resume=True), env=env,
+            cwd=os.getcwd(), logs=logs))
+        for c in program:
+            c.status, c.job = "queued", job
+        jobs[job] = (list(program), time.time())
+        names = ", ".join(c.name for c in program)
+        log(f"[sweep] submitted {names} as {launcher.name} job {job}"
+            + (f" (one program, {len(program)} tickets)" if len(program) > 1 else ""))
+        record()
+    if args.detach:
+        if jobs:
+            log(f"[sweep] {len(jobs)} jobs out; python -m experiments.sweep --status {out} "
+                f"shows them, the same sweep command collects them")
+        return bool(jobs)
+    while jobs:
+        phases = launcher.phases(list(jobs))
+        changed = False
+        for job, phase in phases.items():
+            members, start = jobs[job]
+            if phase != "ended":
+                if members[0].status != phase:
+                    for c in members:
+                        c.status = phase
+                    changed = True
+                continue
+            jobs.pop(job)
+            code = launcher.exit_code(job)
+            _finish(members, 1 if code is None else code, time.time() - start, log,
+                    _last_line(paths_lib.RunPaths.of(members[0].path).output))
+            changed = True
+        if changed:
+            record()
+        if jobs:
+            time.sleep(1.0)
+    return False
+
+
+def show_status(out: pathlib.Path) -> int:
+    """--status OUT: each cell of the sweep recorded in OUT/sweep.json and where it is."""
+    from experiments import launchers
+    record = _read_record(out)
+    if not record.get("cells"):
+        raise SweepError(f"--status {out}: no {RECORD} there; give the --out of a sweep")
+    cells = record["cells"]
+    phases = {}
+    if record.get("launcher") == "slurm":
+        states = launchers.slurm_states([c.get("job") for c in cells])
+        phases = {j: launchers.job_phase(st) for j, st in states.items()}
+    width = max(len(c["name"]) for c in cells)
+    counts: dict = {}
+    for c in cells:
+        path = pathlib.Path(c["path"])
+        rounds = c.get("rounds")
+        job = c.get("job")
+        if rounds and summary_rows(path) >= rounds:
+            state = "done"
+        elif job and phases.get(job) in ("queued", "running"):
+            state = f"{phases[job]} (job {job})"
+        elif c["status"] == "failed" or (job and record.get("launcher") == "slurm"):
+            line = _last_line(paths_lib.RunPaths.of(path).output) or c.get("note") or ""
+            state = "failed" + (f": {line}" if line else "")
+        elif c["status"] in ("queued", "running"):  # a launcher whose jobs end with the sweep
+            state = "interrupted"
+        else:
+            state = "not started" if c["status"] == "new" else "unfinished"
+        kind = re.split(r"[:(]", state)[0].strip()
+        counts[kind] = counts.get(kind, 0) + 1
+        print(f"  {c['name'].ljust(width)}  {state}")
+    print(f"[sweep] {len(cells)} cells in {out}: "
+          + ", ".join(f"{n} {k}" for k, n in counts.items()))
+    return 0
+
+
 # --------------------------------------------------------------------------- command
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(status: bool = False) -> argparse.ArgumentParser:
     p = cli.OneLineParser(
         prog="python -m experiments.sweep", formatter_class=cli.DocHelpFormatter,
         description=cli.help_text(__doc__.split("\n\n", 1)[1]),
         epilog="Exit codes: 0 every cell finished, 1 some cell failed, 2 bad input (one line "
                "on stderr), 130 interrupted (the same command resumes).")
-    p.add_argument("--out", required=True, help="folder for the cells' run directories and the comparison")
+    p.add_argument("--out", required=not status,
+                   help="folder for the cells' run directories and the comparison")
     p.add_argument("--base", default="", help="experiments.run flags shared by every cell, in "
                    "quotes (default: none, experiments.run's defaults)")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
@@ -503,15 +704,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare_args", default="", metavar="FLAGS",
                    help="extra flags for experiments.compare, e.g. \"--metric "
                         "test_acc_at_best_val\" (default: none)")
+    p.add_argument("--status", metavar="OUT", default=None,
+                   help="show each cell of the sweep in OUT and where it is (done, running or "
+                        "queued with its job id, failed with its log's last line), run nothing "
+                        "(default: off)")
+    c = p.add_argument_group("where programs run")
+    c.add_argument("--launcher", choices=LAUNCHERS, default="local",
+                   help="local: here (--mode, --parallel, --devices); slurm: one job per "
+                        "program through submitit; ray: one task per program on --ray_address")
+    c.add_argument("--detach", action="store_true",
+                   help="slurm: submit the jobs and return; the same command later collects "
+                        "them (default: wait for them)")
+    c.add_argument("--partition", default=None, help="slurm: the partition (default: the "
+                   "cluster's default partition)")
+    c.add_argument("--gpus", type=int, default=None, metavar="N",
+                   help="slurm, ray: GPUs per program (default: 0)")
+    c.add_argument("--cpus", type=int, default=None, metavar="N",
+                   help="slurm, ray: CPU cores per program (default: 1)")
+    c.add_argument("--mem", default=None, metavar="SIZE",
+                   help="slurm: memory per job, e.g. 16G (default: the partition's)")
+    c.add_argument("--time", type=int, default=None, metavar="MINUTES",
+                   help="slurm: time limit per job in minutes; a job reaching it is requeued "
+                        "and resumes (default: 240)")
+    c.add_argument("--sbatch", default=None, metavar="OPTIONS",
+                   help="slurm: any other sbatch options as --name=value, e.g. \"--account=abc "
+                        "--qos=high\" (default: none)")
+    c.add_argument("--ray_address", default=None, metavar="HOST:PORT",
+                   help="ray: the head of a running cluster; it must answer within 30 s "
+                        "(default: none)")
     return p
 
 
 def _write_record(out: pathlib.Path, args, cells: Sequence[Cell]) -> None:
     record = {"base": args.base, "grid": args.grid, "variant": args.variant, "mode": args.mode,
-              "grouped": args.group, "imports": args.imports,
+              "grouped": args.group, "imports": args.imports, "launcher": args.launcher,
               "cells": [{"name": c.name, "values": c.values, "path": str(c.path), "status": c.status,
                          "program": c.program, "returncode": c.returncode, "seconds": c.seconds,
-                         "note": c.note, "command": c.command}
+                         "note": c.note, "command": c.command, "job": c.job,
+                         "rounds": c.cfg.prune.pruning_times}
                         for c in cells]}
     from rsst_jax.callbacks import atomic_write
     atomic_write(out / RECORD, json.dumps(record, indent=1))
@@ -519,7 +749,10 @@ def _write_record(out: pathlib.Path, args, cells: Sequence[Cell]) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    status = any(a == "--status" or a.startswith("--status=") for a in argv)
+    args = build_parser(status=status).parse_args(argv)
+    if args.status is not None:
+        return cli.run_command(lambda: show_status(pathlib.Path(args.status)))
     from rsst_jax import parallel
     # $RSST_JAX_CPU_DEVICES before this process touches JAX (--mode inprocess; subprocess
     # cells inherit the variable).
@@ -527,8 +760,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     resume = cli.resume_command("experiments.sweep", argv, resume_flag=None)
     devices = [d.strip() for d in args.devices.split(",") if d.strip()]
     children = Subprocesses(args.imports, args.parallel, devices, resume)
-    return cli.run_command(lambda: sweep(args, children), resume=resume,
-                           on_interrupt=children.stop)
+
+    def stop() -> None:  # Ctrl-C or SIGTERM: the children first, then each cell's outcome
+        children.stop()
+        children.final()
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM (kill, a scheduler) ends the sweep as Ctrl-C does.
+        previous = signal.signal(signal.SIGTERM,
+                                 lambda signum, frame: os.kill(os.getpid(), signal.SIGINT))
+    try:
+        return cli.run_command(lambda: sweep(args, children), resume=resume, on_interrupt=stop)
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
 
 
 def sweep(args, children: Subprocesses) -> int:
@@ -536,6 +780,7 @@ def sweep(args, children: Subprocesses) -> int:
     import importlib
 
     out = pathlib.Path(args.out)
+    check_launcher_flags(args)
     if args.parallel < 1:
         raise SweepError(f"--parallel must be >= 1, got {args.parallel}")
     if args.mode == "inprocess" and args.parallel > 1:
@@ -571,11 +816,28 @@ def sweep(args, children: Subprocesses) -> int:
                 print(c.command)
         return 0
     out.mkdir(parents=True, exist_ok=True)
-    _write_record(out, args, cells)
-    if args.mode == "inprocess":
-        run_inprocess(programs)
+
+    children.record = lambda: _write_record(out, args, cells)
+
+    def final() -> None:  # interrupted: unfinished cells as their folders say now
+        for c in cells:
+            if c.status in ("new", "partial") and c.job is None:
+                classify(c)
+        _write_record(out, args, cells)
+    children.final = final
+    if args.launcher == "local":
+        _write_record(out, args, cells)
+        if args.mode == "inprocess":
+            run_inprocess(programs, record=children.record)
+        else:
+            children.run(programs)
     else:
-        children.run(programs)
+        launcher = make_launcher(args, out)
+        previous = _read_record(out)
+        _write_record(out, args, cells)
+        if run_launched(launcher, programs, cells, args, children.resume, children.record,
+                        previous):
+            return 0  # --detach: the jobs run on
     _write_record(out, args, cells)
     failed = [c for c in cells if c.status == "failed"]
     finished = [c for c in cells if c.status in ("done", "finished")]
