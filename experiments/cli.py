@@ -59,6 +59,10 @@ HELP = {
     "decreasing_lr": "epochs at which the learning rate is multiplied by 0.1",
     "optimizer": "(new) optimizer (adam/adamw often suit fine-tuning with lr 0.001)",
     "eval_batch_size": "(new) evaluation batch size",
+    "bn_recalibrate": "(new) before each evaluation in RSST rounds (every epoch, and after "
+                      "applying S) re-estimate the BatchNorm running statistics as the mean "
+                      "over this many training batches (a fixed set, not augmented); the "
+                      "saved tickets keep them; 0: off",
     "pruning_times": "rounds of training; 1 is plain dense training",
     "rate": "fraction of the remaining prunable weights removed after each round",
     "prune_type": "rewinding: lt (to W0), rewind_lt (to epoch --rewind_epoch of round 0), pt (to "

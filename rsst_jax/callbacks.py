@@ -87,6 +87,8 @@ def round_line(row: dict) -> str:
             text += f", penalized weights keep {100 * row['target_norm_rel']:.1f}% of their norm"
             if row.get("predicted_norm_rel") is not None:
                 text += f" (predicted {100 * row['predicted_norm_rel']:.1f}%)"
+        if row.get("bn_recalibrate"):
+            text += f", BatchNorm statistics from {row['bn_recalibrate']} batches"
     return text + f" ({row['round_time_s']:.0f} s)"
 
 

@@ -49,6 +49,7 @@ class OptimConfig:
     decreasing_lr: str = "91,136"       # epochs where lr *= 0.1
     optimizer: str = "sgd"
     eval_batch_size: int = 500
+    bn_recalibrate: int = 0             # batches; 0: evaluate with the running statistics
     accum_steps: int = 1
     distill: bool = False               # distil from the dense round-0 network
     kd_alpha: float = 0.5
@@ -150,7 +151,8 @@ GROUPS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig,
 FLAG_ORDER = (
     "data", "dataset", "arch", "shortcut", "seed", "save_dir", "resume", "checkpoint", "init",
     "batch_size", "lr", "momentum", "weight_decay", "epochs", "warmup", "print_freq",
-    "decreasing_lr", "optimizer", "eval_batch_size", "pruning_times", "rate", "prune_type",
+    "decreasing_lr", "optimizer", "eval_batch_size", "bn_recalibrate", "pruning_times", "rate",
+    "prune_type",
     "pretrained", "conv1", "fc", "prune_fc", "rewind_epoch", "prune_scope", "prune_method",
     "rate_schedule", "layer_rates", "struct", "fillback_rate", "criteria", "criteria_batches",
     "hessian_samples", "mask_bn", "score_after_prune", "block_loss_grad", "RST_schedule",
@@ -334,6 +336,7 @@ def validate(cfg: Config) -> Config:
     need(0.0 <= p.fillback_rate <= 1.0, f"--fillback_rate must be in [0, 1], got {p.fillback_rate}")
     need(o.batch_size >= 1, f"--batch_size must be >= 1, got {o.batch_size}")
     need(o.eval_batch_size >= 1, f"--eval_batch_size must be >= 1, got {o.eval_batch_size}")
+    need(o.bn_recalibrate >= 0, f"--bn_recalibrate must be >= 0 batches, got {o.bn_recalibrate}")
     need(o.epochs >= 1, f"--epochs must be >= 1, got {o.epochs}")
     need(o.warmup >= 0, f"--warmup must be >= 0, got {o.warmup}")
     need(p.pruning_times >= 1, f"--pruning_times must be >= 1 (1 = dense training only), "

@@ -16,6 +16,7 @@ import dataclasses
 import time
 from typing import Callable, Optional, Sequence
 
+import jax
 import jax.numpy as jnp
 
 from rsst_jax import callbacks as cb
@@ -25,6 +26,7 @@ from rsst_jax import paths as paths_lib
 from rsst_jax import regularizers, rounds
 from rsst_jax import train as train_lib
 from rsst_jax import starting
+from rsst_jax import engine as engine_lib
 from rsst_jax.engine import Engine, model_options
 
 TrainingDiverged = cb.TrainingDiverged
@@ -111,6 +113,8 @@ def run(configs, *, callbacks: Optional[Sequence[cb.Callback]] = None, progress:
     configs = [configs] if isinstance(configs, config_lib.Config) else list(configs)
     log = log or starting.print_flushed
     engine = Engine(configs, dataset=dataset)
+    if configs[0].optim.bn_recalibrate:
+        engine_lib.bn_batches(engine, configs[0].optim.bn_recalibrate)  # fails before training
     tickets = [Ticket(c, paths_lib.RunPaths.of(c.run.save_dir), Progress()) for c in configs]
     callbacks = list(callbacks if callbacks is not None
                      else cb.default_callbacks(configs[0], progress=progress))
@@ -189,6 +193,7 @@ def _train_epoch(run: Run, callbacks, r: int, epoch: int) -> None:
         on_chunk=lambda done, n, m: [c.chunk(run, done, n, m) for c in callbacks])
     for c in callbacks:
         c.epoch_trained(run, r, epoch, metrics)
+    bn_time = _fresh_batch_stats(run, run.plan.rsst)
     val = eng.evaluate(run.states.variables, "val")
     test = eng.evaluate(run.states.variables, "test")
     rows = []
@@ -201,8 +206,23 @@ def _train_epoch(run: Run, callbacks, r: int, epoch: int) -> None:
             rows.append(None)
             continue
         rows.append(_epoch_row(run, k, r, epoch, metrics, val[k], test[k], scales[k], t0))
+        if bn_time is not None:
+            rows[-1]["bn_time_s"] = bn_time
     for c in callbacks:
         c.epoch_end(run, r, epoch, rows)
+
+
+def _fresh_batch_stats(run: Run, rsst_round: bool) -> Optional[float]:
+    """--bn_recalibrate N in an RSST round: every ticket's BatchNorm statistics
+    re-estimated over N training batches (``engine.recalibrate_bn``), kept in the state
+    (so in its checkpoints); returns the seconds it took, None when off."""
+    n = run.tickets[0].cfg.optim.bn_recalibrate
+    if not n or not rsst_round:
+        return None
+    t0 = time.time()
+    run.states = engine_lib.recalibrate_bn(run.engine, run.states, n)
+    jax.block_until_ready(run.states.batch_stats)
+    return round(time.time() - t0, 4)
 
 
 def _params_finite(run: Run, k: int) -> bool:
@@ -259,6 +279,10 @@ def _finish_round(run: Run, r: int) -> list:
             lambda k, s, pl: rounds.apply_channel_masks(eng.net, eng.param_shapes,
                                                         ticks[k].cfg.prune, s, pl),
             len(ticks), run.states, run.plan)
+        if _fresh_batch_stats(run, True) is not None:
+            for row in rows:
+                if row is not None:
+                    row["bn_recalibrate"] = ticks[0].cfg.optim.bn_recalibrate
         val = eng.evaluate(run.states.variables, "val")
         test = eng.evaluate(run.states.variables, "test")
         for k, row in enumerate(rows):

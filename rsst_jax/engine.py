@@ -198,5 +198,30 @@ class Engine:
         return train_lib.evaluate(self._eval, variables, x, y, bs)
 
 
+def bn_batches(engine: Engine, n: int) -> np.ndarray:
+    """[n, B] training indices of ``recalibrate_bn``: the first n batches of one fixed
+    permutation (the same for every ticket, round and epoch)."""
+    perm = np.asarray(train_lib.epoch_permutation(
+        jax.random.PRNGKey(0), engine.ds.train_x.shape[0], engine.configs[0].optim.batch_size))
+    if not 1 <= n <= len(perm):
+        raise EngineError(f"--bn_recalibrate {n}: the training set has {len(perm)} batches "
+                          f"of --batch_size; choose 1 to {len(perm)}")
+    return perm[:n]
+
+
+def recalibrate_bn(engine: Engine, states, n: int):
+    """``states`` (stacked [K, ...]) with every ticket's BatchNorm statistics re-estimated
+    over ``bn_batches(engine, n)`` in one compiled program (``train.make_bn_recalibration``,
+    compiled once per engine); weights and optimizer state unchanged."""
+    program = getattr(engine, "_bn_program", None)
+    if program is None:
+        fn = train_lib.make_bn_recalibration(engine.model, engine.step_cfg)
+        program = jax.jit(train_lib.ticket_map(fn, engine.k, (0, None, None)))
+        engine._bn_program = program
+    stats = program(states.variables, engine.dev["train_x"],
+                    np.asarray(bn_batches(engine, n), np.int32))
+    return states.replace(batch_stats=stats)
+
+
 __all__ = ["Engine", "EngineError", "build_model", "model_options", "hyper_of", "optimizer_of",
-           "step_config_of", "eval_program"]
+           "step_config_of", "eval_program", "bn_batches", "recalibrate_bn"]

@@ -449,6 +449,43 @@ def eval_over_tickets(eval_step, num_tickets: int, batching: Optional[str] = Non
     return ticket_map(eval_step, num_tickets, (0, None, None, None), batching)
 
 
+def make_bn_recalibration(model, cfg: StepConfig):
+    """``recalibrate(variables, data_x, idx) -> batch_stats``: BatchNorm running mean and
+    variance re-estimated as the plain mean, over the N batches ``data_x[idx[i]]``
+    (``idx`` [N, B]; normalized, not augmented), of the statistics each batch gives in
+    train mode; the weights are only read.
+
+    The network's own update, ``new = momentum * old + (1 - momentum) * batch``, computes
+    each batch's statistics: started from zeros it gives ``(1 - momentum) * batch``, and
+    one more pass started from ones gives ``momentum`` (so any BatchNorm momentum works).
+    A network without BatchNorm gets its empty ``batch_stats`` back."""
+
+    def stats_from(variables, x_uint8, start):
+        x = data_lib.normalize(x_uint8, cfg.mean, cfg.std)
+        _, updates = model.apply({"params": variables["params"], "batch_stats": start}, x,
+                                 train=True, mutable=["batch_stats"])
+        return updates["batch_stats"]
+
+    def recalibrate(variables, data_x, idx):
+        old = variables["batch_stats"]
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, old)
+        ones = jax.tree_util.tree_map(jnp.ones_like, old)
+        first = stats_from(variables, data_x[idx[0]], zeros)
+        share = jax.tree_util.tree_map(lambda u, v: 1.0 - (v - u), first,
+                                       stats_from(variables, data_x[idx[0]], ones))
+
+        def body(total, rows):
+            return jax.tree_util.tree_map(jnp.add, total,
+                                          stats_from(variables, data_x[rows], zeros)), None
+
+        total, _ = jax.lax.scan(body, first, idx[1:])
+        n = idx.shape[0]
+        return jax.tree_util.tree_map(lambda t, c, o: (t / (n * c)).astype(o.dtype),
+                                      total, share, old)
+
+    return recalibrate
+
+
 def evaluate(eval_step, variables, x: Array, y: Array, batch_size: int):
     """Accuracy (%) and mean loss over all of (x, y); the last batch is padded, not
     recompiled. With an ``eval_over_tickets`` step, a list of one such dict per ticket."""
@@ -500,6 +537,6 @@ __all__ = ["OPTIMIZERS", "PRECISIONS", "FUSED_MODES", "NAN_POLICIES", "TrainStat
            "make_optimizer", "compute_dtype", "use_fused", "fused_unroll",
            "default_fused_steps", "create_train_state", "reset_optimizer", "make_train_step",
            "gather_step", "make_epoch_fn", "ticket_batching", "ticket_map", "over_tickets", "make_eval_step", "eval_over_tickets",
-           "evaluate",
+           "make_bn_recalibration", "evaluate",
            "steps_per_epoch", "epoch_permutation", "cross_entropy", "all_finite",
            "tree_is_finite"]
