@@ -457,7 +457,8 @@ def make_bn_recalibration(model, cfg: StepConfig):
 
     The network's own update, ``new = momentum * old + (1 - momentum) * batch``, computes
     each batch's statistics: started from zeros it gives ``(1 - momentum) * batch``, and
-    one more pass started from ones gives ``momentum`` (so any BatchNorm momentum works).
+    two passes over one image, from zeros and from ones, give ``momentum`` (so any
+    BatchNorm momentum works).
     A network without BatchNorm gets its empty ``batch_stats`` back."""
 
     def stats_from(variables, x_uint8, start):
@@ -471,8 +472,9 @@ def make_bn_recalibration(model, cfg: StepConfig):
         zeros = jax.tree_util.tree_map(jnp.zeros_like, old)
         ones = jax.tree_util.tree_map(jnp.ones_like, old)
         first = stats_from(variables, data_x[idx[0]], zeros)
-        share = jax.tree_util.tree_map(lambda u, v: 1.0 - (v - u), first,
-                                       stats_from(variables, data_x[idx[0]], ones))
+        one = data_x[idx[0, :1]]  # the share is the same for any batch: one image will do
+        share = jax.tree_util.tree_map(lambda u, v: 1.0 - (v - u), stats_from(
+            variables, one, zeros), stats_from(variables, one, ones))
 
         def body(total, rows):
             return jax.tree_util.tree_map(jnp.add, total,
