@@ -49,6 +49,7 @@ def load_ticket(path: str):
     info = {"checkpoint": str(ticket.path), "arch": net.arch, "dataset": net.dataset,
             "num_classes": net.num_classes, "sample_shape": list(net.image_shape),
             "data_dir": ticket.config.get("data"), "step": ticket.ref.step,
+            "batch_size": ticket.config.get("batch_size"),
             "net_kwargs": net.options}
     return ticket.model, jax.tree_util.tree_map(jnp.asarray, ticket.variables), masks, info
 
@@ -107,6 +108,23 @@ def _eval_inputs(info: dict, n: int):
     return x, ds.test_y[:n], f"{min(n, len(ds.test_y))} {info['dataset']} test images"
 
 
+def fresh_statistics(model, variables, masks, info: dict, n: int) -> dict:
+    """The ticket's variables (masks applied) with BatchNorm statistics re-estimated over
+    n training batches of its data set (``rsst_jax.train.recalibrated``)."""
+    from rsst_jax import data as data_lib
+    from rsst_jax import train as train_lib
+    from rsst_jax.model_masks import masked_variables
+    try:
+        ds = data_lib.load_dataset(info["dataset"], info.get("data_dir"))
+    except data_lib.DataError as e:
+        raise cli.BadInput(f"--bn_recalibrate needs the training images: {e}") from None
+    try:
+        return train_lib.recalibrated(model, masked_variables(variables, masks), ds, n,
+                                      info.get("batch_size") or 128)
+    except ValueError as e:
+        raise cli.BadInput(str(e)) from None
+
+
 def _fmt_count(n: float) -> str:
     for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if n >= scale:
@@ -152,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--runs", type=int, default=10, help="timed calls per measurement")
     ap.add_argument("--eval_images", type=int, default=256,
                     help="test images used to compare compact and masked logits")
+    ap.add_argument("--bn_recalibrate", type=int, default=0, metavar="N",
+                    help="first re-estimate the BatchNorm statistics over N training batches "
+                         "(as experiments.run --bn_recalibrate; batches of the run's "
+                         "--batch_size); the compact network keeps them (0: off)")
     ap.add_argument("--json", action="store_true", help="print one JSON object, not a table")
     return ap
 
@@ -176,8 +198,12 @@ def compact_command(args) -> int:
                            f"{args.batch_sizes!r}") from None
     if args.runs < 1 or args.eval_images < 1 or args.round_to < 1:
         raise cli.BadInput("--runs, --eval_images and --round_to must be at least 1")
+    if args.bn_recalibrate < 0:
+        raise cli.BadInput(f"--bn_recalibrate must be >= 0 batches, got {args.bn_recalibrate}")
     cli.check_out_dir(args.out)
     model, variables, masks, info = load_ticket(args.checkpoint)
+    if args.bn_recalibrate:
+        variables = fresh_statistics(model, variables, masks, info, args.bn_recalibrate)
     from rsst_jax import nets
     try:
         nets.get_rebuild(model)

@@ -353,10 +353,14 @@ class Wandb(Callback):
             id_file = root / "wandb" / "run_id"
             run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
             id_file.write_text(run_id + "\n")
-            self.runs[t.paths.root] = wandb.init(
-                project=self.project, entity=self.entity, group=root.parent.name,
-                name=root.name, id=run_id, resume="allow", dir=str(root),
-                config=t.cfg.to_dict(), reinit="create_new")
+            try:
+                self.runs[t.paths.root] = wandb.init(
+                    project=self.project, entity=self.entity, group=root.parent.name,
+                    name=root.name, id=run_id, resume="allow", dir=str(root),
+                    config=t.cfg.to_dict(), reinit="create_new")
+            except Exception as e:  # noqa: BLE001  no account, no network: train anyway
+                run.log(f"note: W&B is not logging {root.name} ({e.__class__.__name__}: "
+                        f"{e}); the run goes on (WANDB_MODE=offline logs locally)")
 
     def epoch_end(self, run, r, epoch, rows):
         for t, row in zip(run.tickets, rows):

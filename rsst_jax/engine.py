@@ -199,14 +199,12 @@ class Engine:
 
 
 def bn_batches(engine: Engine, n: int) -> np.ndarray:
-    """[n, B] training indices of ``recalibrate_bn``: the first n batches of one fixed
-    permutation (the same for every ticket, round and epoch)."""
-    perm = np.asarray(train_lib.epoch_permutation(
-        jax.random.PRNGKey(0), engine.ds.train_x.shape[0], engine.configs[0].optim.batch_size))
-    if not 1 <= n <= len(perm):
-        raise EngineError(f"--bn_recalibrate {n}: the training set has {len(perm)} batches "
-                          f"of --batch_size; choose 1 to {len(perm)}")
-    return perm[:n]
+    """[n, B] training indices of ``recalibrate_bn`` (``train.bn_batch_indices``)."""
+    try:
+        return train_lib.bn_batch_indices(engine.ds.train_x.shape[0],
+                                          engine.configs[0].optim.batch_size, n)
+    except ValueError as e:
+        raise EngineError(str(e)) from None
 
 
 def recalibrate_bn(engine: Engine, states, n: int):
@@ -218,8 +216,7 @@ def recalibrate_bn(engine: Engine, states, n: int):
         fn = train_lib.make_bn_recalibration(engine.model, engine.step_cfg)
         program = jax.jit(train_lib.ticket_map(fn, engine.k, (0, None, None)))
         engine._bn_program = program
-    stats = program(states.variables, engine.dev["train_x"],
-                    np.asarray(bn_batches(engine, n), np.int32))
+    stats = program(states.variables, engine.dev["train_x"], bn_batches(engine, n))
     return states.replace(batch_stats=stats)
 
 

@@ -488,6 +488,28 @@ def make_bn_recalibration(model, cfg: StepConfig):
     return recalibrate
 
 
+def bn_batch_indices(n_train: int, batch_size: int, n: int) -> np.ndarray:
+    """[n, B] training indices of ``--bn_recalibrate n``: the first n batches of one
+    fixed permutation (the same for every ticket, round and epoch); ValueError when the
+    training set has fewer batches."""
+    perm = np.asarray(epoch_permutation(jax.random.PRNGKey(0), n_train, batch_size))
+    if not 1 <= n <= len(perm):
+        raise ValueError(f"--bn_recalibrate {n}: the training set has {len(perm)} batches "
+                         f"of --batch_size; choose 1 to {len(perm)}")
+    return perm[:n].astype(np.int32)
+
+
+def recalibrated(model, variables: dict, ds, n: int, batch_size: int) -> dict:
+    """``variables`` of one network with BatchNorm statistics re-estimated over
+    ``bn_batch_indices`` of data set ``ds`` (``make_bn_recalibration``), for a ticket
+    outside a run (``experiments.compact --bn_recalibrate``)."""
+    cfg = StepConfig(flip=ds.flip, mean=tuple(ds.mean), std=tuple(ds.std))
+    idx = bn_batch_indices(ds.train_x.shape[0], batch_size, n)
+    stats = jax.jit(make_bn_recalibration(model, cfg))(variables, jnp.asarray(ds.train_x),
+                                                       jnp.asarray(idx))
+    return dict(variables, batch_stats=stats)
+
+
 def evaluate(eval_step, variables, x: Array, y: Array, batch_size: int):
     """Accuracy (%) and mean loss over all of (x, y); the last batch is padded, not
     recompiled. With an ``eval_over_tickets`` step, a list of one such dict per ticket."""
@@ -539,6 +561,6 @@ __all__ = ["OPTIMIZERS", "PRECISIONS", "FUSED_MODES", "NAN_POLICIES", "TrainStat
            "make_optimizer", "compute_dtype", "use_fused", "fused_unroll",
            "default_fused_steps", "create_train_state", "reset_optimizer", "make_train_step",
            "gather_step", "make_epoch_fn", "ticket_batching", "ticket_map", "over_tickets", "make_eval_step", "eval_over_tickets",
-           "make_bn_recalibration", "evaluate",
+           "make_bn_recalibration", "bn_batch_indices", "recalibrated", "evaluate",
            "steps_per_epoch", "epoch_permutation", "cross_entropy", "all_finite",
            "tree_is_finite"]

@@ -100,3 +100,32 @@ def test_more_batches_than_an_epoch_has_is_bad_input(tmp_path, monkeypatch, caps
         "error: --bn_recalibrate 6: the training set has 5 batches of --batch_size; "
         "choose 1 to 5"]
     assert not (tmp_path / "r").exists()
+
+
+from test_compact import ticket  # noqa: E402,F401  (a res20s ticket in the run layout)
+
+
+def test_compact_re_estimates_the_statistics_it_keeps(ticket, tmp_path, capsys):
+    from experiments import compact as compact_cmd
+    from rsst_jax import data as data_lib
+    root, model, masked = ticket
+    out = tmp_path / "out"
+    assert compact_cmd.main([str(root), "--out", str(out), "--bn_recalibrate", "2",
+                             "--batch_sizes", "1", "--runs", "1", "--eval_images", "2",
+                             "--json"]) == 0
+    capsys.readouterr()
+    want = train_lib.recalibrated(model, masked, data_lib.load_dataset("digits"), 2, 128)
+    _, cvars = compact_cmd.load(out)
+    for layer in ("bn1", "layer3_2/bn2"):  # BatchNorms that keep every channel
+        path = layer.split("/")
+        got, expected, before = cvars["batch_stats"], want["batch_stats"], masked["batch_stats"]
+        for key in path:
+            got, expected, before = got[key], expected[key], before[key]
+        np.testing.assert_allclose(got["mean"], expected["mean"], rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(got["var"], expected["var"], rtol=1e-6, atol=1e-7)
+        assert not np.allclose(got["mean"], before["mean"])
+    assert compact_cmd.main([str(root), "--out", str(tmp_path / "o"), "--bn_recalibrate",
+                             "100"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --bn_recalibrate 100: the training set has 9 batches of "
+        "--batch_size; choose 1 to 9"]
