@@ -12,7 +12,9 @@ Measures, on generated uint8 images of ``--image_shape`` held on the device:
   fused chunks of the run's length with the remainder chunk, evaluation apart), fused
   chunks against the step loop, and which of the two ``--fused auto`` takes;
 - **tickets** (``--num_seeds 1,4,8``): K RSST tickets trained as one program: epoch
-  images/s of all K together, and XLA's memory estimate of the program;
+  images/s of all K together, the devices they were spread over (every visible one
+  that divides K evenly; ``--ticket_devices 1,2`` times each count in turn), and XLA's
+  memory estimate of the program;
 - eval images/s, peak device memory where JAX reports it, and the device.
 
 ``--epoch_table`` times only epochs, fused against the step loop, over every
@@ -66,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval_reps", type=int, default=3, help="timed evaluation batches")
     p.add_argument("--num_seeds", default="", help="comma-separated K: time epochs of K RSST "
                    "tickets trained as one program (e.g. 1,4,8)")
+    p.add_argument("--ticket_devices", default="", help="comma-separated device counts the "
+                   "--num_seeds tickets may be spread over, each timed in turn (e.g. 1,2; when "
+                   "not given: every visible device)")
     p.add_argument("--cpu_devices", type=int, default=None,
                    help="split the host CPU into this many XLA devices, data parallel "
                         "(when not given: $RSST_JAX_CPU_DEVICES, else 1)")
@@ -119,6 +124,10 @@ def parse_args(argv=None):
     args.batch_sizes = _ints(args.batch_size, "--batch_size")
     args.shapes = _shapes(args.image_shape)
     args.seed_counts = _ints(args.num_seeds, "--num_seeds") if args.num_seeds else []
+    args.device_counts = (_ints(args.ticket_devices, "--ticket_devices")
+                          if args.ticket_devices else [None])
+    if args.ticket_devices and not args.seed_counts:
+        raise BenchError("--ticket_devices spreads the tickets of --num_seeds; give --num_seeds")
     for flag in ("steps", "train_size", "eval_batch_size", "eval_reps", "accum_steps",
                  "num_classes"):
         if getattr(args, flag) < 1:
@@ -209,18 +218,21 @@ def half_channels(masks, key):
 
 def time_epochs(args, arch, batch_size, shape, setups, ds=None, memory: bool = False) -> dict:
     """Seconds per epoch on the run's engine for each setup ``(label, --fused setting,
-    tickets)``: one untimed epoch each (it compiles), then ``--epochs`` timed rounds in
-    which the setups take turns (machine load hits them alike); the median per setup.
+    tickets[, devices])``: one untimed epoch each (it compiles), then ``--epochs`` timed
+    rounds in which the setups take turns (machine load hits them alike); the median per
+    setup. ``devices``: how many of the visible devices the engine may use (None: all).
     ``memory``: also XLA's memory estimate of each train program (compiles it again)."""
     import jax
 
     from rsst_jax import engine as engine_lib
     ds = ds or generated_dataset(shape, args.train_size, args.num_classes, args.seed)
     ready = {}
-    for label, mode, num_seeds in setups:
+    for label, mode, num_seeds, *devices in setups:
         cfgs = [bench_config(args, arch, batch_size, fused=mode, seed=args.seed + k)
                 for k in range(num_seeds)]
-        eng = engine_lib.Engine(cfgs, dataset=ds)
+        n_dev = devices[0] if devices else None
+        eng = engine_lib.Engine(cfgs, dataset=ds,
+                                devices=None if n_dev is None else jax.devices()[:n_dev])
         states, plan = _epoch_state(eng, cfgs)
         seeds = [c.run.resolved_seed for c in cfgs]
         t0 = time.perf_counter()
@@ -242,6 +254,7 @@ def time_epochs(args, arch, batch_size, shape, setups, ds=None, memory: bool = F
     for label, (eng, states, plan, seeds, first, times) in ready.items():
         out[label] = {"fused": eng.fused, "fused_steps": eng.fused_steps,
                       "steps": eng.steps_per_epoch, "num_seeds": len(seeds),
+                      "ticket_devices": eng.ticket_devices,
                       "first_epoch_s": round(first, 2),
                       "epoch_s": round(statistics.median(times), 3),
                       "memory_mb": _program_memory(eng, states, plan, seeds) if memory else None}
@@ -318,11 +331,15 @@ def run(args) -> dict:
         result["epochs"] = {"off": off, "on": on, "speedup": round(off["epoch_s"] / on["epoch_s"], 3),
                             "auto": "on" if auto else "off"}
     if args.seed_counts:
+        if any(n is not None and n > jax.device_count() for n in args.device_counts):
+            raise BenchError(f"--ticket_devices {args.ticket_devices}: only "
+                             f"{jax.device_count()} device(s) visible (on CPU: --cpu_devices N)")
         result["tickets"] = []
-        timed = time_epochs(args, arch, bs, shape,
-                            [(f"K={k}", "auto", k) for k in args.seed_counts], ds, memory=True)
-        for k in args.seed_counts:
-            t = timed[f"K={k}"]
+        setups = [(f"K={k},devices={n}", "auto", k, n)
+                  for k in args.seed_counts for n in args.device_counts]
+        timed = time_epochs(args, arch, bs, shape, setups, ds, memory=True)
+        for label, _, k, _ in setups:
+            t = timed[label]
             t["images_per_s"] = round(k * t["steps"] * bs / t["epoch_s"], 1)
             result["tickets"].append(t)
     result["eval"] = bench_eval(args, arch, shape, mesh)
@@ -494,8 +511,10 @@ def format_table(r: dict) -> str:
                      f"{e['speedup']:.3f}x; --fused auto runs {e['auto']}")
     for row in r.get("tickets", []):
         mem = "" if row.get("memory_mb") is None else f", program memory {row['memory_mb']} MiB"
-        lines.append(f"rsst x {row['num_seeds']} tickets as one program: {row['epoch_s']:.2f} s "
-                     f"per epoch, {row['images_per_s']:.1f} images/s in all{mem}")
+        n = row.get("ticket_devices", 1)
+        lines.append(f"rsst x {row['num_seeds']} tickets as one program on {n} device"
+                     f"{'s' if n != 1 else ''}: {row['epoch_s']:.2f} s per epoch, "
+                     f"{row['images_per_s']:.1f} images/s in all{mem}")
     e = r["eval"]
     lines.append(f"eval batch {e['batch_size']}: {e['batch_ms']:.1f} ms, "
                  f"{e['images_per_s']:.1f} images/s")

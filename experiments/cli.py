@@ -219,7 +219,41 @@ def run_parser(prog: str = "python -m experiments.run", *, defaults: bool = True
             "criteria", "arch", "dataset") else {}
         parser.add_argument(f"--{name}", type=flag_type, default=default, help=help_text,
                             **extra)
+    _host_flags(parser.add_argument_group(
+        "one run over several processes (new; not part of the run's configuration, see "
+        "docs/cluster.md)"), defaults)
     return parser
+
+
+# How the processes of one run find each other (parallel.init_distributed): flags of
+# experiments.run, but no part of its configuration (each process has its own --process_id).
+HOST_FLAGS = {
+    "coordinator_address": (str, "HOST:PORT of process 0, where the processes of one run "
+                                 "meet (with --num_processes and --process_id; inside a SLURM "
+                                 "job step of several tasks, srun sets all three itself)"),
+    "num_processes": (int, "processes of the run, one per host or per srun task"),
+    "process_id": (int, "this process's rank, 0 .. --num_processes - 1; process 0 writes the "
+                        "run's files"),
+}
+
+
+def _host_flags(parser, defaults: bool = True) -> None:
+    for name, (kind, text) in HOST_FLAGS.items():
+        parser.add_argument(f"--{name}", type=kind, help=text,
+                            default=None if defaults else argparse.SUPPRESS)
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise ConfigError(f"{message} (see python -m experiments.run --help)")
+
+
+def host_values(argv: Optional[Sequence[str]]) -> dict[str, Any]:
+    """``--coordinator_address``, ``--num_processes``, ``--process_id`` of ``argv``
+    (None where not given); ConfigError (one line) on a bad value."""
+    parser = _OneLineParser(add_help=False, allow_abbrev=False)
+    _host_flags(parser)
+    return vars(parser.parse_known_args(list(argv or []))[0])
 
 
 def load_config_file(path: str) -> dict[str, Any]:
@@ -254,8 +288,10 @@ def load_config_file(path: str) -> dict[str, Any]:
 def explicit_values(argv: Optional[Sequence[str]], prog: str = "python -m experiments.run"
                     ) -> dict[str, Any]:
     """The flags given on the command line ``argv`` (even those equal to their default),
-    typed; ConfigError (one line) on a bad one."""
-    return vars(one_line_parse(run_parser(prog, defaults=False), argv, prog))
+    typed; ConfigError (one line) on a bad one. The several-process flags are not among
+    them (``host_values``)."""
+    given = vars(one_line_parse(run_parser(prog, defaults=False), argv, prog))
+    return {k: v for k, v in given.items() if k not in HOST_FLAGS}
 
 
 def explicit_flags(argv: Optional[Sequence[str]], prog: str = "python -m experiments.run"
@@ -400,7 +436,8 @@ class BadInput(ValueError):
 _BAD_INPUT = {"rsst_jax.config": "ConfigError", "rsst_jax.data": "DataError",
               "rsst_jax.checkpoint": "CheckpointError", "rsst_jax.runlock": "RunLocked",
               "rsst_jax.starting": "RunError", "rsst_jax.engine": "EngineError",
-              "rsst_jax.runs": "RunDirError", "rsst_jax.pretrained": "PretrainedError"}
+              "rsst_jax.runs": "RunDirError", "rsst_jax.pretrained": "PretrainedError",
+              "rsst_jax.parallel": "DistributedError"}
 _DIVERGED = {"rsst_jax.callbacks": "TrainingDiverged"}
 
 

@@ -117,6 +117,7 @@ def main(argv=None) -> int:
             cfg = cli.parse_run_args(argv)
         except SystemExit as e:  # --help printed the help
             return int(e.code or 0)
+        parallel.init_distributed(**cli.host_values(argv))  # before JAX computes anything
         cli.check_paths(cfg)
         if cfg.run.dry_run:
             dry_run(cfg)

@@ -50,6 +50,10 @@ class Interrupted(SystemExit):
 
 class Callback:
     """Base class: every event does nothing."""
+    # In a run of several processes (parallel.init_distributed) only process 0 runs a
+    # callback, unless it takes part in collective work or decides what the run does.
+    every_process = False
+
     def run_start(self, run): pass
     def epoch_start(self, run, r: int, epoch: int, steps: int): pass
     def chunk(self, run, done: int, total: int, metrics: dict): pass
@@ -164,6 +168,8 @@ class NanGuard(Callback):
     (TrainingDiverged names round, epoch and step; the last good checkpoint stays);
     ``skip`` (the step skipped the update) says how many batches were skipped."""
 
+    every_process = True  # every process must stop a diverged ticket alike
+
     def __init__(self, policy: str):
         self.policy = policy
 
@@ -188,6 +194,8 @@ class Checkpointer(Callback):
     """Orbax checkpoints: after every epoch the resume checkpoint (newest two kept) and,
     at a new best validation accuracy, ``round_<r>/best``; each round's final ticket in
     ``round_<r>/final``; after the next round is planned, the resume checkpoint again."""
+
+    every_process = True  # orbax saves with every process of the run
 
     def __init__(self):
         self.saved = 0

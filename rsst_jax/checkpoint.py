@@ -29,6 +29,8 @@ from typing import Any, Callable, Optional
 import jax
 import numpy as np
 
+from rsst_jax import parallel
+
 LAYOUT_VERSION = 1
 
 
@@ -135,11 +137,27 @@ def _named_arrays(tree) -> dict[str, Any]:
 def checksums(tree) -> dict[str, int]:
     """{leaf name: crc32 of its bytes in C order}: what ``save`` writes into the meta of a
     step. Arrays this process cannot see whole (multi-host shards) have none."""
-    named = {k: v for k, v in _named_arrays(tree).items()
+    named = {k: _local(v) for k, v in _named_arrays(tree).items()}
+    named = {k: v for k, v in named.items()
              if not isinstance(v, jax.Array) or v.is_fully_addressable}
     host = jax.device_get(named)  # one batch of transfers, not one per leaf
     return {k: zlib.crc32(np.ascontiguousarray(v).reshape(-1).view(np.uint8))
             for k, v in host.items()}
+
+
+def _local(x):
+    """This process's copy of an array replicated over several processes (else ``x``)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and x.is_fully_replicated:
+        return x.addressable_data(0)
+    return x
+
+
+def _global(tree):
+    """Several processes: every array of ``tree`` (each process holds the same values)
+    as one array replicated over all of their devices, as orbax saves them."""
+    if jax.process_count() == 1:
+        return tree
+    return parallel.replicate(tree, parallel.data_mesh())
 
 
 def _short(e: BaseException, within: Optional[pathlib.Path] = None) -> str:
@@ -174,22 +192,28 @@ def save(directory: str | os.PathLike, step: int, tree: Any, meta: Optional[dict
     (``<n>.bad``) are never touched.
     """
     directory = pathlib.Path(directory).absolute()
-    _remove_trash(directory)
-    if (directory / str(step)).exists():
-        _discard(directory / str(step))
+    primary = jax.process_index() == 0  # several processes: process 0 tidies, all write
+    if primary:
+        _remove_trash(directory)
+        if (directory / str(step)).exists():
+            _discard(directory / str(step))
+    parallel.sync(f"rsst_jax save {directory} {step}")
     ocp = _orbax()
     options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True,
                                            enable_async_checkpointing=False)
     meta = dict(meta or {}, layout_version=LAYOUT_VERSION, checksums=checksums(tree))
     with _orbax_quietly(), ocp.CheckpointManager(directory, options=options) as mgr:
-        mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
+        mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_global(tree)),
                                                meta=ocp.args.JsonSave(meta)), force=True)
         mgr.wait_until_finished()
     if not is_committed(directory / str(step)):
         raise CheckpointError(f"checkpoint {directory / str(step)} was not committed")
     others = [s for s in steps(directory) if s != step]  # newest last
-    for old in others[:max(0, len(others) - (keep - 1))]:
-        _discard(directory / str(old))
+    if primary:
+        for old in others[:max(0, len(others) - (keep - 1))]:
+            _discard(directory / str(old))
+    parallel.sync(f"rsst_jax saved {directory} {step}")
+
 
 
 _TRASH_PREFIX = ".deleting-"
@@ -382,10 +406,16 @@ def _read_arrays(path: pathlib.Path, template, exact_dtypes: bool, fail):
             target = jax.tree_util.tree_map(
                 lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=on_one)
                 if hasattr(m, "shape") else m, stored_tree)
+        if jax.process_count() > 1:  # every process reads the whole of every array
+            everywhere = parallel.replicated(parallel.data_mesh())
+            target = jax.tree_util.tree_map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=everywhere)
+                if hasattr(m, "shape") else m, target)
         try:
             tree = handler.restore(path / "state", args=ocp.args.StandardRestore(target))
         except Exception as e:  # noqa: BLE001
             fail(f"cannot read its arrays: {_short(e, path)}")
+        tree = jax.tree_util.tree_map(_local, tree)
     finally:
         handler.close()
     return tree, stored

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from rsst_jax import callbacks as cb
 from rsst_jax import config as config_lib
 from rsst_jax import masks as masks_lib
+from rsst_jax import parallel
 from rsst_jax import paths as paths_lib
 from rsst_jax import regularizers, rounds
 from rsst_jax import train as train_lib
@@ -118,9 +119,13 @@ def run(configs, *, callbacks: Optional[Sequence[cb.Callback]] = None, progress:
     tickets = [Ticket(c, paths_lib.RunPaths.of(c.run.save_dir), Progress()) for c in configs]
     callbacks = list(callbacks if callbacks is not None
                      else cb.default_callbacks(configs[0], progress=progress))
+    primary = parallel.is_primary()
+    if not primary:  # several processes: process 0 prints and writes the run's files
+        log = _silent
+        callbacks = [c for c in callbacks if getattr(c, "every_process", False)]
     for t in tickets:
         t.paths.root.mkdir(parents=True, exist_ok=True)
-    locks = cb.RunLocks([t.paths.root for t in tickets], log=log).acquire()
+    locks = cb.RunLocks([t.paths.root for t in tickets] if primary else [], log=log).acquire()
     r = Run(engine, tickets, log)
     try:
         starting.start(r, Progress)
@@ -139,6 +144,10 @@ def run(configs, *, callbacks: Optional[Sequence[cb.Callback]] = None, progress:
     if failed:
         raise failed[0]
     return [t.progress.rows for t in tickets]
+
+
+def _silent(line: str) -> None:
+    pass
 
 
 def _train_round(run: Run, callbacks) -> None:

@@ -6,7 +6,9 @@ one network, one data set on the device, one optimizer chain, and jit-compiled
 programs over a leading ticket axis: the train step, the fused chunk of steps and the
 evaluation (``train.over_tickets``: for K > 1 ``jax.vmap`` on accelerators and the
 tickets' steps written one after another on CPU; for K = 1 the very program a ticket
-runs alone, data parallel over a mesh where there are several devices).
+runs alone, data parallel over a mesh where there are several devices). Where several
+devices are visible, K > 1 tickets are spread over them (``parallel.ticket_mesh``:
+each of t devices trains K/t tickets, no communication between tickets).
 Everything a ticket has of its own (weights, masks, targets, learning rate, lambda
 values, batch order) is an argument, so the programs compile once per run.
 """
@@ -63,18 +65,23 @@ def step_config_of(cfg, ds: data_lib.Dataset) -> train_lib.StepConfig:
                                 kd_temperature=o.kd_temperature, accum_steps=o.accum_steps)
 
 
-def eval_program(model, step_cfg, num_tickets: int, mesh, batch_size: int):
-    """The compiled evaluation: vmapped over tickets for K > 1, else on the mesh."""
+def eval_program(model, step_cfg, num_tickets: int, mesh, batch_size: int, ticket_mesh=None):
+    """The compiled evaluation: over the tickets for K > 1 (spread over ``ticket_mesh``
+    where given), else on the data mesh."""
     eval_step = train_lib.make_eval_step(model, step_cfg)
     if num_tickets > 1:
-        return jax.jit(train_lib.eval_over_tickets(eval_step, num_tickets))
+        per_device = num_tickets // (ticket_mesh.size if ticket_mesh is not None else 1)
+        return parallel.jit_over_tickets(train_lib.eval_over_tickets(eval_step, per_device),
+                                         ticket_mesh, (True, False, False, False))
     return parallel.jit_eval(eval_step, mesh, batch_size)
 
 
 class Engine:
     """Data on the device and the compiled programs of ``len(configs)`` tickets."""
 
-    def __init__(self, configs: Sequence, *, dataset: Optional[data_lib.Dataset] = None):
+    def __init__(self, configs: Sequence, *, dataset: Optional[data_lib.Dataset] = None,
+                 devices: Optional[Sequence[jax.Device]] = None):
+        """``devices``: those the programs may use (default: every visible one)."""
         try:
             rounds.check_groupable(configs)
         except ValueError as e:
@@ -84,15 +91,20 @@ class Engine:
         o, r = cfg.optim, cfg.run
         self.ds = dataset if dataset is not None else data_lib.load_dataset(cfg.data.dataset,
                                                                             cfg.data.data)
-        # One ticket: batches split over a data-parallel mesh; K tickets: one device.
-        self.mesh = parallel.data_mesh(batch_size=o.batch_size // o.accum_steps) \
+        # One ticket: batches split over a data-parallel mesh; K tickets: spread over
+        # the devices, K/t on each of t (no mesh where t = 1).
+        self.mesh = parallel.data_mesh(devices, batch_size=o.batch_size // o.accum_steps) \
             if self.k == 1 else None
+        self.ticket_mesh = parallel.ticket_mesh(self.k, devices) if self.k > 1 else None
+        self.ticket_devices = 1 if self.ticket_mesh is None else self.ticket_mesh.size
+        self.k_per_device = self.k // self.ticket_devices
         n_dev = 1 if self.mesh is None else self.mesh.size
         if o.batch_size % (n_dev * o.accum_steps):
             raise EngineError(f"--batch_size {o.batch_size} must be a multiple of {n_dev} "
                               f"devices x --accum_steps {o.accum_steps}; choose another batch "
                               f"size, or fewer devices with CUDA_VISIBLE_DEVICES")
-        self.dev = parallel.replicate(data_lib.to_device(self.ds), self.mesh)
+        self.dev = parallel.replicate(data_lib.to_device(self.ds),
+                                      self.mesh if self.mesh is not None else self.ticket_mesh)
         self.model = build_model(cfg.model, self.ds.num_classes)
         self.net = rounds.Network(self.model, self.ds.image_shape)
         self.steps_per_epoch = train_lib.steps_per_epoch(self.ds.train_x.shape[0], o.batch_size)
@@ -107,16 +119,23 @@ class Engine:
             self.step_traces += 1  # Python runs here only while JAX traces
             return step(*args)
 
-        self.train_step = parallel.jit_train(train_lib.over_tickets(counted, self.k),
-                                             self.mesh, batch_axis=1)
-        self.train_chunk = parallel.jit_train(
-            train_lib.over_tickets(train_lib.make_epoch_fn(counted), self.k), self.mesh,
-            batch_axis=2)
+        self.train_step = self._train_program(counted, batch_axis=1)
+        self.train_chunk = self._train_program(train_lib.make_epoch_fn(counted), batch_axis=2)
         self.fused = train_lib.use_fused(r.fused)
         self.fused_steps = r.fused_steps or train_lib.default_fused_steps(
-            r.print_freq, num_tickets=self.k)
+            r.print_freq, num_tickets=self.k_per_device)
         self._eval = eval_program(self.model, self.step_cfg, self.k, self.mesh, min(
-            o.eval_batch_size, len(self.ds.val_y), len(self.ds.test_y)))
+            o.eval_batch_size, len(self.ds.val_y), len(self.ds.test_y)), self.ticket_mesh)
+
+    def _train_program(self, fn, batch_axis: int):
+        """``fn(state, data_x, data_y, idx, plan)`` of one ticket, compiled over the
+        tickets: on the data mesh (K = 1), spread over the ticket mesh, or on one device."""
+        if self.ticket_mesh is not None:
+            return parallel.jit_over_tickets(train_lib.over_tickets(fn, self.k_per_device),
+                                             self.ticket_mesh, (True, False, False, True, True),
+                                             donate_argnums=(0,))
+        return parallel.jit_train(train_lib.over_tickets(fn, self.k), self.mesh,
+                                  batch_axis=batch_axis)
 
     # ------------------------------------------------------------------ tickets
     def hyper(self, cfg) -> train_lib.Hyper:
@@ -127,6 +146,15 @@ class Engine:
         """A ticket's initial state: W0 drawn from ``seed``, a fresh optimizer."""
         key = jax.random.fold_in(jax.random.PRNGKey(seed), rounds.KEY_INIT)
         return train_lib.create_train_state(self.model, self.tx, key, self.ds.image_shape)
+
+    def place(self, tree):
+        """``tree`` (stacked over the tickets) where the programs read it: replicated
+        over the data mesh (K = 1; over every process's devices in a run of several),
+        split over the ticket mesh, or as it is on one device. Arrays restored from a
+        checkpoint and arrays a program made then mix in one computation."""
+        if self.ticket_mesh is not None:
+            return parallel.put_tickets(tree, self.ticket_mesh)
+        return parallel.replicate(tree, self.mesh)
 
     @functools.cached_property
     def param_shapes(self):
@@ -169,6 +197,7 @@ class Engine:
         ``on_chunk(done, total, metrics)`` follows along. Returns the states and the
         metrics as numpy arrays [K, steps]."""
         states, plan = parallel.replicate((states, plan), self.mesh)
+        states, plan = parallel.put_tickets((states, plan), self.ticket_mesh)
         nb, done, chunks = perms.shape[1], 0, []
         while done < nb:
             if self.fused:

@@ -1,9 +1,17 @@
-"""Data parallelism over a ``jax.sharding.Mesh``, and the compiled train step and chunk.
+"""Devices: one ticket data parallel over a mesh, K tickets spread over the devices.
 
-One mesh axis, ``data``: the batch axis of every batch is split over it; parameters,
-optimizer state, masks, RSST targets and the training images are replicated. ``jit``
-sees global arrays, so BatchNorm's batch mean and variance inside the step are over the
-global batch (XLA inserts the all-reduce), exactly as on one device. No ``pmap``.
+One ticket, mesh axis ``data``: the batch axis of every batch is split over it;
+parameters, optimizer state, masks, RSST targets and the training images are
+replicated. ``jit`` sees global arrays, so BatchNorm's batch mean and variance inside
+the step are over the global batch (XLA inserts the all-reduce), exactly as on one
+device. No ``pmap``.
+
+K tickets, mesh axis ``tickets`` (``ticket_mesh``): the leading ticket axis of the
+states, plans and batch indices is split over t devices (t the largest divisor of K
+that is at most the device count), the data set is replicated, and each device runs
+the program of its K/t tickets (``jit_over_tickets``: a ``shard_map`` with no
+collective, so tickets never communicate); with K/t = 1 a device runs exactly the
+program of a ticket alone.
 
 Several hosts: call ``jax.distributed.initialize()`` before anything else; ``jax.devices()``
 then lists every host's devices, ``data_mesh()`` spans them all, and ``replicate`` builds
@@ -20,6 +28,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
+TICKET_AXIS = "tickets"
 CPU_DEVICES_ENV = "RSST_JAX_CPU_DEVICES"
 CACHE_ENV = "RSST_JAX_CACHE"
 
@@ -73,6 +82,67 @@ def split_cpu(n: Optional[int] = None) -> int:
     return n
 
 
+class DistributedError(ValueError):
+    """Bad settings for several processes; the message says what to change."""
+
+
+def slurm_tasks() -> int:
+    """Tasks of the SLURM job step this process belongs to (``srun``), 1 outside one."""
+    if "SLURM_PROCID" not in os.environ:
+        return 1
+    try:
+        return int(os.environ.get("SLURM_STEP_NUM_TASKS") or os.environ.get("SLURM_NTASKS") or 1)
+    except ValueError:
+        return 1
+
+
+def init_distributed(coordinator_address: Optional[str] = None,
+                     num_processes: Optional[int] = None,
+                     process_id: Optional[int] = None) -> int:
+    """Join the processes of one run (``jax.distributed.initialize``) before JAX computes
+    anything; returns the process count (1: nothing to join).
+
+    With ``coordinator_address`` (HOST:PORT of process 0), ``num_processes`` and
+    ``process_id`` say who is who; without them, a process started by ``srun`` in a job
+    step of several tasks joins its step's other tasks (JAX reads SLURM's variables).
+    Every process loads the same data and derives the same initialization from the seed;
+    the devices of all of them form one mesh (``data_mesh``)."""
+    if coordinator_address is None:
+        if num_processes is not None or process_id is not None:
+            raise DistributedError("--num_processes and --process_id need "
+                                   "--coordinator_address HOST:PORT (process 0's address)")
+        if slurm_tasks() < 2:
+            return 1
+        jax.distributed.initialize()
+        return jax.process_count()
+    host, _, port = coordinator_address.rpartition(":")
+    if not host or not port.isdigit():
+        raise DistributedError(f"--coordinator_address wants HOST:PORT, e.g. 10.0.0.1:1234, "
+                               f"got {coordinator_address!r}")
+    if num_processes is None or num_processes < 1:
+        raise DistributedError("--coordinator_address needs --num_processes N (N >= 1)")
+    if process_id is None or not 0 <= process_id < num_processes:
+        raise DistributedError(f"--process_id must be 0 .. {num_processes - 1} (this "
+                               f"process's rank), got {process_id}")
+    if num_processes == 1:
+        return 1
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)
+    return num_processes
+
+
+def is_primary() -> bool:
+    """Whether this process writes the run's files (process 0; the only one alone)."""
+    return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+    """Wait until every process of the run got here (nothing to wait for alone)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
 def mesh_size(n_devices: int, batch_size: int, platform: str) -> int:
     """Devices a batch of ``batch_size`` is split over: all of them; on CPU, whose devices
     are slices of one processor, the most that divide the batch evenly."""
@@ -94,6 +164,62 @@ def data_mesh(devices: Optional[Sequence[jax.Device]] = None,
     if len(devices) < 2:
         return None
     return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def ticket_devices(num_tickets: int, n_devices: int) -> int:
+    """Devices K tickets are spread over: the largest divisor of K that is at most
+    ``n_devices`` (each device then trains the same number of tickets)."""
+    return max(d for d in range(1, max(1, min(num_tickets, n_devices)) + 1)
+               if num_tickets % d == 0)
+
+
+def ticket_mesh(num_tickets: int, devices: Optional[Sequence[jax.Device]] = None
+                ) -> Optional[Mesh]:
+    """A 1-D ``tickets`` mesh over the devices ``num_tickets`` tickets are spread over
+    (``ticket_devices``); None where that is one device."""
+    devices = list(jax.devices() if devices is None else devices)
+    t = ticket_devices(num_tickets, len(devices))
+    if t < 2:
+        return None
+    return Mesh(np.asarray(devices[:t]), (TICKET_AXIS,))
+
+
+def ticket_sharding(mesh: Mesh) -> NamedSharding:
+    """The leading (ticket) axis split over ``mesh``'s tickets axis."""
+    return NamedSharding(mesh, P(TICKET_AXIS))
+
+
+def put_tickets(tree: Any, mesh: Optional[Mesh]) -> Any:
+    """Every array leaf of ``tree`` (leading ticket axis) split over ``mesh``."""
+    if mesh is None:
+        return tree
+    sharding = ticket_sharding(mesh)
+    return jax.tree_util.tree_map(lambda x: _put(x, sharding), tree,
+                                  is_leaf=lambda x: x is None)
+
+
+def jit_over_tickets(fn, mesh: Optional[Mesh], ticket_args: Sequence[bool],
+                     donate_argnums: tuple = ()):
+    """``jax.jit`` of ``fn`` (a program over a leading ticket axis of the arguments
+    flagged in ``ticket_args``, the others shared, every output with a ticket axis).
+    On a ``tickets`` mesh each device runs ``fn`` on its own slice of the tickets
+    (``fn`` must then be built for K/t tickets) and the shared arguments are
+    replicated; nothing crosses devices. Without a mesh, plain ``jax.jit``."""
+    if mesh is None:
+        return jax.jit(fn, donate_argnums=donate_argnums)
+    specs = tuple(P(TICKET_AXIS) if t else P() for t in ticket_args)
+    mapped = jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=P(TICKET_AXIS),
+                           check_vma=False)
+    jitted = jax.jit(mapped, donate_argnums=donate_argnums,
+                     in_shardings=tuple(NamedSharding(mesh, s) for s in specs),
+                     out_shardings=ticket_sharding(mesh))
+
+    def call(*args):
+        return jitted(*(put_tickets(a, mesh) if t else replicate(a, mesh)
+                        for a, t in zip(args, ticket_args)))
+    call.lower = lambda *args: jitted.lower(*(put_tickets(a, mesh) if t else replicate(a, mesh)
+                                              for a, t in zip(args, ticket_args)))
+    return call
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -167,5 +293,7 @@ def jit_eval(eval_step, mesh: Optional[Mesh] = None, batch_size: int = 0):
     return call
 
 
-__all__ = ["DATA_AXIS", "enable_compilation_cache", "split_cpu", "mesh_size", "data_mesh", "replicated", "batch_sharding",
+__all__ = ["DATA_AXIS", "TICKET_AXIS", "DistributedError", "slurm_tasks", "init_distributed",
+           "is_primary", "sync", "ticket_devices", "ticket_mesh", "ticket_sharding",
+           "put_tickets", "jit_over_tickets", "enable_compilation_cache", "split_cpu", "mesh_size", "data_mesh", "replicated", "batch_sharding",
            "replicate", "shard_batch", "jit_train", "jit_eval"]

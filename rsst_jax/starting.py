@@ -21,7 +21,7 @@ from rsst_jax import checkpoint as ckpt
 from rsst_jax import config as config_lib
 from rsst_jax import masks as masks_lib
 from rsst_jax import pretrained as pretrained_lib
-from rsst_jax import regularizers, rounds
+from rsst_jax import parallel, regularizers, rounds
 from rsst_jax.callbacks import atomic_write
 from rsst_jax.engine import hyper_of
 
@@ -114,7 +114,8 @@ def start(run, progress_cls) -> None:
             t.progress = progress_cls()
     for t in ticks:
         resolved = dict(t.cfg.to_dict(), seed=t.seed, resume=False, checkpoint=None)
-        atomic_write(t.paths.config, json.dumps(resolved, indent=1))
+        if parallel.is_primary():
+            atomic_write(t.paths.config, json.dumps(resolved, indent=1))
         t.predicted_norm_rel, lines = penalty_check(t.cfg, eng.schedules)
         for line in lines:
             run.log((f"seed {t.seed}: " if len(ticks) > 1 else "") + line)
@@ -122,6 +123,7 @@ def start(run, progress_cls) -> None:
     if cfg.optim.distill and ticks[0].progress.round > 0:
         run.teacher = load_teacher(run)
     _set_teacher(run, ticks[0].progress.round)
+    run.states, run.plan, run.rewind = eng.place((run.states, run.plan, run.rewind))
 
 
 def _startup_line(run) -> None:
@@ -372,6 +374,7 @@ def plan_next_round(run, r: int) -> None:
     run.states = rounds.stack([o[0] for o in outs])
     run.plan = rounds.stack([o[1] for o in outs])
     _set_teacher(run, r + 1)
+    run.states, run.plan = eng.place((run.states, run.plan))
 
 
 __all__ = ["RunError", "start", "resume_source", "plan_next_round", "load_teacher", "snapshot",

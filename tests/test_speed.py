@@ -241,6 +241,17 @@ def test_cpu_mesh_uses_the_most_devices_that_divide_the_batch():
     assert parallel.mesh_size(4, 6, "gpu") == 4  # accelerators: all, the run checks the batch
 
 
+def test_tickets_spread_over_the_most_devices_that_divide_them():
+    from rsst_jax import parallel
+    assert parallel.ticket_devices(8, 8) == 8    # one ticket per device
+    assert parallel.ticket_devices(16, 8) == 8   # two per device
+    assert parallel.ticket_devices(2, 8) == 2    # six devices idle: tickets do not split
+    assert parallel.ticket_devices(6, 4) == 3    # two per device on three of four
+    assert parallel.ticket_devices(3, 2) == 1    # no even split: one device
+    assert parallel.ticket_devices(1, 8) == 1
+    assert parallel.ticket_mesh(2, jax.devices()[:1]) is None
+
+
 def test_runs_keep_compiled_programs_where_asked_and_not_when_off(tmp_path):
     from rsst_jax import parallel
     env = {k: v for k, v in os.environ.items()
@@ -374,26 +385,66 @@ def _rounding_tolerance(run_dir, perturbed_dir, make_cfg, reduction: int) -> lis
     return out
 
 
+_TWO_DEVICE_TICKETS = textwrap.dedent("""
+    import json, pathlib, sys
+    sys.path.insert(0, {tests!r})
+    import jax
+    from tiny import tiny_config, tiny_digits
+    from experiments.run import seed_configs
+    from rsst_jax import callbacks, data as data_lib, driver
+    ds = tiny_digits(320)
+    data_lib.load_dataset = lambda name, data_dir=None, seed=0: ds
+    seen = []
+
+    class Where(callbacks.Callback):
+        def epoch_trained(self, run, r, epoch, metrics):
+            leaf = jax.tree_util.tree_leaves(run.states.params)[0]
+            seen.append([run.engine.ticket_devices, len(leaf.sharding.device_set),
+                         leaf.sharding.is_fully_replicated])
+
+    cfgs = seed_configs(tiny_config(pathlib.Path({save!r}), seed=3, num_seeds=2, **{kw!r}))
+    rows = driver.run(cfgs, callbacks=callbacks.default_callbacks(cfgs[0], progress=False)
+                      + [Where()], log=lambda s: None)
+    print("RESULT " + json.dumps({{"rounds": [len(r) for r in rows], "seen": seen,
+                                   "devices": jax.device_count()}}))
+""")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("batching", ["unroll", "vmap"])
+@pytest.mark.parametrize("batching", ["unroll", "vmap", "devices"])
 def test_grouped_seeds_equal_separate_runs(tmp_path, monkeypatch, batching):
     """--num_seeds 2 trains seeds 3 and 4 as one program (the tickets' steps written one
-    after another, as on CPU, or vmapped, as on accelerators); each seed_<s> directory
-    holds the same ticket as a run of that seed alone: the same masks exactly (random
-    pruning and the 'remain' criterion make them independent of float rounding) and
-    weights within the rounding tolerance of this computation (``_rounding_tolerance``:
-    the largest reduction of the tiny step is a BatchNorm mean over 64 x 8 x 8 values).
-    A ticket given another's batches, masks or keys differs by orders of magnitude more."""
+    after another, as on CPU, or vmapped, as on accelerators, or one ticket on each of
+    two devices); each seed_<s> directory holds the same ticket as a run of that seed
+    alone: the same masks exactly (random pruning and the 'remain' criterion make them
+    independent of float rounding) and weights within the rounding tolerance of this
+    computation (``_rounding_tolerance``: the largest reduction of the tiny step is a
+    BatchNorm mean over 64 x 8 x 8 values). A ticket given another's batches, masks or
+    keys differs by orders of magnitude more."""
     from experiments.run import seed_configs
     from rsst_jax import driver
     use_tiny_data(monkeypatch)
-    monkeypatch.setattr(train_lib, "ticket_batching", lambda platform=None: batching)
     kw = dict(struct="rsst", criteria="remain", prune_method="random", pruning_times=2,
               epochs=2, rate=0.5, RST_schedule="x", update_reg_interval=1,
               reg_granularity_prune=0.5)
-    rows = driver.run(seed_configs(tiny_config(tmp_path / "multi", seed=3, num_seeds=2, **kw)),
-                      progress=False, log=lambda s: None)
-    assert len(rows) == 2 and all(len(r) == 2 for r in rows)
+    if batching == "devices":  # a process with two CPU devices: one ticket on each
+        env = dict(os.environ, JAX_PLATFORMS="cpu",
+                   XLA_FLAGS="--xla_force_host_platform_device_count=2")
+        script = _TWO_DEVICE_TICKETS.format(tests=str(ROOT / "tests"),
+                                            save=str(tmp_path / "multi"), kw=kw)
+        proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out = json.loads([x for x in proc.stdout.splitlines()
+                          if x.startswith("RESULT ")][-1][len("RESULT "):])
+        assert out["devices"] == 2 and out["rounds"] == [2, 2]
+        # every epoch trained with the ticket axis split over both devices, not replicated
+        assert out["seen"] == [[2, 2, False]] * 4
+    else:
+        monkeypatch.setattr(train_lib, "ticket_batching", lambda platform=None: batching)
+        rows = driver.run(seed_configs(tiny_config(tmp_path / "multi", seed=3, num_seeds=2,
+                                                   **kw)), progress=False, log=lambda s: None)
+        assert len(rows) == 2 and all(len(r) == 2 for r in rows)
     for seed in (3, 4):
         _quiet(tiny_config(tmp_path / f"single_{seed}", seed=seed, **kw))
     tol = _rounding_tolerance(tmp_path / "single_3", tmp_path / "perturbed_3",
