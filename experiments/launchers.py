@@ -189,17 +189,17 @@ class Slurm:
     def __init__(self, folder, partition: Optional[str] = None, gpus: int = 0, cpus: int = 1,
                  mem: Optional[str] = None, time_min: int = 240, sbatch: str = "",
                  requeues: int = 20):
-        try:
-            import submitit
-        except ImportError:
+        import importlib.util
+        if importlib.util.find_spec("submitit") is None:  # imported once the input is good
             raise LauncherError("--launcher slurm needs submitit: pip install "
-                                "'rsst-jax[cluster]' (or pip install submitit)") from None
+                                "'rsst-jax[cluster]' (or pip install submitit)")
         for program in ("sbatch", "srun", "squeue"):
             if not shutil.which(program):
                 raise LauncherError(f"--launcher slurm: {program} not found; run the sweep "
                                     f"where SLURM's commands are (a login node), or use "
                                     f"--launcher local")
         extra = parse_sbatch(sbatch)
+        import submitit
         if mem:
             extra["mem"] = mem
         self.folder = pathlib.Path(folder).resolve()
@@ -260,11 +260,10 @@ class Ray:
 
     def __init__(self, address: str, gpus: float = 0, cpus: float = 1, retries: int = 3,
                  answer_s: Optional[float] = None):
-        try:
-            import ray
-        except ImportError:
+        import importlib.util
+        if importlib.util.find_spec("ray") is None:  # imported below, once the address answers
             raise LauncherError("--launcher ray needs ray: pip install 'rsst-jax[cluster]' "
-                                "(or pip install ray)") from None
+                                "(or pip install ray)")
         host, sep, port = address.rpartition(":")
         if not sep or not host or not port.isdigit():
             raise LauncherError(f"--ray_address wants HOST:PORT of the cluster's head (ray start "
@@ -274,6 +273,7 @@ class Ray:
             raise LauncherError(f"--ray_address {address}: nothing answered within "
                                 f"{answer_s:.0f} s; start the cluster (ray start --head) or "
                                 f"correct the address")
+        import ray
         ray.init(address=address, log_to_driver=False, logging_level="ERROR")
         self.ray = ray
         self.remote = ray.remote(_run_task).options(

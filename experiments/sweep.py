@@ -574,6 +574,9 @@ def run_launched(launcher, programs: Sequence[Sequence[Cell]], cells: Sequence[C
     jobs: dict = {}  # job id -> (its cells, when the sweep saw it submitted)
     if previous.get("launcher") == launcher.name == "slurm":
         old = {c["name"]: c.get("job") for c in previous.get("cells", [])}
+        for c in cells:  # a cell its job finished since: keep the job's id on record
+            if c.status == "done":
+                c.job = old.get(c.name)
         waiting = [c for c in cells if c.status in ("new", "partial") and old.get(c.name)]
         phases = launcher.phases([old[c.name] for c in waiting])
         for c in waiting:

@@ -10,6 +10,8 @@ flags' bad input (exit 2, one line).
 """
 from __future__ import annotations
 
+import fcntl
+import importlib.util
 import json
 import os
 import pathlib
@@ -34,19 +36,19 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 import clusters  # noqa: E402
 
-# One worker runs every test here, one after another: one cluster of each kind at a time
-# (pyproject's addopts has --dist loadgroup).
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("clusters")]
+pytestmark = pytest.mark.slow
 
-# RSST_TEST_SLOW_SAVE=S: every checkpoint save sleeps S seconds afterwards, so that a
-# test can act between two checkpoints of the same round (the numbers do not change).
+# RSST_TEST_SLOW_SAVE=S: a program sleeps S seconds after its first checkpoint, so that a
+# test can act between the first two checkpoints of round 0 (the numbers do not change).
 SLOW_BOOT = BOOT + r"""
 from rsst_jax import checkpoint as _ckpt
 import time as _time
-_save = _ckpt.save
+_save, _saved = _ckpt.save, []
 def _slow_save(*a, **kw):
     _save(*a, **kw)
-    _time.sleep(float(os.environ.get("RSST_TEST_SLOW_SAVE", "0")))
+    if not _saved:
+        _saved.append(1)
+        _time.sleep(float(os.environ.get("RSST_TEST_SLOW_SAVE", "0")))
 _ckpt.save = _slow_save
 """
 ARGV = ["--import", "tinyboot", "--base", TINY_BASE + " --pruning_times 2 --epochs 2 --struct none",
@@ -80,13 +82,23 @@ def summaries(root: pathlib.Path) -> dict:
 
 
 @pytest.fixture(scope="session")
-def reference(work):
-    """The summaries of the two cells trained by the local launcher."""
-    code, out, err = run_sweep(work, "local")
-    assert code == 0, err[-3000:]
-    rows = summaries(work[0] / "local")
-    assert all(len(r) == 2 for r in rows.values()), rows
-    return rows
+def reference(work, tmp_path_factory, worker_id):
+    """The summaries of the two cells trained by the local launcher: trained once per
+    test session, by the first pytest-xdist worker that needs them."""
+    shared = tmp_path_factory.getbasetemp()
+    shared = shared.parent if worker_id != "master" else shared  # the workers' common folder
+    with open(shared / "cluster_reference.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = shared / "cluster_reference.json"
+        if not done.exists():
+            root, environ = work
+            code, out, err = run_sweep((shared, environ), str(shared / "cluster_reference"),
+                                       "--parallel", "2")
+            assert code == 0, err[-3000:]
+            rows = summaries(shared / "cluster_reference")
+            assert all(len(r) == 2 for r in rows.values()), rows
+            done.write_text(json.dumps(rows))
+    return json.loads(done.read_text())
 
 
 def has_checkpoint(cell: pathlib.Path) -> bool:
@@ -115,7 +127,7 @@ def slurm(work):
         import submitit  # noqa: F401
     except ImportError:
         pytest.skip("no SLURM launcher here: submitit is not installed; pip install -e '.[cluster]'")
-    root = work[0] / "slurm"
+    root = work[0] / "slurm_cluster"
     start = time.time()
     try:
         env = clusters.start_slurm(root)
@@ -133,66 +145,59 @@ def squeue_state(job: str, env: dict) -> str:
     return out.stdout.strip()
 
 
-def test_slurm_detached_sweep_is_collected_with_the_local_summaries(work, slurm, reference):
-    """--detach submits one job per program and returns; --status names each cell's job;
-    the same command again collects the jobs (submitting nothing) and the summaries are
-    the local launcher's; once more, it has nothing to do."""
+def test_slurm_detached_sweep_with_a_preempted_job_ends_with_the_local_summaries(
+        work, slurm, reference):
+    """--detach submits one job per program and returns; --status names each cell's job.
+    The preemption signals (SIGTERM, then submitit's SIGUSR2) reach the first job after
+    round 0's first checkpoint: submitit requeues it under the same id and its program
+    resumes at round 0, epoch 1. The same sweep command collects both jobs (submitting
+    nothing), and both cells, preempted or not, end with the local launcher's summaries;
+    once more, the command has nothing to do."""
     argv = ["--launcher", "slurm", "--cpus", "1", "--time", "10"]
-    code, out, err = run_sweep(work, "slurm_two", *argv, "--detach", **slurm)
+    out = work[0] / "slurm"
+    code, said, err = run_sweep(work, "slurm", *argv, "--detach", **slurm,
+                                RSST_TEST_SLOW_SAVE="1.5")
     assert code == 0, err
-    record = json.loads((work[0] / "slurm_two" / sweep.RECORD).read_text())
+    record = json.loads((out / sweep.RECORD).read_text())
     jobs = [c["job"] for c in record["cells"]]
     assert record["launcher"] == "slurm" and all(jobs) and len(set(jobs)) == 2, record
     for cell, job in zip(CELLS, jobs):
-        assert f"submitted {cell} as slurm job {job}" in out, out
-    status = subprocess.run([sys.executable, "-m", "experiments.sweep", "--status", "slurm_two"],
+        assert f"submitted {cell} as slurm job {job}" in said, said
+    status = subprocess.run([sys.executable, "-m", "experiments.sweep", "--status", "slurm"],
                             cwd=work[0], env=dict(work[1], **slurm), capture_output=True, text=True)
     assert status.returncode == 0, status.stderr
     for cell, job in zip(CELLS, jobs):
         line = next(x for x in status.stdout.splitlines() if x.strip().startswith(cell))
         assert f"(job {job})" in line and ("queued" in line or "running" in line), status.stdout
 
-    code, out, err = run_sweep(work, "slurm_two", *argv, **slurm)
-    assert code == 0, err[-3000:]
-    assert "submitted" not in out and out.count("collecting it") == 2, out
-    assert summaries(work[0] / "slurm_two") == reference
-    record = json.loads((work[0] / "slurm_two" / sweep.RECORD).read_text())
-    assert [(c["status"], c["job"]) for c in record["cells"]] == [("finished", j) for j in jobs]
-    code, out, err = run_sweep(work, "slurm_two", *argv, **slurm)
-    assert code == 0 and "submitted" not in out and "2 of 2 cells finished" in out, out
-
-
-def test_slurm_job_preempted_mid_round_is_requeued_and_ends_as_uninterrupted(work, slurm, reference):
-    """The preemption signals (SIGTERM, then submitit's SIGUSR2) after the first
-    checkpoint of round 0: submitit requeues the job with the same id, its program
-    resumes at round 0, epoch 1, and the summaries are the local launcher's."""
-    import submitit
-    argv = ["--launcher", "slurm", "--time", "10"]
-    code, out, err = run_sweep(work, "slurm_preempt", *argv, "--detach", **slurm,
-                               RSST_TEST_SLOW_SAVE="1.0")
-    assert code == 0, err
-    cell = work[0] / "slurm_preempt" / "seed=0"
-    job = json.loads((work[0] / "slurm_preempt" / sweep.RECORD).read_text())["cells"][0]["job"]
-    wait_for("the first checkpoint", lambda: has_checkpoint(cell))
-    assert ckpt.latest_step(paths.RunPaths.of(cell).checkpoints) == 1  # round 0, epoch 1
-    os.environ["SLURM_CONF"] = slurm["SLURM_CONF"]  # for submitit's scancel
-    try:
-        submitit.SlurmJob(work[0] / "slurm_preempt" / sweep.JOBS / job, job)._interrupt()
-    finally:
-        os.environ.pop("SLURM_CONF")
+    first = out / CELLS[0]
+    wait_for("the first checkpoint", lambda: has_checkpoint(first))
+    assert ckpt.latest_step(paths.RunPaths.of(first).checkpoints) == 1  # round 0, epoch 1
+    for sig in ("TERM", "USR2"):  # a preemption, as submitit's job._interrupt() sends it
+        subprocess.run(["scancel", "--signal", sig, jobs[0]], env=dict(os.environ, **slurm),
+                       check=True)
     sent = time.time()
-    wait_for("the requeued job running again",
-             lambda: "resuming" in paths.RunPaths.of(cell).output.read_text(), timeout=120)
+    wait_for("the requeued job resuming",
+             lambda: "resuming" in paths.RunPaths.of(first).output.read_text(), timeout=120)
     print(f"\nrequeued and resumed {time.time() - sent:.1f} s after the preemption signal")
 
-    code, out, err = run_sweep(work, "slurm_preempt", *argv, **slurm)
+    code, said, err = run_sweep(work, "slurm", *argv, **slurm)
     assert code == 0, err[-3000:]
-    assert "submitted" not in out, out
-    log = paths.RunPaths.of(cell).output.read_text()
-    assert f"resuming {cell.relative_to(work[0])} at round 0, epoch 1" in log, log
-    assert "Restarts=1" in subprocess.run(["scontrol", "show", "job", job], env=dict(os.environ, **slurm),
-                                          capture_output=True, text=True).stdout
-    assert summaries(work[0] / "slurm_preempt") == reference
+    # each job still out is collected (the second may have ended already: then its cell is
+    # done); none is submitted again
+    assert "submitted" not in said and "2 of 2 cells finished" in said, said
+    assert "seed=0: job" in said and "collecting it" in said, said
+    assert f"resuming {first.relative_to(work[0])} at round 0, epoch 1" in \
+        paths.RunPaths.of(first).output.read_text()
+    assert "Restarts=1" in subprocess.run(["scontrol", "show", "job", jobs[0]],
+                                          env=dict(os.environ, **slurm), capture_output=True,
+                                          text=True).stdout
+    assert summaries(out) == reference
+    record = json.loads((out / sweep.RECORD).read_text())
+    assert [c["job"] for c in record["cells"]] == jobs
+    assert {c["status"] for c in record["cells"]} <= {"finished", "done"}, record
+    code, said, err = run_sweep(work, "slurm", *argv, **slurm)
+    assert code == 0 and "submitted" not in said and "2 of 2 cells finished" in said, said
 
 
 # --------------------------------------------------------------------------- Ray
@@ -205,7 +210,7 @@ def ray_cluster(work):
     missing = clusters.ray_missing()
     if missing:
         pytest.skip(f"no Ray cluster here: {missing}")
-    root = work[0] / "ray"
+    root = work[0] / "ray_cluster"
     start = time.time()
     try:
         cluster = clusters.start_ray(root, env=work[1])
@@ -235,7 +240,7 @@ def test_ray_task_of_a_lost_worker_node_reruns_on_the_head(work, ray_cluster, re
     processes there, SIGKILL) after the first checkpoint of its program: the task runs
     again on the head, resumes, and the summaries are the local launcher's."""
     proc = start_sweep(work, "ray", "--launcher", "ray", "--ray_address", ray_cluster["address"],
-                       RSST_TEST_SLOW_SAVE="1.0")
+                       RSST_TEST_SLOW_SAVE="1.5")
     found = []
     wait_for("a program on the worker node",
              lambda: found.append(_program_on(ray_cluster["root"], "worker")) or found[-1], proc=proc,
@@ -257,7 +262,11 @@ def test_ray_task_of_a_lost_worker_node_reruns_on_the_head(work, ray_cluster, re
 def test_sigterm_ends_a_sweep_with_each_cells_real_outcome_recorded(work):
     """SIGTERM after the first cell finished and the second checkpointed: exit 130 with
     the resume line, and sweep.json says finished and partial (not new and new)."""
-    proc = start_sweep(work, "sigterm", RSST_TEST_SLOW_SAVE="0.5")
+    root, environ = work
+    argv = [*ARGV[:3], TINY_BASE + " --pruning_times 1 --epochs 2 --struct none", *ARGV[4:]]
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.sweep", "--out", "sigterm", *argv],
+                            cwd=root, env=dict(environ, RSST_TEST_SLOW_SAVE="1.0"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     second = work[0] / "sigterm" / "seed=1"
     wait_for("the second cell's first checkpoint", lambda: has_checkpoint(second), proc=proc)
     proc.send_signal(signal.SIGTERM)
@@ -289,17 +298,17 @@ def _closed_port() -> int:
     (["--launcher", "slurm", "--parallel", "2"], "--parallel is for --launcher local"),
     (["--launcher", "ray"], "--launcher ray needs --ray_address HOST:PORT"),
     (["--launcher", "ray", "--ray_address", "headnode"], "--ray_address wants HOST:PORT"),
-    (["--launcher", "slurm", "--sbatch", "account=abc"], "--sbatch wants sbatch options as --name=value"),
 ])
 def test_launcher_flags_bad_input_exits_2_with_one_line(tmp_path, capsys, extra, says):
-    pytest.importorskip("submitit") if "slurm" in extra else None
-    pytest.importorskip("ray") if "127.0.0.1:1" in extra or "headnode" in extra else None
+    if "headnode" in extra and importlib.util.find_spec("ray") is None:
+        pytest.skip("ray is not installed")
     code, err = outcome(sweep.main, ["--out", str(tmp_path / "s"), *ARGV[2:], *extra], capsys)
     assert code == 2 and says in one_error_line(err), err
 
 
 def test_a_ray_address_that_does_not_answer_is_bad_input(tmp_path, capsys, monkeypatch):
-    pytest.importorskip("ray")
+    if importlib.util.find_spec("ray") is None:
+        pytest.skip("ray is not installed")
     from experiments import launchers
     monkeypatch.setattr(launchers, "RAY_ANSWER_S", 1.0)  # 30 s in use
     address = f"127.0.0.1:{_closed_port()}"
@@ -311,8 +320,18 @@ def test_a_ray_address_that_does_not_answer_is_bad_input(tmp_path, capsys, monke
     assert time.time() - start < 10
 
 
+def test_sbatch_options_are_name_value_pairs():
+    from experiments import launchers
+    assert launchers.parse_sbatch("--account=abc --exclusive --qos='high prio'") == \
+        {"account": "abc", "exclusive": True, "qos": "high prio"}
+    for bad in ("account=abc", "--account=", "-A abc"):
+        with pytest.raises(launchers.LauncherError, match="--sbatch wants sbatch options as --name=value"):
+            launchers.parse_sbatch(bad)
+
+
 def test_slurm_without_sbatch_is_bad_input(tmp_path, capsys, monkeypatch):
-    pytest.importorskip("submitit")
+    if importlib.util.find_spec("submitit") is None:
+        pytest.skip("submitit is not installed")
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch, srun or squeue there
     code, err = outcome(sweep.main, ["--out", str(tmp_path / "s"), *ARGV[2:], "--launcher", "slurm"],
                         capsys)
