@@ -52,7 +52,10 @@ class Program:
 
 def _die_with_parent() -> None:
     """In the child: SIGKILL when the process that started it dies (a Ray worker killed
-    with its node must not leave its program running and holding the run lock)."""
+    with its node must not leave its program running and holding the run lock); SIGUSR2,
+    SLURM's warning before the time limit, left to submitit in the parent, which stops
+    the command with SIGINT."""
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     try:
         import ctypes
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG

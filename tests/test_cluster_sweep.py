@@ -249,6 +249,10 @@ def test_ray_task_of_a_lost_worker_node_reruns_on_the_head(work, ray_cluster, re
     wait_for("its first checkpoint", lambda: has_checkpoint(cell), proc=proc)
     killed = clusters.kill_ray_node(ray_cluster["root"], "worker")
     assert killed
+    sent = time.time()
+    wait_for("the task resuming on the head",
+             lambda: "resuming" in paths.RunPaths.of(cell).output.read_text(), proc=proc, every=0.1)
+    print(f"\nthe lost task resumed on the head {time.time() - sent:.1f} s after its node died")
     stdout, stderr = proc.communicate(timeout=240)
     assert proc.returncode == 0, stderr[-3000:]
     log = paths.RunPaths.of(cell).output.read_text()
@@ -343,3 +347,19 @@ def test_a_missing_launcher_package_is_bad_input(tmp_path, capsys, monkeypatch):
     code, err = outcome(sweep.main, ["--out", str(tmp_path / "s"), *ARGV[2:], "--launcher", "slurm"],
                         capsys)
     assert code == 2 and "--launcher slurm needs submitit: pip install" in one_error_line(err), err
+
+
+def test_the_sweep_commands_of_docs_cluster_parse():
+    """Each experiments.sweep command in docs/cluster.md's bash blocks is a valid command
+    line of the sweep (argparse exits 2 on an unknown flag)."""
+    text = (ROOT / "docs" / "cluster.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("```bash\n")[1:]]
+    commands = [shlex.split(line.split("#", 1)[0]) for block in blocks
+                for line in block.replace("\\\n", " ").splitlines() if "experiments.sweep" in line]
+    assert len(commands) == 4, commands
+    for argv in commands:
+        argv = argv[argv.index("experiments.sweep") + 1:]
+        status = any(a == "--status" for a in argv)
+        args = sweep.build_parser(status=status).parse_args(argv)
+        if not status:
+            sweep.check_launcher_flags(args)
