@@ -651,7 +651,7 @@ def show_status(out: pathlib.Path) -> int:
         path = pathlib.Path(c["path"])
         rounds = c.get("rounds")
         job = c.get("job")
-        if rounds and summary_rows(path) >= rounds:
+        if (summary_rows(path) >= rounds) if rounds else c["status"] in ("done", "finished"):
             state = "done"
         elif job and phases.get(job) in ("queued", "running"):
             state = f"{phases[job]} (job {job})"

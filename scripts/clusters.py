@@ -65,7 +65,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def stop_pids(pids, wait: float = 5.0) -> None:
+def stop_pids(pids, wait: float = 3.0) -> None:
     """SIGTERM each process (and its process group where it leads one), SIGKILL what is
     left after ``wait`` seconds."""
     pids = [p for p in pids if p and _alive(p)]

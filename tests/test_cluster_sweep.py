@@ -200,6 +200,30 @@ def test_slurm_detached_sweep_with_a_preempted_job_ends_with_the_local_summaries
     assert code == 0 and "submitted" not in said and "2 of 2 cells finished" in said, said
 
 
+def test_slurm_failed_job_shows_in_status_and_a_rerun_submits_it_again(work, slurm, reference):
+    """A program that ends with an error (here exit 75 after its first checkpoint, the
+    RSST_JAX_STOP_AFTER hook) fails its cell: exit 1, --status says failed with the last
+    line of its log; the same command without the hook submits that cell again, which
+    resumes and ends with the local launcher's summary."""
+    argv = ["--launcher", "slurm", "--time", "10", "--grid", "seed=0"]
+    base = ARGV[:ARGV.index("--grid")] + ["--no-group", "--no_compare"]
+    run = lambda **env: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "experiments.sweep", "--out", "slurm_failed", *base, *argv],
+        cwd=work[0], env=dict(work[1], **slurm, **env), capture_output=True, text=True, timeout=240)
+    failed = run(RSST_JAX_STOP_AFTER="1")
+    assert failed.returncode == 1 and "FAILED seed=0 with exit code 75" in failed.stdout, failed
+    status = subprocess.run([sys.executable, "-m", "experiments.sweep", "--status", "slurm_failed"],
+                            cwd=work[0], env=dict(work[1], **slurm), capture_output=True, text=True)
+    cell = work[0] / "slurm_failed" / "seed=0"
+    last = [x for x in paths.RunPaths.of(cell).output.read_text().splitlines() if x.strip()][-1]
+    assert f"seed=0  failed: {last}" in status.stdout, status.stdout
+    again = run()
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "submitted seed=0 as slurm job" in again.stdout, again.stdout
+    assert "resuming" in paths.RunPaths.of(cell).output.read_text()
+    assert strip_times(read_rows(paths.RunPaths.of(cell).summary_json)) == reference["seed=0"]
+
+
 # --------------------------------------------------------------------------- Ray
 
 
@@ -276,7 +300,8 @@ def test_sigterm_ends_a_sweep_with_each_cells_real_outcome_recorded(work):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
-    assert err.strip().splitlines()[-1].startswith("interrupted; resume with: python -m experiments.sweep")
+    assert err.strip().splitlines()[-1].startswith(
+        f"interrupted; resume with: {paths.python_command(root)} -m experiments.sweep")
     record = json.loads((work[0] / "sigterm" / sweep.RECORD).read_text())
     assert [(c["name"], c["status"]) for c in record["cells"]] == [
         ("seed=0", "finished"), ("seed=1", "partial")]
