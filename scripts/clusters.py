@@ -131,7 +131,8 @@ def _wait_for(what: str, check, timeout: float, logs=()) -> None:
 
 # --------------------------------------------------------------------------- SLURM
 
-SLURM_PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel")
+SLURM_PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "squeue", "sinfo", "scontrol",
+                  "scancel")
 
 
 def slurm_missing() -> Optional[str]:
