@@ -301,9 +301,6 @@ class Ray:
         except Exception:  # noqa: BLE001  a task that failed for good (its retries spent)
             return None
 
-    def close(self) -> None:
-        self.ray.shutdown()
-
 
 def _run_task(call: ProgramCall) -> int:
     return call()

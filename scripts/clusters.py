@@ -195,8 +195,8 @@ def slurm_config(root: pathlib.Path, ctl_port: int, node_port: int, socket_path:
         "SlurmdTimeout=30",
         "InactiveLimit=0",
         "Waittime=0",
-        f"NodeName={host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} "
-        f"RealMemory={_memory_mb()} State=UNKNOWN",
+        (f"NodeName={host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} "
+         f"RealMemory={_memory_mb()} State=UNKNOWN"),
         f"PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP",
         "",
     ])

@@ -277,7 +277,7 @@ def test_ray_task_of_a_lost_worker_node_reruns_on_the_head(work, ray_cluster, re
     wait_for("the task resuming on the head",
              lambda: "resuming" in paths.RunPaths.of(cell).output.read_text(), proc=proc, every=0.1)
     print(f"\nthe lost task resumed on the head {time.time() - sent:.1f} s after its node died")
-    stdout, stderr = proc.communicate(timeout=240)
+    _, stderr = proc.communicate(timeout=240)
     assert proc.returncode == 0, stderr[-3000:]
     log = paths.RunPaths.of(cell).output.read_text()
     assert f"resuming {cell.relative_to(work[0])} at round 0, epoch" in log, log
