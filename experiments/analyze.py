@@ -225,28 +225,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "data set)")
     p.add_argument("--approximate", action="store_true",
                    help="count pruned channels whose BatchNorm adds a constant as removed too")
-    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
-                   help="import MODULE first (registers your network); repeat for more "
-                        "(default: none)")
+    cli.add_import_flag(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    return cli.run_command(lambda: run(args))
+    return cli.run_command(lambda: run(args), imports=args.imports)
 
 
 def run(args) -> int:
     """The command, parsed: analyze and print."""
-    import importlib
-
     from rsst_jax import data as data_lib
-    for module in args.imports:
-        try:
-            importlib.import_module(module)
-        except ImportError as e:
-            raise cli.BadInput(f"--import {module}: {e}") from None
     shape = None
     if args.input_shape:
         try:

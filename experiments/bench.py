@@ -38,6 +38,7 @@ from experiments.cli import BadInput
 def build_parser() -> argparse.ArgumentParser:
     from experiments.cli import HelpFormatter
     p = argparse.ArgumentParser(prog="python -m experiments.bench", formatter_class=HelpFormatter,
+                                allow_abbrev=False,
                                 description=__doc__.split("\n")[0])
     p.add_argument("--arch", default="res20s", help="network(s), comma-separated with "
                    "--epoch_table (see rsst_jax.nets.available_nets())")

@@ -27,7 +27,6 @@ import json
 import os
 import pathlib
 import select
-import shlex
 import signal
 import sys
 import threading
@@ -166,6 +165,7 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a usage error as one line on stderr and exits with 2."""
 
     def __init__(self, *args, formatter_class=HelpFormatter, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)  # --epoch is not --epochs
         super().__init__(*args, formatter_class=formatter_class, **kwargs)
 
     def error(self, message):  # noqa: D401 (argparse API)
@@ -202,7 +202,7 @@ def run_parser(prog: str = "python -m experiments.run", *, defaults: bool = True
     """The parser of ``experiments.run``: one flag per configuration field. With
     ``defaults=False`` a flag not on the command line is absent from the result."""
     parser = argparse.ArgumentParser(
-        prog=prog, formatter_class=HelpFormatter, epilog=EPILOG,
+        prog=prog, formatter_class=HelpFormatter, epilog=EPILOG, allow_abbrev=False,
         description="Find structurally sparse lottery tickets: IMP, Refill and RSST rounds. "
                     "Quick start: --dataset digits.")
     allowed = config_lib.choices()
@@ -219,10 +219,38 @@ def run_parser(prog: str = "python -m experiments.run", *, defaults: bool = True
             "criteria", "arch", "dataset") else {}
         parser.add_argument(f"--{name}", type=flag_type, default=default, help=help_text,
                             **extra)
+    add_import_flag(parser, defaults)
     _host_flags(parser.add_argument_group(
         "one run over several processes (new; not part of the run's configuration, see "
         "docs/cluster.md)"), defaults)
     return parser
+
+
+def add_import_flag(parser, defaults: bool = True) -> None:
+    """``--import MODULE`` (repeatable): modules that register networks, criteria or
+    methods, imported before the rest of the command line is checked."""
+    parser.add_argument("--import", dest="imports", action="append", metavar="MODULE",
+                        default=[] if defaults else argparse.SUPPRESS,
+                        help="(new) import MODULE first, so that a network or criterion "
+                             "registered there can be named; repeat for more (default: none)")
+
+
+def import_modules(modules: Sequence[str]) -> None:
+    """Import each of ``modules`` (``--import``); BadInput (exit 2) on one that fails."""
+    import importlib
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise BadInput(f"--import {module}: {one_line(e)} (is its folder the working "
+                           f"directory or on PYTHONPATH?)") from None
+
+
+def imports_of(argv: Optional[Sequence[str]]) -> list[str]:
+    """The ``--import`` modules of ``argv``, in order."""
+    parser = _OneLineParser(add_help=False, allow_abbrev=False)
+    add_import_flag(parser)
+    return list(parser.parse_known_args(list(argv or []))[0].imports)
 
 
 # How the processes of one run find each other (parallel.init_distributed): flags of
@@ -291,7 +319,7 @@ def explicit_values(argv: Optional[Sequence[str]], prog: str = "python -m experi
     typed; ConfigError (one line) on a bad one. The several-process flags are not among
     them (``host_values``)."""
     given = vars(one_line_parse(run_parser(prog, defaults=False), argv, prog))
-    return {k: v for k, v in given.items() if k not in HOST_FLAGS}
+    return {k: v for k, v in given.items() if k not in HOST_FLAGS and k != "imports"}
 
 
 def explicit_flags(argv: Optional[Sequence[str]], prog: str = "python -m experiments.run"
@@ -463,19 +491,23 @@ def resume_command(module: str, argv: Sequence[str], resume_flag: Optional[str] 
     argv = list(argv)
     if resume_flag and resume_flag not in argv:
         argv.append(resume_flag)
-    return " ".join(["python", "-m", module] + ([shlex.join(argv)] if argv else []))
+    from rsst_jax import paths
+    return paths.command(module, argv)
 
 
 def run_command(body: Callable[[], Optional[int]], *, resume: Optional[str] = None,
-                on_interrupt: Optional[Callable[[], None]] = None) -> int:
+                on_interrupt: Optional[Callable[[], None]] = None,
+                imports: Sequence[str] = ()) -> int:
     """``body()`` under the exit-code contract of every command: its return value (None:
     0); bad input: one ``error:`` line on stderr and 2; a diverged run: one line and 3.
     With ``resume`` (a command), Ctrl-C prints ``interrupted; resume with: RESUME`` and
     ends the process with 130 at once (``on_interrupt`` first), also while XLA compiles
-    (see :class:`ExitOnInterrupt`). ``--help``'s SystemExit passes through."""
+    (see :class:`ExitOnInterrupt`). ``imports`` (``--import``) are imported first.
+    ``--help``'s SystemExit passes through."""
     watch = ExitOnInterrupt(resume, on_interrupt) if resume else contextlib.nullcontext()
     try:
         with watch:
+            import_modules(imports)  # --import: registrations before anything is checked
             code = body()
         return 0 if code is None else int(code)
     except KeyboardInterrupt:  # where no watch could be installed (not the main thread)

@@ -175,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(as experiments.run --bn_recalibrate; batches of the run's "
                          "--batch_size); the compact network keeps them (0: off)")
     ap.add_argument("--json", action="store_true", help="print one JSON object, not a table")
+    cli.add_import_flag(ap)
     return ap
 
 
@@ -184,7 +185,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    return cli.run_command(lambda: compact_command(args))
+    return cli.run_command(lambda: compact_command(args), imports=args.imports)
 
 
 def compact_command(args) -> int:

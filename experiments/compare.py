@@ -515,6 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: such runs are one row, 'NAME (k seeds)', of mean ± sample "
                         "standard deviation over the seeds per round, and one line with a "
                         "± 1 std band)")
+    cli.add_import_flag(p)
     return p
 
 
@@ -544,7 +545,7 @@ def load_runs(dirs: Sequence[str], *, allow_empty: bool = False, note=print) -> 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return cli.run_command(lambda: compare(args))
+    return cli.run_command(lambda: compare(args), imports=args.imports)
 
 
 def figure_path(given: str, name: str) -> pathlib.Path:

@@ -426,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-group-seeds", dest="group_seeds", action="store_false",
                    help="no rounds.png of mean and band for runs that differ only in seed "
                         "(default: one for each such group, besides each run's own plots)")
+    cli.add_import_flag(p)
     return p
 
 
@@ -443,7 +444,7 @@ def seed_group_dir(group: Sequence[runs_lib.Run], out: Optional[str]) -> pathlib
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    return cli.run_command(lambda: plot(args))
+    return cli.run_command(lambda: plot(args), imports=args.imports)
 
 
 def plot(args) -> int:

@@ -126,7 +126,8 @@ def main(argv=None) -> int:
         driver.run(seed_configs(cfg))
         return 0
 
-    return cli.run_command(body, resume=cli.resume_command("experiments.run", argv))
+    return cli.run_command(body, resume=cli.resume_command("experiments.run", argv),
+                           imports=cli.imports_of(argv))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import secrets
 import numpy as np
 
 from rsst_jax import checkpoint as ckpt
+from rsst_jax import config as config_lib
 from rsst_jax import paths as paths_lib
 from rsst_jax import rounds, runlock
 
@@ -397,8 +398,11 @@ class NextSteps(Callback):
         dirs = [str(t.paths.root) for t in run.tickets]
         where = dirs[0] if len(dirs) == 1 else str(run.tickets[0].paths.root.parent)
         run.log(f"done: {', '.join(str(t.paths.summary_json) for t in run.tickets)}")
-        run.log(f"next: python -m experiments.compare {' '.join(dirs)}  |  python -m "
-                f"experiments.plot {where}  |  python -m experiments.analyze {dirs[0]}")
+        imports = config_lib.plugin_modules(run.tickets[0].cfg)
+        run.log("next: " + "  |  ".join((
+            paths_lib.command("experiments.compare", dirs, imports),
+            paths_lib.command("experiments.plot", [where], imports),
+            paths_lib.command("experiments.analyze", [dirs[0]], imports))))
 
 
 def default_callbacks(cfg, *, progress: bool = True) -> list[Callback]:

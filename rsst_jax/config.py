@@ -272,6 +272,16 @@ def choices() -> dict[str, tuple[str, ...]]:
             "nan_policy": tuple(train.NAN_POLICIES)}
 
 
+def plugin_modules(cfg: "Config") -> list[str]:
+    """The modules outside rsst_jax that registered ``cfg``'s network or criterion (what
+    a printed command must ``--import`` to run or read it again)."""
+    from rsst_jax import criteria, nets
+    found = [nets.registered_module(cfg.model.arch),
+             criteria.registered_module(cfg.prune.criteria)]
+    return list(dict.fromkeys(m for m in found
+                              if m and m != "__main__" and m.split(".")[0] != "rsst_jax"))
+
+
 def _checked_value(name: str, value: Any, allowed: Optional[tuple]) -> Any:
     """``value`` as the type of flag ``name`` (values from --config files arrive untyped);
     ConfigError when it cannot be one."""
@@ -296,7 +306,12 @@ def _checked_value(name: str, value: Any, allowed: Optional[tuple]) -> Any:
         raise ConfigError(f"{flag} must be {want}, got {value!r}")
     if allowed is not None and out not in allowed:
         if name in ("dataset", "arch", "criteria"):  # registries: users add their own
-            raise ConfigError(f"unknown {flag} {out!r}; choose one of: {', '.join(allowed)}")
+            how = {"arch": "; or register your own network with rsst_jax.nets.register_net in "
+                           "a module and pass --import MODULE",
+                   "criteria": "; or register your own with "
+                               "rsst_jax.criteria.register_criterion in a module and pass "
+                               "--import MODULE"}.get(name, "")
+            raise ConfigError(f"unknown {flag} {out!r}; choose one of: {', '.join(allowed)}{how}")
         raise ConfigError(f"{flag} must be one of {', '.join(allowed)}, got {out!r}")
     return out
 
@@ -406,4 +421,4 @@ def validate(cfg: Config) -> Config:
 __all__ = ["ConfigError", "Config", "DataConfig", "ModelConfig", "OptimConfig", "PruneConfig",
            "RSSTConfig", "RunConfig", "GROUPS", "FLAG_ORDER", "GROUP_OF", "field_of",
            "NON_SEMANTIC", "semantic_diffs", "parse_int_list", "parse_float_list",
-           "parse_layer_rates", "choices", "validate"]
+           "parse_layer_rates", "choices", "validate", "plugin_modules"]

@@ -47,6 +47,12 @@ class Criterion(NamedTuple):
 _CRITERIA: dict[str, Criterion] = {}
 
 
+def registered_module(name: str):
+    """The module whose function is registered as criterion ``name`` (None if unknown)."""
+    c = _CRITERIA.get(name)
+    return None if c is None else getattr(c.fn, "__module__", None)
+
+
 def register_criterion(name: str, *, per_batch: bool = True) -> Callable[[CriterionFn], CriterionFn]:
     """Decorator adding `fn(ctx, x, y, key) -> {kernel path: [C] scores}` as criterion `name`.
 

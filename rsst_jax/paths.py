@@ -24,7 +24,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
-from typing import Optional, Union
+import shlex
+import shutil
+import sys
+from typing import Optional, Sequence, Union
 
 PathLike = Union[str, os.PathLike]
 
@@ -124,6 +127,30 @@ def checkpoint_step(round_idx: int, epochs_done: int, epochs_per_round: int) -> 
     return round_idx * (epochs_per_round + 1) + epochs_done
 
 
-__all__ = ["RunPaths", "seed_dir", "checkpoint_step", "round_of", "CONFIG", "INIT", "CHECKPOINTS",
+def python_command(cwd: Optional[os.PathLike] = None) -> str:
+    """How a printed command names this interpreter: ``python`` where that is what the
+    shell finds first on PATH, else its path (relative to the working directory ``cwd``,
+    default the current one, when under it, e.g. ``.venv/bin/python``), so a command
+    copied from the screen finds the installed package."""
+    exe = os.path.abspath(sys.executable)
+    found = shutil.which("python")
+    if found and os.path.abspath(found) == exe:
+        return "python"
+    try:
+        return str(pathlib.Path(exe).relative_to(pathlib.Path(cwd or os.getcwd()).absolute()))
+    except ValueError:
+        return exe
+
+
+def command(module: str, argv: Sequence[str] = (), imports: Sequence[str] = ()) -> str:
+    """The shell command that runs ``python -m module`` with ``--import`` of each of
+    ``imports`` (where they are not in ``argv`` already), then ``argv``."""
+    argv = list(argv)
+    extra = [x for m in imports if m not in argv for x in ("--import", m)]
+    return " ".join([python_command(), "-m", module] + ([shlex.join(extra + argv)]
+                                                          if extra + argv else []))
+
+
+__all__ = ["python_command", "command", "RunPaths", "seed_dir", "checkpoint_step", "round_of", "CONFIG", "INIT", "CHECKPOINTS",
            "LOG", "SUMMARY_JSON", "SUMMARY_CSV", "LOCK", "FINAL", "BEST", "ROUND_PREFIX",
            "OUTPUT", "PLOTS"]

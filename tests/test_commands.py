@@ -440,7 +440,8 @@ def test_ctrl_c_names_the_resume_command_and_resume_finishes_the_run(tmp_path):
     save = tmp_path / "run"
     checkpoints = paths.RunPaths.of(save).checkpoints
     argv = flags + ["--save_dir", str(save)]
-    line = f"interrupted; resume with: python -m experiments.run {shlex.join(argv)} --resume"
+    line = (f"interrupted; resume with: {paths.python_command(ROOT)} -m experiments.run "
+            f"{shlex.join(argv)} --resume")
 
     # While XLA compiles the first epoch's program (an empty cache: nothing to load).
     proc = start_child(argv, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "cold_cache"))
@@ -491,12 +492,13 @@ def test_ctrl_c_stops_a_sweep_and_its_cells_and_the_same_command_resumes(tmp_pat
         ckpt.latest_step(paths.RunPaths.of(c).checkpoints) is not None for c in cells), "sweep")
     assert proc.returncode == 130, err
     assert err.strip().splitlines() == [
-        f"interrupted; resume with: python -m experiments.sweep {shlex.join(argv)}"], err
+        f"interrupted; resume with: {paths.python_command(tmp_path)} -m experiments.sweep "
+        f"{shlex.join(argv)}"], err
     assert seconds < 3.0, seconds
     for c in cells:  # the cells' process is gone too: nothing holds their locks
         with runlock.RunLock(c):
             pass
-    assert "interrupted; resume with: python -m experiments.sweep" in \
+    assert f"interrupted; resume with: {paths.python_command(tmp_path)} -m experiments.sweep" in \
            paths.RunPaths.of(cells[0]).output.read_text()
     proc = start()
     out, err = proc.communicate(timeout=300)
@@ -504,3 +506,94 @@ def test_ctrl_c_stops_a_sweep_and_its_cells_and_the_same_command_resumes(tmp_pat
     assert "resuming seed=0, seed=1 as one program" in out or "resuming seed=" in out, out
     for c in cells:
         assert len(json.loads(paths.RunPaths.of(c).summary_json.read_text())) == 2
+
+
+# --------------------------------------------------------------------------- plugins
+
+PLUGIN = '''
+import flax.linen as nn
+import jax.numpy as jnp
+from rsst_jax import nets
+
+
+class CNN3(nn.Module):
+    num_classes: int
+    widths: tuple = (8, 8, 16)
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        for i, width in enumerate(self.widths):
+            x = nn.Conv(width, (3, 3), strides=2, padding=1, use_bias=False, dtype=self.dtype,
+                        name=f"conv{i + 1}")(x)
+            x = nn.BatchNorm(use_running_average=not train, name=f"bn{i + 1}",
+                             dtype=self.dtype)(x)
+            x = nn.relu(x)
+        return nn.Dense(self.num_classes, name="fc")(jnp.mean(x, axis=(1, 2)))
+
+
+nets.register_net("plugin_cnn3")(lambda num_classes, **kw: CNN3(num_classes, **kw))
+
+
+@nets.register_rebuild(CNN3)
+def narrower(model, shapes, keep):
+    return model.clone(widths=tuple(nets.kernel_width(shapes, f"conv{i + 1}") for i in range(3)))
+'''
+
+
+@pytest.mark.slow
+def test_a_network_registered_in_your_module_runs_and_reads_everywhere(tmp_path):
+    """--import MODULE on run, plot, compare, analyze and compact: a network registered in
+    the user's own module trains, and the commands the run prints (with the interpreter
+    and the --import that work) read its results; without --import, one line that says
+    how to register, exit 2."""
+    (tmp_path / "myplugin.py").write_text(PLUGIN)
+    flags = ("--dataset digits --arch plugin_cnn3 --epochs 1 --pruning_times 2 --batch_size 128 "
+             "--lr 0.1 --warmup 0 --decreasing_lr 100 --eval_batch_size 270 --struct refill "
+             "--save_dir run")
+    proc = shell(f"experiments.run {flags}", tmp_path)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 2 and "--import MODULE" in one_error_line(err), err
+    assert "register_net" in err
+    proc = shell(f"experiments.run --import myplugin {flags}", tmp_path)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    nxt = [line for line in out.splitlines() if line.startswith("next: ")][-1][len("next: "):]
+    commands = [c.strip() for c in nxt.split("|")]
+    py = paths.python_command(tmp_path)
+    assert [c.split()[:5] for c in commands] == [
+        [py, "-m", f"experiments.{name}", "--import", "myplugin"]
+        for name in ("compare", "plot", "analyze")]
+    for command in commands:  # each printed command works as printed
+        proc = shell(command.split(" -m ", 1)[1], tmp_path)
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, (command, err[-2000:])
+    assert (tmp_path / "run" / "plots" / "rounds.png").is_file()
+    proc = shell("experiments.compact run --out small", tmp_path)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 2 and "--import" in one_error_line(err), err
+    proc = shell("experiments.compact --import myplugin run --out small --runs 1 "
+                 "--batch_sizes 1 --eval_images 16", tmp_path)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+
+
+@pytest.mark.parametrize("name, argv", [
+    ("run", ["--dataset", "digits", "--epoch", "1", "--dry_run"]),
+    ("sweep", ["--out", "{tmp}/s", "--grid", "seed=0", "--dry", "--base", "--dataset digits"]),
+    ("compare", ["{tmp}", "--plo", "x.png"]),
+    ("plot", ["{tmp}", "--onl", "rounds"]),
+    ("analyze", ["{tmp}", "--appr"]),
+    ("compact", ["{tmp}", "--out", "{tmp}/c", "--approx"]),
+    ("bench", ["--epoch", "1"]),
+])
+def test_no_command_takes_an_abbreviated_flag(name, argv, tmp_path, capsys):
+    """--epoch is not taken for --epochs (nor any other prefix of a flag)."""
+    import importlib
+    command = importlib.import_module(f"experiments.{name}")
+    try:
+        code = command.main([a.format(tmp=tmp_path) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and "unrecognized arguments" in err, err

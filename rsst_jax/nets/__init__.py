@@ -42,6 +42,12 @@ def net_options(name: str) -> List[str]:
     return [p for p in params if p != "num_classes"]
 
 
+def registered_module(name: str):
+    """The module whose factory is registered as ``name`` (None for an unknown name)."""
+    factory = _REGISTRY.get(name)
+    return None if factory is None else getattr(factory, "__module__", None)
+
+
 def available_nets() -> List[str]:
     """Sorted names of the registered networks."""
     return sorted(_REGISTRY)
@@ -88,6 +94,6 @@ from rsst_jax.nets.resnet import ResNet  # noqa: E402,F401
 from rsst_jax.nets.resnet_cifar import ResNetCifar  # noqa: E402,F401
 from rsst_jax.nets.vgg import VGG  # noqa: E402,F401
 
-__all__ = ["register_net", "get_net", "available_nets", "net_options",
+__all__ = ["register_net", "get_net", "available_nets", "net_options", "registered_module",
            "register_rebuild", "get_rebuild", "rebuild_families", "kernel_width",
            "ResNetCifar", "ResNet", "VGG", "MobileNet"]
