@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--bn_recalibrate", type=int, default=0, metavar="N",
                     help="first re-estimate the BatchNorm statistics over N training batches "
                          "(as experiments.run --bn_recalibrate; batches of the run's "
-                         "--batch_size); the compact network keeps them (0: off)")
+                         "--batch_size); the compact network keeps them (default: 0, off)")
     ap.add_argument("--json", action="store_true", help="print one JSON object, not a table")
     cli.add_import_flag(ap)
     return ap
