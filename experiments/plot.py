@@ -213,7 +213,7 @@ def plot_lambda(run: runs_lib.Run, path: pathlib.Path) -> bool:
             ax.plot(epochs, ys, color=color, label=f"round {r}", **style)
             if key == "reg_lambda":
                 lambdas += [y for y in ys if y is not None]
-    for ax, (key, ylabel, title) in zip(axes, panels):
+    for ax, (_, ylabel, title) in zip(axes, panels):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch of the round")
         ax.set_ylabel(ylabel)
@@ -307,7 +307,7 @@ def channels_figure(run: runs_lib.Run):
     """Heatmaps layers x rounds of ``channel_panels``."""
     plt = _pyplot()
     layers, rounds, panels = channel_panels(run)
-    names = [l[: -len("/kernel")] if l.endswith("/kernel") else l for l in layers]
+    names = [name[: -len("/kernel")] if name.endswith("/kernel") else name for name in layers]
     height = max(3.5, 0.28 * len(layers) + 1.8)
     width = max(8.0 if len(panels) == 2 else 5.0,
                 len(panels) * (0.45 * len(rounds) + 1.5) + 3.0)

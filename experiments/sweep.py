@@ -373,7 +373,7 @@ def run_inprocess(programs: Sequence[Sequence[Cell]], log=print, record=lambda: 
         _announce(program, log)
         start = time.time()
         try:
-            code = cli.run_command(lambda: train(program_configs(program)))
+            code = cli.run_command(lambda program=program: train(program_configs(program)))
             detail = ""
         except Exception as e:  # noqa: BLE001  a crash in one program must not lose the others
             code, detail = 1, f"{e.__class__.__name__}: {cli.one_line(e)[:300]}"
@@ -471,7 +471,7 @@ class Subprocesses:
                 for c in program:
                     c.path.mkdir(parents=True, exist_ok=True)
                     logs.append(paths_lib.RunPaths.of(c.path).output)
-                _announce(program, lambda m: self.log(
+                _announce(program, lambda m, device=device: self.log(
                     m + (f" on device {device}" if device else "")))
                 proc = subprocess.Popen(self.command(program), stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, env=self.env(device))

@@ -365,7 +365,7 @@ def validate(cfg: Config) -> Config:
     mults = p.rate_multipliers
     need(all(0 <= p.rate * mult < 1 for mult in mults),
          f"--rate_schedule multipliers times --rate must stay in [0, 1): {p.rate_schedule}")
-    p.layer_rate_map  # parses or raises
+    layer_rates = p.layer_rate_map  # parses --layer_rates or raises ConfigError
     if p.prune_type == "rewind_lt":
         need(0 <= p.rewind_epoch < o.epochs,
              f"--rewind_epoch {p.rewind_epoch} must be below --epochs {o.epochs} "
@@ -391,11 +391,11 @@ def validate(cfg: Config) -> Config:
     need(o.warmup <= o.epochs,
          f"--warmup {o.warmup} is longer than --epochs {o.epochs}: the learning rate would "
          f"never reach --lr; pass a --warmup of at most {o.epochs} (e.g. --warmup 0)")
-    if p.layer_rate_map:
+    if layer_rates:
         need(p.prune_method == "magnitude",
              f"--layer_rates applies to --prune_method magnitude, not {p.prune_method}")
         top = p.rate * max(mults)
-        for pattern, mult in p.layer_rate_map.items():
+        for pattern, mult in layer_rates.items():
             need(mult >= 0 and top * mult < 1,
                  f"--layer_rates {pattern}={mult}: --rate {p.rate} times it must stay in [0, 1) "
                  f"(1 or more would remove every remaining weight of those layers)")

@@ -344,7 +344,7 @@ def hutchinson_diag(f: Callable[[Any], jax.Array], params: Any, key: jax.Array, 
 
     def add_probe(i, acc):
         ks = jax.random.split(jax.random.fold_in(key, i), len(leaves))
-        v = treedef.unflatten([jax.random.rademacher(k, l.shape, l.dtype) for k, l in zip(ks, leaves)])
+        v = treedef.unflatten([jax.random.rademacher(k, leaf.shape, leaf.dtype) for k, leaf in zip(ks, leaves)])
         _, hv = jax.jvp(grad_f, (params,), (v,))
         return jax.tree_util.tree_map(lambda a, vi, hvi: a + vi * hvi, acc, v, hv)
 

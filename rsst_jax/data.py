@@ -478,8 +478,10 @@ def augment(key: jax.Array, images_uint8: jax.Array, *, flip: bool,
     if pad > 0:
         padded = jnp.pad(images_uint8, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
         offsets = jax.random.randint(key_crop, (n, 2), 0, 2 * pad + 1)
-        crop = lambda image, off: jax.lax.dynamic_slice(image, (off[0], off[1], 0),
-                                                        (h, w, c))
+
+        def crop(image, off):
+            return jax.lax.dynamic_slice(image, (off[0], off[1], 0), (h, w, c))
+
         out = jax.vmap(crop)(padded, offsets)
     if flip:
         flipped = jax.random.bernoulli(key_flip, 0.5, (n,))

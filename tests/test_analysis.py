@@ -187,7 +187,8 @@ def test_analyze_json_of_a_best_checkpoint(quick, res8_registered, capsys):
     assert (result["kind"], result["round"], result["arch"], result["arch_from"]) == \
            ("best", 0, "res8s_narrow", "checkpoint")  # best checkpoints name their network
     report = masks_lib.report(tree["masks"], tree["params"])
-    assert [(l["path"], l["kept"], l["total"], l["channels_kept"], l["nonzero"]) for l in result["layers"]] == \
+    assert [(layer["path"], layer["kept"], layer["total"], layer["channels_kept"], layer["nonzero"])
+            for layer in result["layers"]] == \
            [(r.path, r.kept, r.total, r.channels_kept, r.nonzero) for r in report]
     total = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(tree["params"]))
     assert result["params"]["total"] == total and result["params"]["prunable"] == sum(r.total for r in report)

@@ -105,7 +105,7 @@ def test_more_batches_than_an_epoch_has_is_bad_input(tmp_path, monkeypatch, caps
 from test_compact import ticket  # noqa: E402,F401  (a res20s ticket in the run layout)
 
 
-def test_compact_re_estimates_the_statistics_it_keeps(ticket, tmp_path, capsys):
+def test_compact_re_estimates_the_statistics_it_keeps(ticket, tmp_path, capsys):  # noqa: F811 (the fixture)
     from experiments import compact as compact_cmd
     from rsst_jax import data as data_lib
     root, model, masked = ticket

@@ -37,7 +37,9 @@ def make_toy(seed, c1=4, c2=6, hw=6, n=5):
     y = rng.integers(0, 3, size=n).astype(np.int32)
     v = jax.jit(model.init)(jax.random.key(seed), x)
     params = dict(v["params"])
-    f32 = lambda a: np.asarray(a, np.float32)
+    def f32(a):
+        return np.asarray(a, np.float32)
+
     # Non-trivial BatchNorm: eval mode must use these running statistics.
     params["bn2"] = {"scale": f32(1 + 0.3 * rng.normal(size=c2)), "bias": f32(0.2 * rng.normal(size=c2))}
     stats = {"bn2": {"mean": f32(0.1 * rng.normal(size=c2)), "var": f32(rng.uniform(0.5, 2.0, size=c2))}}
@@ -289,7 +291,9 @@ def test_hessian_needs_key(toy):
 
 def test_hutchinson_exact_for_diagonal_hessian():
     a = jnp.array([0.5, -2.0, 3.0, 7.0])
-    f = lambda w: 0.5 * jnp.sum(a * w["u"] ** 2) + jnp.sum(w["v"] ** 4)
+    def f(w):
+        return 0.5 * jnp.sum(a * w["u"] ** 2) + jnp.sum(w["v"] ** 4)
+
     w = {"u": jnp.ones(4), "v": jnp.array([1.0, -2.0])}
     d = hutchinson_diag(f, w, jax.random.key(0), 1)  # v_i^2 = 1: one probe is exact
     np.testing.assert_allclose(d["u"], a, rtol=1e-6)
@@ -300,7 +304,9 @@ def test_hutchinson_within_its_variance():
     rng = np.random.default_rng(0)
     b = rng.normal(size=(12, 12))
     h = (b + b.T) / 2
-    f = lambda w: 0.5 * w @ jnp.asarray(h, jnp.float32) @ w
+    def f(w):
+        return 0.5 * w @ jnp.asarray(h, jnp.float32) @ w
+
     samples = 400
     d = hutchinson_diag(f, jnp.zeros(12), jax.random.key(1), samples)
     # Per probe, v_i (Hv)_i = H_ii + sum_{j!=i} H_ij v_i v_j: variance sum_{j!=i} H_ij^2.

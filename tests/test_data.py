@@ -192,9 +192,9 @@ def test_fashion_mnist_system_copy():
 def _cifar_pickle(images, labels, label_key):
     # The archive stores each image channel-major: 1024 R, 1024 G, 1024 B values.
     batch = {b"data": images.transpose(0, 3, 1, 2).reshape(len(images), 3072),
-             label_key: [int(l) for l in labels]}
+             label_key: [int(label) for label in labels]}
     if label_key == b"fine_labels":
-        batch[b"coarse_labels"] = [int(l) // 5 for l in labels]
+        batch[b"coarse_labels"] = [int(label) // 5 for label in labels]
     return pickle.dumps(batch)
 
 

@@ -5,7 +5,6 @@ ValueError with a message.
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 
@@ -312,7 +311,7 @@ def test_mask_functions_succeed_or_raise_value_error(data):
             scores = [scores]
         out, ok = _call(masks_lib.refill, masks, scores, rate)
         if ok:
-            for m, s in zip(_leaves(out), _leaves(masks)):
+            for m, _ in zip(_leaves(out), _leaves(masks)):
                 if m is not None:
                     per = np.asarray(m).reshape(-1, m.shape[-1])
                     assert np.all(per.all(0) | ~per.any(0))  # whole channels

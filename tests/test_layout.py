@@ -5,7 +5,10 @@ parses command lines nor reaches into ``experiments``; ``rsst_jax.compact`` is t
 function from the package and the module holding it is not callable.
 """
 import ast
+import importlib.util
 import pathlib
+import shutil
+import subprocess
 import sys
 
 import pytest
@@ -108,3 +111,20 @@ def test_no_class_in_the_library_is_longer_than_150_lines():
             if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > 150:
                 long.append(f"{path.relative_to(ROOT)}:{node.name}")
     assert not long, long
+
+
+def _ruff() -> list[str] | None:
+    if importlib.util.find_spec("ruff") is not None:
+        return [sys.executable, "-m", "ruff"]
+    exe = shutil.which("ruff")
+    return [exe] if exe else None
+
+
+def test_ruff_is_clean():
+    """``ruff check`` with the project's configuration (pyproject.toml) finds nothing."""
+    ruff = _ruff()
+    if ruff is None:
+        pytest.skip("ruff is not installed (pip install -e '.[test]' installs it)")
+    proc = subprocess.run(ruff + ["check", "--no-cache", "--config", str(ROOT / "pyproject.toml"),
+                                  "."], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

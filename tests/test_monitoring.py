@@ -1,7 +1,6 @@
 """Watching runs: TensorBoard event files (written without TensorFlow, read back here)
 and Weights & Biases in offline mode."""
 import json
-import os
 import shutil
 import struct
 import sys

@@ -124,7 +124,7 @@ def test_pretrained_page_runs_as_written(tmp_path):
 
 
 def _commands(name: str, lang: str) -> list[list[str]]:
-    return [shlex.split(cmd) for l, code, _ in doc_blocks(DOCS / name) if l == lang
+    return [shlex.split(cmd) for block_lang, code, _ in doc_blocks(DOCS / name) if block_lang == lang
             for cmd in bash_commands(code)]
 
 
