@@ -243,7 +243,9 @@ def recalibrate_bn(engine: Engine, states, n: int):
     program = getattr(engine, "_bn_program", None)
     if program is None:
         fn = train_lib.make_bn_recalibration(engine.model, engine.step_cfg)
-        program = jax.jit(train_lib.ticket_map(fn, engine.k, (0, None, None)))
+        program = parallel.jit_over_tickets(  # each device its own tickets' statistics
+            train_lib.ticket_map(fn, engine.k_per_device, (0, None, None)),
+            engine.ticket_mesh, (True, False, False))
         engine._bn_program = program
     stats = program(states.variables, engine.dev["train_x"], bn_batches(engine, n))
     return states.replace(batch_stats=stats)
