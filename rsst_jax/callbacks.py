@@ -25,7 +25,6 @@ import csv
 import io
 import json
 import os
-import pathlib
 import secrets
 
 import numpy as np
@@ -34,6 +33,7 @@ from rsst_jax import checkpoint as ckpt
 from rsst_jax import config as config_lib
 from rsst_jax import paths as paths_lib
 from rsst_jax import rounds, runlock
+from rsst_jax.paths import atomic_write  # defined in paths (starting needs it too); kept importable here
 
 SUMMARY_FIELDS = ("round", "remaining_weight_pct", "channel_sparsity_pct", "best_val_acc",
                   "best_val_epoch", "test_acc_at_best_val", "final_val_acc", "final_test_acc",
@@ -64,14 +64,6 @@ class Callback:
     def round_end(self, run, r: int, rows: list): pass
     def run_finished(self, run): pass
     def run_end(self, run): pass
-
-
-def atomic_write(path: pathlib.Path, text: str) -> None:
-    """``path`` gets ``text`` whole or not at all (a temporary file renamed over it)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def epoch_line(row: dict, epochs: int) -> str:

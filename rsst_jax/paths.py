@@ -127,6 +127,24 @@ def checkpoint_step(round_idx: int, epochs_done: int, epochs_per_round: int) -> 
     return round_idx * (epochs_per_round + 1) + epochs_done
 
 
+class RunDirError(ValueError):
+    """A path that is not a readable run or checkpoint; the message says what was expected."""
+
+
+def is_run_dir(path: PathLike) -> bool:
+    """True when ``path`` looks like a ``--save_dir`` (summary, log or config file present)."""
+    run = RunPaths.of(path)
+    return run.root.is_dir() and any(f.is_file() for f in (run.summary_json, run.log, run.config))
+
+
+def atomic_write(path: pathlib.Path, text: str) -> None:
+    """``path`` gets ``text`` whole or not at all (a temporary file renamed over it)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def python_command(cwd: Optional[os.PathLike] = None) -> str:
     """How a printed command names this interpreter: ``python`` where that is what the
     shell finds first on PATH, else its path (relative to the working directory ``cwd``,
@@ -151,6 +169,6 @@ def command(module: str, argv: Sequence[str] = (), imports: Sequence[str] = ()) 
                                                           if extra + argv else []))
 
 
-__all__ = ["python_command", "command", "RunPaths", "seed_dir", "checkpoint_step", "round_of", "CONFIG", "INIT", "CHECKPOINTS",
+__all__ = ["python_command", "command", "RunPaths", "RunDirError", "is_run_dir", "atomic_write", "seed_dir", "checkpoint_step", "round_of", "CONFIG", "INIT", "CHECKPOINTS",
            "LOG", "SUMMARY_JSON", "SUMMARY_CSV", "LOCK", "FINAL", "BEST", "ROUND_PREFIX",
            "OUTPUT", "PLOTS"]

@@ -17,22 +17,14 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 from rsst_jax import config as config_lib
 from rsst_jax import paths as paths_lib
+# Defined beside the layout (rsst_jax.tickets needs them too; no import cycle); read here.
+from rsst_jax.paths import RunDirError, is_run_dir
 
 # Columns every summary row of this layout has; a row without them is another layout.
 _REQUIRED_SUMMARY = ("round", "remaining_weight_pct", "channel_sparsity_pct", "final_test_acc")
 
 
-class RunDirError(ValueError):
-    """A path that is not a readable run or checkpoint; the message says what was expected."""
-
-
 # --------------------------------------------------------------------------- runs
-
-
-def is_run_dir(path: str | pathlib.Path) -> bool:
-    """True when ``path`` looks like a ``--save_dir`` (summary, log or config file present)."""
-    run = paths_lib.RunPaths.of(path)
-    return run.root.is_dir() and any(f.is_file() for f in (run.summary_json, run.log, run.config))
 
 
 def _read_json(path: pathlib.Path) -> Any:

@@ -22,7 +22,7 @@ from rsst_jax import config as config_lib
 from rsst_jax import masks as masks_lib
 from rsst_jax import pretrained as pretrained_lib
 from rsst_jax import parallel, regularizers, rounds
-from rsst_jax.callbacks import atomic_write
+from rsst_jax.paths import atomic_write
 from rsst_jax.engine import hyper_of
 
 

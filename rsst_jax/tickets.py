@@ -30,12 +30,11 @@ import pathlib
 from typing import Any, Optional, Sequence
 
 from rsst_jax import paths as paths_lib
-from rsst_jax import runs as runs_lib
 
 KINDS = (paths_lib.FINAL, paths_lib.BEST)
 
 
-class TicketError(runs_lib.RunDirError):
+class TicketError(paths_lib.RunDirError):
     """A path that holds no usable ticket, or a network that does not fit its arrays."""
 
 
@@ -62,7 +61,7 @@ class CheckpointRef:
     def run_dir(self) -> Optional[pathlib.Path]:
         """The run directory this checkpoint lies in, if any."""
         for parent in (self.directory.parent, self.directory.parent.parent):
-            if runs_lib.is_run_dir(parent):
+            if paths_lib.is_run_dir(parent):
                 return parent
         return None
 
@@ -144,7 +143,7 @@ def resolve(path, *, round_idx: Optional[int] = None, kind: str = paths_lib.FINA
             raise TicketError(f"{p} has no {kind}/ checkpoint (the round has not finished?)")
         return _ref(p / kind)
     run = paths_lib.RunPaths.of(p)
-    if runs_lib.is_run_dir(p) or run.rounds():
+    if paths_lib.is_run_dir(p) or run.rounds():
         refs = [r for r in list_checkpoints(p) if r.kind == kind]
         if round_idx is not None:
             refs = [r for r in refs if r.round == round_idx]

@@ -128,3 +128,115 @@ def test_ruff_is_clean():
     proc = subprocess.run(ruff + ["check", "--no-cache", "--config", str(ROOT / "pyproject.toml"),
                                   "."], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def library_imports(path: pathlib.Path, modules: set[str], root: pathlib.Path = ROOT) -> set[str]:
+    """The modules of ``modules`` that the file imports, at module level or inside
+    functions, leaving out ``if TYPE_CHECKING:`` blocks. ``from p import x`` names the
+    module ``p.x`` where that is one of ``modules``, else ``p``."""
+    rel = path.relative_to(root).as_posix()
+    package = _module_name(rel).split(".")
+    if not rel.endswith("__init__.py"):
+        package = package[:-1]
+    out: set[str] = set()
+
+    def visit(node):
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name in modules)
+        elif isinstance(node, ast.ImportFrom):
+            base = package[:len(package) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            for alias in node.names:
+                sub = f"{module}.{alias.name}"
+                if sub in modules:
+                    out.add(sub)
+                elif module in modules:
+                    out.add(module)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text(), filename=rel))
+    return out - {_module_name(rel)}
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle (a list of modules, the first repeated at the end) per strongly
+    connected component of more than one module (Tarjan)."""
+    index, low, stack, on_stack, comps = {}, {}, [], set(), []
+
+    def connect(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                connect(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                comps.append(set(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            connect(v)
+    cycles = []
+    for comp in comps:  # a shortest path back to the component's first module
+        start = min(comp)
+        paths = {start: [start]}
+        frontier = [start]
+        while frontier and start not in {w for v in frontier for w in graph[v]}:
+            nxt = []
+            for v in frontier:
+                for w in sorted(graph[v] & comp):
+                    if w not in paths:
+                        paths[w] = paths[v] + [w]
+                        nxt.append(w)
+            frontier = nxt
+        last = next(v for v in frontier if start in graph[v])
+        cycles.append(paths[last] + [start])
+    return cycles
+
+
+def test_import_cycles_finds_a_cycle_through_a_function_level_import(tmp_path):
+    pkg = tmp_path / "rsst_jax"
+    pkg.mkdir()
+    (pkg / "a.py").write_text("from rsst_jax import b\n")
+    (pkg / "b.py").write_text("def f():\n    from . import a\n")
+    (pkg / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                              "    from rsst_jax import a\n")
+    modules = {"rsst_jax.a", "rsst_jax.b", "rsst_jax.c"}
+    graph = {f"rsst_jax.{n}": library_imports(pkg / f"{n}.py", modules, tmp_path)
+             for n in "abc"}
+    assert graph["rsst_jax.c"] == set()
+    assert import_cycles(graph) == [["rsst_jax.a", "rsst_jax.b", "rsst_jax.a"]]
+
+
+def test_no_import_cycle_between_library_modules():
+    files = {_module_name(p.relative_to(ROOT).as_posix()): p
+             for p in sorted(PACKAGE.rglob("*.py"))}
+    modules = set(files)
+    graph = {m: library_imports(p, modules) for m, p in files.items()}
+    # A package's __init__ gathers its modules' public names: importing from the package
+    # is importing those modules, so its own edges into the package are not a cycle.
+    for package in [m for m, p in files.items() if p.name == "__init__.py"]:
+        graph[package] = {m for m in graph[package] if not _is_within(m, package)}
+    cycles = [" -> ".join(c) for c in import_cycles(graph)]
+    assert not cycles, cycles
