@@ -29,6 +29,7 @@ import pathlib
 import select
 import signal
 import sys
+import tempfile
 import threading
 from typing import Any, Callable, Optional, Sequence
 
@@ -422,14 +423,24 @@ def check_paths(cfg: config_lib.Config) -> None:
 
 def _unwritable(path) -> Optional[str]:
     """Why directory ``path`` can be neither made nor written (judged by its nearest
-    existing ancestor), or None."""
-    existing = pathlib.Path(path).absolute()
+    existing ancestor), or None. Some file systems refuse what the permissions allow
+    (/proc, /sys, a read-only mount, where root may write everywhere): a directory is
+    made there and removed at once, so nothing is left behind."""
+    target = pathlib.Path(path).absolute()
+    existing = target
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
         return f"{existing} is a file"
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"{existing}: permission denied"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".rsst-jax-probe-", dir=existing))
+    except OSError as e:
+        if existing == target:
+            return f"no directory can be made in {target}: {e.strerror or e}"
+        first = existing / target.relative_to(existing).parts[0]
+        return f"{first} cannot be created: {e.strerror or e}"
     return None
 
 

@@ -175,6 +175,24 @@ def _main(argv, capsys):
     return code, out.out, out.err
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="no proc file system here")
+@pytest.mark.parametrize("dry", [True, False])
+def test_a_save_dir_that_cannot_be_created_is_refused_naming_it(dry, capsys):
+    # /proc refuses new directories even to root, whom the permission bits let write.
+    code, out, err = _main(["--dataset", "digits", "--save_dir", "/proc/rsst_test_run/x"]
+                           + (["--dry_run"] if dry else []), capsys)
+    assert code == 2, (out, err)
+    assert err.count("\n") == 1 and err.startswith("error: --save_dir /proc/rsst_test_run/x "), err
+    assert "/proc/rsst_test_run cannot be created" in err and "new run" not in out
+
+
+def test_the_writability_probe_leaves_nothing_behind(tmp_path):
+    from experiments import cli
+    assert cli._unwritable(tmp_path / "a" / "b") is None
+    assert cli._unwritable(tmp_path) is None
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.fixture
 def cfg_file(tmp_path):
     def write(text: str, suffix: str = ".yaml") -> str:
