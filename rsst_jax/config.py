@@ -1,8 +1,8 @@
 """Run configuration: typed groups of plain values, nothing else.
 
 A :class:`Config` is six frozen groups, each a dataclass whose field names are the
-command-line flags (the PyTorch reference's ``main_imp_fillback.py`` names, SPEC
-section 4): :class:`DataConfig`, :class:`ModelConfig`, :class:`OptimConfig`,
+command-line flags (the PyTorch reference's ``main_imp_fillback.py`` names,
+docs/SPEC.md section 4): :class:`DataConfig`, :class:`ModelConfig`, :class:`OptimConfig`,
 :class:`PruneConfig`, :class:`RSSTConfig` and :class:`RunConfig`. Saved and replayed
 as one flat mapping (``config.json``, ``--config`` files): ``to_dict``/``from_dict``.
 

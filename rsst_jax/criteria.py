@@ -1,4 +1,4 @@
-"""Channel scores for Refill/RSST (SPEC section 3), in a registry of criteria.
+"""Channel scores for Refill/RSST (docs/SPEC.md section 3), in a registry of criteria.
 
 `channel_scores(criterion, apply_fn, variables, masks, batch)` returns a pytree with the
 structure of `variables['params']`: a float32 `[C]` array per prunable leaf (where
@@ -10,7 +10,7 @@ output: the module whose parameters hold the kernel (module path = the kernel's 
 without its last name) is intercepted with `flax.linen.intercept_methods` while the
 model runs, so no layer is found by a model-specific name. Each layer's score comes
 from its own output, summed per channel (last axis), never from another layer's
-(SPEC section 8).
+(docs/SPEC.md section 8).
 
 A criterion is one decorated function::
 
@@ -251,8 +251,9 @@ def channel_scores(
       key: PRNG key (needed by `hessian`); split over the batches.
       hessian_samples: Rademacher probes per batch for `hessian`.
       kernel_masks: masks applied to the kernels that are scored (default `masks`);
-        `remain` always counts `masks`. SPEC: the trained weights as they were before
-        the round's prune (pass that round's masks here), with the new mask in `masks`.
+        `remain` always counts `masks`. docs/SPEC.md section 3: the trained weights as
+        they were before the round's prune (pass that round's masks here), with the new
+        mask in `masks`.
 
     Returns:
       Pytree with the structure of `variables['params']`: float32 `[C]` per prunable leaf,
@@ -285,7 +286,7 @@ def channel_scores(
 
 
 # ---------------------------------------------------------------------------------------
-# The criteria of SPEC section 3.
+# The criteria of docs/SPEC.md section 3.
 
 
 @register_criterion("remain", per_batch=False)

@@ -15,7 +15,7 @@ Conventions shared by every function here:
 * A count ``round(rate * n)`` is computed as ``jnp.round(float32(rate) * float32(n))``
   (round half to even, like Python's ``round``) so that it stays traceable when ``n``
   depends on mask contents; a per-layer rate is formed in float64, clipped, then cast.
-  ``refill``'s ``k`` instead follows the SPEC formula in Python float64 exactly.
+  ``refill``'s ``k`` instead follows the docs/SPEC.md formula in Python float64 exactly.
 * Rates, scopes and ``layer_rates`` are static (Python values); masks, params, scores
   and keys may be traced, so one compiled program serves every mask with the same
   structure. Eager calls run jitted cores, compiled once per structure (and scope).
@@ -523,7 +523,8 @@ def filter_prune(params: PyTree, masks: PyTree, rate: float, *, layer_rates: Any
 
 
 def _refill_k_python(kept: int, c: int, f: int, fillback_rate: float) -> int:
-    """SPEC section 2 step 2, without the max(1, .): ``int(n + (C - n) * fillback_rate)``."""
+    """docs/SPEC.md section 2 step 2, without the max(1, .):
+    ``int(n + (C - n) * fillback_rate)``."""
     n = kept / f
     return int(n + (c - n) * fillback_rate)
 
@@ -532,7 +533,7 @@ def _refill_k_python(kept: int, c: int, f: int, fillback_rate: float) -> int:
 def _refill_thresholds(c: int, f: int, fillback_rate: float) -> np.ndarray:
     """``thr[j-1]`` = fewest kept entries for which the k formula gives at least ``j`` (j = 1..C).
 
-    The formula is evaluated in Python float64 (exactly as written in the SPEC) outside
+    The formula is evaluated in Python float64 (exactly as written in docs/SPEC.md) outside
     the traced code; inside, ``k = max(1, sum(kept >= thr))`` has no float32 surprises.
     """
     total = c * f
@@ -586,7 +587,7 @@ def refill_channels(masks: PyTree, scores: PyTree, fillback_rate: float = 0.0) -
 
 
 def refill(masks: PyTree, scores: PyTree, fillback_rate: float = 0.0) -> PyTree:
-    """Channel-wise mask (SPEC section 2 step 2).
+    """Channel-wise mask (docs/SPEC.md section 2 step 2).
 
     For a prunable leaf with ``C`` output channels and ``F = size / C`` entries per
     channel, ``n = kept / F`` and ``k = max(1, int(n + (C - n) * fillback_rate))``

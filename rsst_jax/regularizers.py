@@ -4,7 +4,7 @@ A schedule is a pure function of the optimizer step ``t`` (0-based, the number o
 updates already applied in the round), returning a float32 scalar, usable like an
 optax schedule and safe to call with a traced step inside ``jax.jit``.
 
-Notation (SPEC section 2): ``g = granularity``, ``T = total_steps`` (optimizer steps
+Notation (docs/SPEC.md section 2): ``g = granularity``, ``T = total_steps`` (optimizer steps
 in the round), progress ``p = (t+1)/T`` in (0, 1], and ``u = floor((t+1)/interval)``
 the number of regularization updates so far (one per ``update_interval`` steps).
 

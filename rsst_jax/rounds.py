@@ -1,4 +1,4 @@
-"""The iterative procedure's rounds as pure functions (SPEC section 2).
+"""The iterative procedure's rounds as pure functions (docs/SPEC.md section 2).
 
 After training round r: prune the trained weights (IMP step), structure the result for
 Refill/RSST (channel scores, refill), and plan the next round (masks with the BatchNorm

@@ -13,7 +13,7 @@ from rsst_jax import regularizers as reg
 
 
 def reference_lambda(name, T, g, interval, exponents=4.0, upper=None, per_epoch=None):
-    """float64 numpy transcription of the SPEC table, steps 0 .. T-1."""
+    """float64 numpy transcription of the docs/SPEC.md table (section 2), steps 0 .. T-1."""
     t = np.arange(T, dtype=np.float64)
     u = np.floor((t + 1) / interval)
     p = (np.mod(t, per_epoch) + 1) / per_epoch if per_epoch else (t + 1) / T
