@@ -3,8 +3,8 @@ augmentation and batching.
 
 Every loader returns a `Dataset` of uint8 NHWC images and int32 labels held in host
 memory; `to_device` moves it to the accelerator once, and the training step gathers
-batches with the indices from `epoch_batches` and augments them with `augment`, all
-inside one compiled program.
+batches with the indices from `rsst_jax.rounds.epoch_indices` and augments them with
+`augment`, all inside one compiled program.
 
 The validation split is carved out of the official training set by a fixed
 permutation (`_SPLIT_SEED`), independent of the run's seed, so runs with different seeds
@@ -20,7 +20,7 @@ import os
 import pickle
 import tarfile
 import zlib
-from typing import Callable, Iterator
+from typing import Callable
 
 import chex
 import jax
@@ -487,34 +487,3 @@ def augment(key: jax.Array, images_uint8: jax.Array, *, flip: bool,
         flipped = jax.random.bernoulli(key_flip, 0.5, (n,))
         out = jnp.where(flipped[:, None, None, None], out[:, :, ::-1, :], out)
     return out
-
-
-def num_batches(n: int, batch_size: int, drop_last: bool = True) -> int:
-    """Number of batches of `batch_size` in an epoch over `n` samples."""
-    return n // batch_size if drop_last else -(-n // batch_size)
-
-
-def epoch_batches(key: jax.Array, n: int, batch_size: int,
-                  drop_last: bool = True) -> jax.Array:
-    """Shuffled sample indices for one epoch, int32 `[num_batches, batch_size]`.
-
-    With `drop_last` every index appears at most once (the `n % batch_size` left over
-    are skipped this epoch); without it, the last batch is filled up with the first
-    indices of the permutation, so every sample appears and a few appear twice.
-    `n`, `batch_size` and `drop_last` are static.
-    """
-    count = num_batches(n, batch_size, drop_last)
-    if count == 0:
-        raise ValueError(f"{n} samples make no full batch of {batch_size}; lower the "
-                         "batch size or pass drop_last=False")
-    perm = jax.random.permutation(key, n).astype(jnp.int32)
-    size = count * batch_size
-    if size > n:  # Repeat the permutation (more than once only when n < batch_size).
-        perm = jnp.tile(perm, -(-size // n))
-    return perm[:size].reshape(count, batch_size)
-
-
-def eval_batches(n: int, batch_size: int) -> Iterator[tuple[int, int]]:
-    """`(start, stop)` bounds covering `range(n)` in order; the last batch may be short."""
-    for start in range(0, n, batch_size):
-        yield start, min(start + batch_size, n)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -327,26 +327,6 @@ def rsst_penalty(
         return new_updates, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _find_rsst_state(opt_state: Any) -> RSSTState:
-    """The one :class:`RSSTState` inside an optimizer state (e.g. an optax.chain's)."""
-    found = [s for s in jax.tree_util.tree_leaves(
-        opt_state, is_leaf=lambda x: isinstance(x, RSSTState)) if isinstance(s, RSSTState)]
-    if len(found) != 1:
-        raise ValueError(f"expected exactly one RSSTState in the optimizer state, found {len(found)}")
-    return found[0]
-
-
-def current_lambda(state: Any, schedule: Callable, reg_scale: float = 1.0) -> jnp.ndarray:
-    """lambda (times ``reg_scale``) used by the most recent update; 0 before the first.
-
-    ``state`` is an :class:`RSSTState` or any optimizer state holding exactly one (such
-    as the state of an ``optax.chain``). For logging; returns a float32 scalar.
-    """
-    count = _find_rsst_state(state).count
-    last = schedule(jnp.maximum(count - 1, 0)) * jnp.asarray(reg_scale, jnp.float32)
-    return jnp.where(count > 0, last, jnp.float32(0.0))
 
 
 def adaptive_scale(last_val_acc: Optional[float], target_acc: float) -> float:

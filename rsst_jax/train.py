@@ -132,13 +132,6 @@ class Schedules:
             progress=self.reg_progress, steps_per_epoch=self.steps_per_epoch)
 
 
-def lr_schedule(base_lr: float, steps_per_epoch: int, warmup_epochs: int,
-                milestones: tuple[int, ...], gamma: float = 0.1) -> optax.Schedule:
-    """Linear per-step warm-up over ``warmup_epochs``, then x``gamma`` at each milestone epoch."""
-    sched = Schedules(steps_per_epoch, 1, warmup_epochs, tuple(milestones), gamma)
-    return lambda step: sched.lr(step, base_lr)
-
-
 class ScaleByLRState(NamedTuple):
     count: Array  # int32, as optax's ScaleByScheduleState
 
@@ -557,7 +550,7 @@ def tree_is_finite(tree) -> bool:
 
 
 __all__ = ["OPTIMIZERS", "PRECISIONS", "FUSED_MODES", "NAN_POLICIES", "TrainState", "Hyper",
-           "Plan", "StepConfig", "Schedules", "lr_schedule", "scale_by_learning_rate_arg",
+           "Plan", "StepConfig", "Schedules", "scale_by_learning_rate_arg",
            "make_optimizer", "compute_dtype", "use_fused", "fused_unroll",
            "default_fused_steps", "create_train_state", "reset_optimizer", "make_train_step",
            "gather_step", "make_epoch_fn", "ticket_batching", "ticket_map", "over_tickets", "make_eval_step", "eval_over_tickets",

@@ -396,35 +396,6 @@ def test_augment_without_flip_never_flips():
     np.testing.assert_array_equal(out, np.broadcast_to(image, out.shape))
 
 
-def test_epoch_batches_is_a_permutation_subset():
-    batches = np.asarray(jax.jit(data.epoch_batches, static_argnums=(1, 2, 3))(
-        jax.random.key(0), 103, 10, True))
-    assert batches.shape == (10, 10) and batches.dtype == np.int32
-    assert len(np.unique(batches)) == 100 and batches.min() >= 0 and batches.max() < 103
-    other = np.asarray(data.epoch_batches(jax.random.key(1), 103, 10))
-    assert not np.array_equal(batches, other)
-
-
-def test_epoch_batches_keep_last_covers_every_sample():
-    batches = np.asarray(data.epoch_batches(jax.random.key(0), 103, 10, drop_last=False))
-    assert batches.shape == (11, 10)
-    assert set(batches.ravel()) == set(range(103))
-    small = np.asarray(data.epoch_batches(jax.random.key(0), 3, 8, drop_last=False))
-    assert small.shape == (1, 8) and set(small.ravel()) == {0, 1, 2}
-    with pytest.raises(ValueError, match="no full batch"):
-        data.epoch_batches(jax.random.key(0), 3, 8)
-
-
-def test_num_batches_and_eval_batches():
-    assert data.num_batches(103, 10) == 10
-    assert data.num_batches(103, 10, drop_last=False) == 11
-    assert data.num_batches(100, 10, drop_last=False) == 10
-    bounds = list(data.eval_batches(103, 10))
-    assert bounds[0] == (0, 10) and bounds[-1] == (100, 103) and len(bounds) == 11
-    covered = np.concatenate([np.arange(a, b) for a, b in bounds])
-    np.testing.assert_array_equal(covered, np.arange(103))
-
-
 def test_to_device(digits):
     arrays = data.to_device(digits)
     assert set(arrays) == {"train_x", "train_y", "val_x", "val_y", "test_x", "test_y"}
