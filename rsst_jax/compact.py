@@ -34,14 +34,11 @@ from flax.traverse_util import unflatten_dict
 from rsst_jax import masks as masks_lib
 from rsst_jax import nets
 from rsst_jax.channel_flow import channel_flow, decide_removal, zero_responses
+from rsst_jax.masks import _is_none
 
 __all__ = ["compact", "model_from_description"]
 
 PyTree = Any
-
-
-def _is_none(x) -> bool:
-    return x is None
 
 
 def _like(params: PyTree, values: dict[str, Any]) -> PyTree:

@@ -33,7 +33,8 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
+
+from rsst_jax.train import cross_entropy  # the training loss; saliency and hessian read it
 
 Path = tuple[str, ...]
 CriterionFn = Callable[..., Mapping[Path, jax.Array]]
@@ -107,11 +108,6 @@ def _replace_leaves(tree: Any, new: Mapping[Path, jax.Array]) -> Any:
 def per_channel_sum(a: jax.Array) -> jax.Array:
     """`[..., C] -> [C]`: sum over every axis but the last (batch, space, fan-in)."""
     return jnp.sum(a.reshape(-1, a.shape[-1]).astype(jnp.float32), axis=0)
-
-
-def cross_entropy(logits: jax.Array, y: jax.Array) -> jax.Array:
-    """Mean cross-entropy over the batch; `y` integer labels `[N]`."""
-    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y))
 
 
 # ---------------------------------------------------------------------------------------

@@ -20,15 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from rsst_jax import masks as masks_lib
+from rsst_jax.masks import _is_none
 
 __all__ = ["ModuleCall", "module_calls", "stem_kernel", "conv_bn_pairs", "bn_masks",
            "merge_masks", "masked_variables"]
 
 PyTree = Any
-
-
-def _is_none(x) -> bool:
-    return x is None
 
 
 def _join(*parts: str) -> str:

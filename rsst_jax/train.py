@@ -252,6 +252,7 @@ def reset_optimizer(state: TrainState, tx) -> TrainState:
 
 
 def cross_entropy(logits, labels):
+    """Mean cross-entropy over the batch (in float32); ``labels`` integer ``[N]``."""
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
 
 
