@@ -270,47 +270,39 @@ class RSSTState(NamedTuple):
     count: jnp.ndarray
 
 
-def rsst_penalty(
-    schedule: Optional[Callable] = None, *, block_loss_grad: bool = False
-) -> optax.GradientTransformationExtraArgs:
-    """Add ``lambda(t) * reg_scale * w`` to the gradient of every targeted weight.
+def rsst_penalty(*, block_loss_grad: bool = False) -> optax.GradientTransformationExtraArgs:
+    """Add ``lambda * w`` to the gradient of every targeted weight.
 
     The reference's ``apply_reg`` (``grad += reg * w``); with ``block_loss_grad`` the
     loss gradient of targeted weights is dropped and only the penalty acts. Chain it
     before the optimizer so the penalty passes through momentum like a gradient:
-    ``optax.chain(rsst_penalty(s), keep_pruned(), optax.sgd(lr, momentum))``.
+    ``optax.chain(rsst_penalty(), keep_pruned(), optax.sgd(lr, momentum))``.
 
-    ``update(updates, state, params, *, reg_targets=None, reg_scale=1.0, **extra)``:
+    ``update(updates, state, params, *, reg_targets=None, reg_lambda=None, **extra)``:
       reg_targets: pytree with the structure of ``params``: a bool array of the leaf's
         shape (True = penalize) for prunable leaves, ``None`` elsewhere. ``None`` as a
         whole means no penalty (the step count still advances). A traced argument: one
         compiled step serves every target content.
-      reg_scale: float multiplier on lambda (e.g. :func:`adaptive_scale`), may be traced.
-      reg_lambda: lambda itself (traced float32), used instead of
-        ``schedule(state.count) * reg_scale`` (the train step passes it: it computes
-        lambda from the ticket's own schedule values and logs the value it applied).
-    Without ``reg_lambda``, lambda uses the step ``state.count`` (0 at the first update
-    of a round) and needs ``schedule``.
+      reg_lambda: lambda (traced float32), needed with ``reg_targets``: the train step
+        computes it from the ticket's own schedule (e.g. ``lambda_schedule(...)(step)``)
+        times its scale (:func:`adaptive_scale`) and logs the value it applied.
     """
 
     def init_fn(params):
         del params
         return RSSTState(count=jnp.zeros([], jnp.int32))
 
-    def update_fn(updates, state, params=None, *, reg_targets=None, reg_scale=1.0,
-                  reg_lambda=None, **extra):
+    def update_fn(updates, state, params=None, *, reg_targets=None, reg_lambda=None,
+                  **extra):
         del extra
         new_state = RSSTState(count=optax.safe_int32_increment(state.count))
         if reg_targets is None:
             return updates, new_state
         if params is None:
             raise ValueError("rsst_penalty needs params when reg_targets is given")
-        if reg_lambda is not None:
-            lam = jnp.asarray(reg_lambda, jnp.float32)
-        elif schedule is None:
-            raise ValueError("rsst_penalty needs a schedule or the reg_lambda argument")
-        else:
-            lam = schedule(state.count) * jnp.asarray(reg_scale, jnp.float32)
+        if reg_lambda is None:
+            raise ValueError("rsst_penalty needs the reg_lambda argument with reg_targets")
+        lam = jnp.asarray(reg_lambda, jnp.float32)
 
         def penalize(target, grad, weight):
             if target is None:
@@ -332,7 +324,7 @@ def rsst_penalty(
 def adaptive_scale(last_val_acc: Optional[float], target_acc: float) -> float:
     """``--reg_adaptive``: 0.5 while the last validation accuracy is below ``target_acc``.
 
-    Host side; pass the result as ``reg_scale``. Before any validation
+    Host side; the train step multiplies lambda by it (the plan's ``reg_scale``). Before any validation
     (``last_val_acc is None``) there is nothing below the target, so the scale is 1.
     Accuracies must share units (both fractions or both percentages).
     """

@@ -150,7 +150,8 @@ def _x_schedule(g=0.5):
 
 @pytest.mark.parametrize("block", [False, True])
 def test_penalty_exact_values_on_three_elements(block):
-    tx = reg.rsst_penalty(_x_schedule(), block_loss_grad=block)
+    tx = reg.rsst_penalty(block_loss_grad=block)
+    sched = _x_schedule()
     params = {"w": jnp.asarray(W), "b": jnp.asarray(G)}
     targets = {"w": jnp.asarray(TARGET), "b": None}
     grads = {"w": jnp.asarray(G), "b": jnp.asarray(G)}
@@ -158,7 +159,8 @@ def test_penalty_exact_values_on_three_elements(block):
     assert state.count.dtype == jnp.int32 and state.count.shape == ()
     base = np.zeros(3, np.float32) if block else G
     for step, scale in [(0, 1.0), (1, 0.5), (2, 1.0)]:
-        out, state = tx.update(grads, state, params, reg_targets=targets, reg_scale=scale)
+        out, state = tx.update(grads, state, params, reg_targets=targets,
+                               reg_lambda=sched(step) * jnp.float32(scale))
         lam = np.float32(0.5 * (step + 1) * scale)
         want = np.where(TARGET, base + lam * W, G)
         np.testing.assert_array_equal(np.asarray(out["w"]), want)
@@ -168,25 +170,30 @@ def test_penalty_exact_values_on_three_elements(block):
 
 
 def test_no_targets_is_identity_but_counts():
-    tx = reg.rsst_penalty(_x_schedule())
+    tx = reg.rsst_penalty()
     params = {"w": jnp.asarray(W)}
     state = tx.init(params)
     out, state = tx.update({"w": jnp.asarray(G)}, state, params)
     np.testing.assert_array_equal(np.asarray(out["w"]), G)
     assert int(state.count) == 1
     out, state = tx.update({"w": jnp.asarray(G)}, state, params,
-                           reg_targets={"w": jnp.zeros(3, bool)}, masks="ignored extra arg")
+                           reg_targets={"w": jnp.zeros(3, bool)}, reg_lambda=1.0,
+                           masks="ignored extra arg")
     np.testing.assert_array_equal(np.asarray(out["w"]), G)
     assert int(state.count) == 2
 
 
 def test_target_shape_is_checked():
-    tx = reg.rsst_penalty(_x_schedule())
+    tx = reg.rsst_penalty()
     params = {"w": jnp.asarray(W)}
     with pytest.raises(ValueError, match="bool"):
-        tx.update(params, tx.init(params), params, reg_targets={"w": jnp.ones(2, bool)})
+        tx.update(params, tx.init(params), params, reg_targets={"w": jnp.ones(2, bool)},
+                  reg_lambda=1.0)
     with pytest.raises(ValueError, match="bool"):
-        tx.update(params, tx.init(params), params, reg_targets={"w": jnp.ones(3)})
+        tx.update(params, tx.init(params), params, reg_targets={"w": jnp.ones(3)},
+                  reg_lambda=1.0)
+    with pytest.raises(ValueError, match="reg_lambda"):
+        tx.update(params, tx.init(params), params, reg_targets={"w": jnp.ones(3, bool)})
 
 
 def _quadratic_setup(seed=0):
@@ -197,22 +204,23 @@ def _quadratic_setup(seed=0):
     return params, optimum
 
 
-def _make_train(tx, optimum, traces):
+def _make_train(tx, schedule, optimum, traces):
     def loss(params):
         sq = jax.tree_util.tree_map(lambda w, o: jnp.sum((w - o) ** 2), params, optimum)
         return 0.5 * sum(jax.tree_util.tree_leaves(sq))
 
     @jax.jit
-    def step(params, opt_state, targets, scale):
+    def step(params, opt_state, targets, t, scale):
         traces.append(1)  # runs only while tracing
         grads = jax.grad(loss)(params)
-        updates, opt_state = tx.update(grads, opt_state, params, reg_targets=targets, reg_scale=scale)
+        updates, opt_state = tx.update(grads, opt_state, params, reg_targets=targets,
+                                       reg_lambda=schedule(t) * scale)
         return optax.apply_updates(params, updates), opt_state
 
     def train(params, targets, steps, scale=1.0):
         opt_state = tx.init(params)
-        for _ in range(steps):
-            params, opt_state = step(params, opt_state, targets, jnp.float32(scale))
+        for t in range(steps):
+            params, opt_state = step(params, opt_state, targets, jnp.int32(t), jnp.float32(scale))
         return params, opt_state
 
     return train
@@ -228,9 +236,9 @@ def _targets(params, rng):
 
 def test_jitted_step_compiles_once_for_different_targets():
     params, optimum = _quadratic_setup()
-    tx = optax.chain(reg.rsst_penalty(_x_schedule(0.1)), optax.sgd(0.1, momentum=0.9))
+    tx = optax.chain(reg.rsst_penalty(), optax.sgd(0.1, momentum=0.9))
     traces = []
-    train = _make_train(tx, optimum, traces)
+    train = _make_train(tx, _x_schedule(0.1), optimum, traces)
     rng = np.random.default_rng(0)
     t1, t2 = _targets(params, rng), _targets(params, rng)
     assert any(np.any(np.asarray(a) != np.asarray(b)) for a, b in
@@ -246,10 +254,10 @@ def test_sgd_drives_targets_to_zero_and_leaves_the_rest(block):
     T, lr = 200, 0.1
     sched = reg.lambda_schedule("exp_custom_exponents", total_steps=T, granularity=15.0)
     assert reg.first_unstable_step(sched, lr, 0.0, T) is None  # lr*g = 1.5 < 2
-    tx = optax.chain(reg.rsst_penalty(sched, block_loss_grad=block), optax.sgd(lr))
+    tx = optax.chain(reg.rsst_penalty(block_loss_grad=block), optax.sgd(lr))
     params, optimum = _quadratic_setup(1)
     targets = _targets(params, np.random.default_rng(1))
-    train = _make_train(tx, optimum, [])
+    train = _make_train(tx, sched, optimum, [])
     penalized, opt_state = train(params, targets, T)
     plain, _ = train(params, jax.tree_util.tree_map(lambda t: jnp.zeros_like(t), targets), T)
 
