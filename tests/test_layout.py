@@ -234,9 +234,5 @@ def test_no_import_cycle_between_library_modules():
              for p in sorted(PACKAGE.rglob("*.py"))}
     modules = set(files)
     graph = {m: library_imports(p, modules) for m, p in files.items()}
-    # A package's __init__ gathers its modules' public names: importing from the package
-    # is importing those modules, so its own edges into the package are not a cycle.
-    for package in [m for m, p in files.items() if p.name == "__init__.py"]:
-        graph[package] = {m for m in graph[package] if not _is_within(m, package)}
     cycles = [" -> ".join(c) for c in import_cycles(graph)]
     assert not cycles, cycles

@@ -213,7 +213,7 @@ def test_unknown_arch_lists_choices():
 
 
 def test_register_net_adds_a_factory(monkeypatch):
-    monkeypatch.setattr(nets, "_REGISTRY", dict(nets._REGISTRY))
+    monkeypatch.setattr(nets.registry, "_REGISTRY", dict(nets._REGISTRY))
 
     @nets.register_net("tiny")
     def tiny(num_classes, width=3):

@@ -2,97 +2,34 @@
 
 Every network takes NHWC images and is called as ``model.apply(variables, x, train=...)``.
 Adding a network is one file whose factory is decorated with ``@register_net(name)``
-and imported at the bottom of this file.
+(from ``rsst_jax.nets.registry``, where the registries live) and imported in this file.
 
 A family whose pruned channels ``rsst_jax.compact`` can physically remove also registers,
 in its own file, how to rebuild it narrower: ``@register_rebuild(ModuleClass)`` on
 ``fn(model, shapes, keep) -> narrower model``; ``get_rebuild(model)`` finds it.
 """
-from typing import Callable, Dict, List
+from rsst_jax.nets.registry import (  # noqa: F401  (the registry's names, re-exported)
+    _REBUILDERS,
+    _REGISTRY,
+    NetFactory,
+    Rebuilder,
+    available_nets,
+    get_net,
+    get_rebuild,
+    kernel_width,
+    net_options,
+    rebuild_families,
+    register_net,
+    register_rebuild,
+    registered_module,
+)
 
-import flax.linen as nn
-
-NetFactory = Callable[..., nn.Module]
-_REGISTRY: Dict[str, NetFactory] = {}
-
-
-def register_net(name: str) -> Callable[[NetFactory], NetFactory]:
-    """Decorator registering ``factory(num_classes, **kwargs) -> nn.Module`` under ``name``."""
-    def decorator(factory: NetFactory) -> NetFactory:
-        if name in _REGISTRY:
-            raise ValueError(f"arch {name!r} is already registered")
-        _REGISTRY[name] = factory
-        return factory
-    return decorator
-
-
-def get_net(name: str, num_classes: int, **kwargs) -> nn.Module:
-    """The module registered as ``name`` with a ``num_classes``-way classifier."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown arch {name!r}; choose one of: {', '.join(available_nets())}")
-    return _REGISTRY[name](num_classes, **kwargs)
-
-
-def net_options(name: str) -> List[str]:
-    """Keyword options the factory of ``name`` accepts besides ``num_classes``."""
-    import inspect
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown arch {name!r}; choose one of: {', '.join(available_nets())}")
-    params = inspect.signature(_REGISTRY[name]).parameters
-    return [p for p in params if p != "num_classes"]
-
-
-def registered_module(name: str):
-    """The module whose factory is registered as ``name`` (None for an unknown name)."""
-    factory = _REGISTRY.get(name)
-    return None if factory is None else getattr(factory, "__module__", None)
-
-
-def available_nets() -> List[str]:
-    """Sorted names of the registered networks."""
-    return sorted(_REGISTRY)
-
-
-Rebuilder = Callable[[nn.Module, dict, dict], nn.Module]
-_REBUILDERS: Dict[type, Rebuilder] = {}
-
-
-def register_rebuild(cls: type) -> Callable[[Rebuilder], Rebuilder]:
-    """Decorator: ``fn(model, shapes, keep) -> narrower model`` for networks of class ``cls``.
-
-    ``shapes`` maps 'params/...' paths to the compact variables' shapes; ``keep`` maps a
-    variable path to {axis: bool array of kept original positions}.
-    """
-    def decorator(fn: Rebuilder) -> Rebuilder:
-        _REBUILDERS[cls] = fn
-        return fn
-    return decorator
-
-
-def get_rebuild(model: nn.Module) -> Rebuilder:
-    """The rebuilder registered for ``type(model)``."""
-    if type(model) not in _REBUILDERS:
-        raise ValueError(f"no compaction rebuilder for {type(model).__name__}; register one "
-                         f"with rsst_jax.nets.register_rebuild")
-    return _REBUILDERS[type(model)]
-
-
-def rebuild_families() -> Dict[str, type]:
-    """``{class name: class}`` of the network families that have a rebuilder."""
-    return {cls.__name__: cls for cls in _REBUILDERS}
-
-
-def kernel_width(shapes: dict, module: str) -> int:
-    """Output channels of ``module``'s kernel in ``shapes`` (a rebuilder's argument)."""
-    return int(shapes[f"params/{module}/kernel"][-1])
-
-
-# Imported last: each model file registers itself with the decorator above.
-from rsst_jax.nets import mobilenet, resnet, resnet_cifar, vgg  # noqa: E402,F401
-from rsst_jax.nets.mobilenet import MobileNet  # noqa: E402,F401
-from rsst_jax.nets.resnet import ResNet  # noqa: E402,F401
-from rsst_jax.nets.resnet_cifar import ResNetCifar  # noqa: E402,F401
-from rsst_jax.nets.vgg import VGG  # noqa: E402,F401
+# Each model file registers itself with the decorators of rsst_jax.nets.registry.
+from rsst_jax.nets import mobilenet, resnet, resnet_cifar, vgg  # noqa: F401
+from rsst_jax.nets.mobilenet import MobileNet
+from rsst_jax.nets.resnet import ResNet
+from rsst_jax.nets.resnet_cifar import ResNetCifar
+from rsst_jax.nets.vgg import VGG
 
 __all__ = ["register_net", "get_net", "available_nets", "net_options", "registered_module",
            "register_rebuild", "get_rebuild", "rebuild_families", "kernel_width",

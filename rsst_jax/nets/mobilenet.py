@@ -5,7 +5,7 @@ from typing import Any, Sequence, Tuple, Union
 import flax.linen as nn
 import jax.numpy as jnp
 
-from rsst_jax.nets import kernel_width, register_net, register_rebuild
+from rsst_jax.nets.registry import kernel_width, register_net, register_rebuild
 from rsst_jax.nets.layers import batch_norm, classifier_head, conv
 
 # Output channels of each block; (channels, stride) where the block downsamples.

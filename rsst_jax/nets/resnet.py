@@ -11,7 +11,7 @@ from typing import Any, Optional, Sequence, Tuple
 import flax.linen as nn
 import jax.numpy as jnp
 
-from rsst_jax.nets import kernel_width, register_net, register_rebuild
+from rsst_jax.nets.registry import kernel_width, register_net, register_rebuild
 from rsst_jax.nets.layers import batch_norm, classifier_head, conv, resnet_blocks, resnet_stem
 from rsst_jax.nets.resnet_cifar import BasicBlock
 

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from rsst_jax.nets import kernel_width, register_net, register_rebuild
+from rsst_jax.nets.registry import kernel_width, register_net, register_rebuild
 from rsst_jax.nets.layers import batch_norm, classifier_head, conv, resnet_blocks, resnet_stem
 
 SHORTCUTS = ("A", "B")

@@ -9,7 +9,7 @@ from typing import Any, Sequence, Union
 import flax.linen as nn
 import jax.numpy as jnp
 
-from rsst_jax.nets import kernel_width, register_net, register_rebuild
+from rsst_jax.nets.registry import kernel_width, register_net, register_rebuild
 from rsst_jax.nets.layers import batch_norm, classifier_head, conv
 
 # Simonyan & Zisserman (2015) table 1; "M" is a 2x2 max-pool with stride 2.
