@@ -155,3 +155,13 @@ def test_the_resume_after_ctrl_c_prints_no_stale_lock_note(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "stale lock" not in done.stdout + done.stderr
     assert len(json.loads((save / "summary.json").read_text())) == 2
+
+
+def test_the_next_commands_of_a_built_in_network_import_nothing():
+    """res20s is registered as a functools.partial; the printed commands need no --import."""
+    from rsst_jax import config as config_lib
+    from rsst_jax import nets
+    assert nets.registered_module("res20s") == "rsst_jax.nets.resnet_cifar"
+    assert all(nets.registered_module(n).startswith("rsst_jax.nets.")
+               for n in nets.available_nets() if n != "tiny_cnn")
+    assert config_lib.plugin_modules(config_lib.Config()) == []  # res20s, l1

@@ -3,6 +3,7 @@
 In a module of its own so that the model files import it without importing the package
 that imports them (no import cycle).
 """
+import functools
 from typing import Callable, Dict, List
 
 import flax.linen as nn
@@ -40,6 +41,8 @@ def net_options(name: str) -> List[str]:
 def registered_module(name: str):
     """The module whose factory is registered as ``name`` (None for an unknown name)."""
     factory = _REGISTRY.get(name)
+    while isinstance(factory, functools.partial):  # a partial's __module__ is 'functools'
+        factory = factory.func
     return None if factory is None else getattr(factory, "__module__", None)
 
 
