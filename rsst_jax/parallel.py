@@ -191,11 +191,7 @@ def ticket_sharding(mesh: Mesh) -> NamedSharding:
 
 def put_tickets(tree: Any, mesh: Optional[Mesh]) -> Any:
     """Every array leaf of ``tree`` (leading ticket axis) split over ``mesh``."""
-    if mesh is None:
-        return tree
-    sharding = ticket_sharding(mesh)
-    return jax.tree_util.tree_map(lambda x: _put(x, sharding), tree,
-                                  is_leaf=lambda x: x is None)
+    return tree if mesh is None else _put_all(tree, ticket_sharding(mesh))
 
 
 def jit_over_tickets(fn, mesh: Optional[Mesh], ticket_args: Sequence[bool],
@@ -244,9 +240,10 @@ def _put(x, sharding):
 
 def replicate(tree: Any, mesh: Optional[Mesh]) -> Any:
     """Every array leaf of ``tree`` replicated over ``mesh`` (identity when mesh is None)."""
-    if mesh is None:
-        return tree
-    sharding = replicated(mesh)
+    return tree if mesh is None else _put_all(tree, replicated(mesh))
+
+
+def _put_all(tree: Any, sharding) -> Any:
     return jax.tree_util.tree_map(lambda x: _put(x, sharding), tree,
                                   is_leaf=lambda x: x is None)
 

@@ -308,29 +308,26 @@ def start_ray(root, env: Optional[dict] = None, worker_cpus: int = 1, head_cpus:
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="rsst-ray-", dir="/tmp"))
     (root / "ray_tmp").write_text(str(tmp))
     common = ["--disable-usage-stats", "--num-gpus=0", "--node-ip-address=127.0.0.1"]
-    head = subprocess.run(
-        [_ray_cli(), "start", "--head", f"--port={port}", "--include-dashboard=false",
-         f"--dashboard-port={free_port()}",
-         f"--temp-dir={tmp}", f"--num-cpus={head_cpus}", "--resources={\"head\": 1}",
-         *common], env=dict(env, **{MARK: f"{root}/head"}), capture_output=True, text=True,
-        timeout=120)
-    head_pids = marked_pids(f"{root}/head")
-    for i, pid in enumerate(head_pids):
-        _remember(root, f"ray-head-{i}", pid)
-    if head.returncode != 0:
-        stop(root)
-        raise ClusterError("ray start --head failed: " + (head.stderr or head.stdout)[-2000:])
+    def node(name: str, *args) -> list[int]:
+        """``ray start *args`` as node ``name``; the ids of the processes it left running."""
+        done = subprocess.run([_ray_cli(), "start", *args, *common],
+                              env=dict(env, **{MARK: f"{root}/{name}"}), capture_output=True,
+                              text=True, timeout=120)
+        pids = marked_pids(f"{root}/{name}")
+        for i, pid in enumerate(pids):
+            _remember(root, f"ray-{name}-{i}", pid)
+        if done.returncode != 0:
+            stop(root)
+            raise ClusterError(f"ray start ({name}) failed: "
+                               + (done.stderr or done.stdout)[-2000:])
+        return pids
+
+    head_pids = node("head", "--head", f"--port={port}", "--include-dashboard=false",
+                     f"--dashboard-port={free_port()}", f"--temp-dir={tmp}",
+                     f"--num-cpus={head_cpus}", "--resources={\"head\": 1}")
     address = f"127.0.0.1:{port}"
-    worker = subprocess.run(
-        [_ray_cli(), "start", f"--address={address}", f"--num-cpus={worker_cpus}",
-         "--resources={\"worker\": 1}", *common],
-        env=dict(env, **{MARK: f"{root}/worker"}), capture_output=True, text=True, timeout=120)
-    worker_pids = marked_pids(f"{root}/worker")
-    for i, pid in enumerate(worker_pids):
-        _remember(root, f"ray-worker-{i}", pid)
-    if worker.returncode != 0:
-        stop(root)
-        raise ClusterError("ray start (worker) failed: " + (worker.stderr or worker.stdout)[-2000:])
+    worker_pids = node("worker", f"--address={address}", f"--num-cpus={worker_cpus}",
+                       "--resources={\"worker\": 1}")
     return {"address": address, "head": head_pids, "worker": worker_pids}
 
 
