@@ -249,9 +249,7 @@ def import_modules(modules: Sequence[str]) -> None:
 
 def imports_of(argv: Optional[Sequence[str]]) -> list[str]:
     """The ``--import`` modules of ``argv``, in order."""
-    parser = _OneLineParser(add_help=False, allow_abbrev=False)
-    add_import_flag(parser)
-    return list(parser.parse_known_args(list(argv or []))[0].imports)
+    return list(_outside_config(argv)["imports"])
 
 
 # How the processes of one run find each other (parallel.init_distributed): flags of
@@ -272,17 +270,25 @@ def _host_flags(parser, defaults: bool = True) -> None:
                             default=None if defaults else argparse.SUPPRESS)
 
 
-class _OneLineParser(argparse.ArgumentParser):
+class _RaisingParser(argparse.ArgumentParser):
     def error(self, message):
         raise ConfigError(f"{message} (see python -m experiments.run --help)")
+
+
+def _outside_config(argv: Optional[Sequence[str]]) -> dict[str, Any]:
+    """experiments.run's flags that are no part of its configuration (``--import`` and
+    the several-process flags), read from ``argv``; ConfigError (one line) on a bad one."""
+    parser = _RaisingParser(add_help=False, allow_abbrev=False)
+    add_import_flag(parser)
+    _host_flags(parser)
+    return vars(parser.parse_known_args(list(argv or []))[0])
 
 
 def host_values(argv: Optional[Sequence[str]]) -> dict[str, Any]:
     """``--coordinator_address``, ``--num_processes``, ``--process_id`` of ``argv``
     (None where not given); ConfigError (one line) on a bad value."""
-    parser = _OneLineParser(add_help=False, allow_abbrev=False)
-    _host_flags(parser)
-    return vars(parser.parse_known_args(list(argv or []))[0])
+    values = _outside_config(argv)
+    return {name: values[name] for name in HOST_FLAGS}
 
 
 def load_config_file(path: str) -> dict[str, Any]:

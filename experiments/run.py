@@ -114,6 +114,7 @@ def main(argv=None) -> int:
 
     def body() -> int:
         try:
+            cli.import_modules(cli.imports_of(argv))  # registrations before the check
             cfg = cli.parse_run_args(argv)
         except SystemExit as e:  # --help printed the help
             return int(e.code or 0)
@@ -126,8 +127,7 @@ def main(argv=None) -> int:
         driver.run(seed_configs(cfg))
         return 0
 
-    return cli.run_command(body, resume=cli.resume_command("experiments.run", argv),
-                           imports=cli.imports_of(argv))
+    return cli.run_command(body, resume=cli.resume_command("experiments.run", argv))
 
 
 if __name__ == "__main__":

@@ -192,7 +192,7 @@ def save(directory: str | os.PathLike, step: int, tree: Any, meta: Optional[dict
     (``<n>.bad``) are never touched.
     """
     directory = pathlib.Path(directory).absolute()
-    primary = jax.process_index() == 0  # several processes: process 0 tidies, all write
+    primary = parallel.is_primary()  # several processes: process 0 tidies, all write
     if primary:
         _remove_trash(directory)
         if (directory / str(step)).exists():

@@ -210,11 +210,13 @@ def jit_over_tickets(fn, mesh: Optional[Mesh], ticket_args: Sequence[bool],
                      in_shardings=tuple(NamedSharding(mesh, s) for s in specs),
                      out_shardings=ticket_sharding(mesh))
 
+    def placed(args):
+        return [put_tickets(a, mesh) if t else replicate(a, mesh)
+                for a, t in zip(args, ticket_args)]
+
     def call(*args):
-        return jitted(*(put_tickets(a, mesh) if t else replicate(a, mesh)
-                        for a, t in zip(args, ticket_args)))
-    call.lower = lambda *args: jitted.lower(*(put_tickets(a, mesh) if t else replicate(a, mesh)
-                                              for a, t in zip(args, ticket_args)))
+        return jitted(*placed(args))
+    call.lower = lambda *args: jitted.lower(*placed(args))
     return call
 
 
