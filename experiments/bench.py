@@ -2,11 +2,14 @@
 
 Measures, on generated uint8 images of ``--image_shape`` held on the device:
 
-- **steps**: compile time of the dense and the masked step (IMP, Refill and RSST share
-  it); median step time and images/s of ``dense`` (a plain optimizer: no masks, no
-  penalty), ``imp`` (random 50% weight masks), ``refill`` (half the channels of each
-  layer) and ``rsst`` (weight masks + penalty targets, lambda > 0), with ratios to
-  dense. The variants run interleaved so machine load hits them alike;
+- **steps**: compile time of the dense and the masked steps (one per transformation a
+  method adds: IMP and Refill share ``masked``, RSST's penalty makes ``rsst``); median
+  step time and images/s of ``dense`` (a plain optimizer: no masks, no penalty) and of
+  each registered method under its title in lower case (``Method.example_masks`` of
+  random 50% weight masks and half the channels of each layer): ``imp`` (the weight
+  masks), ``refill`` (the channels) and ``rsst`` (weight masks + penalty targets, lambda
+  > 0), with ratios to dense. The variants run interleaved so machine load hits them
+  alike;
 - **epochs**: whole epochs of ``--train_size`` images through the machinery of
   ``experiments.run`` (``rsst_jax.engine.Engine``: the in-step gather and augmentation,
   fused chunks of the run's length with the remainder chunk, evaluation apart), fused
@@ -146,11 +149,18 @@ def parse_args(argv=None):
                              f"{args.accum_steps}")
         if bs > args.train_size:
             raise BenchError(f"--batch_size {bs} is larger than --train_size {args.train_size}")
-    unknown = set(v for v in args.variants.split(",") if v) - {"dense", "imp", "refill", "rsst"}
+    known = ["dense", *method_variants()]
+    unknown = set(v for v in args.variants.split(",") if v) - set(known)
     if unknown:
-        raise BenchError(f"unknown --variants {sorted(unknown)}; choose from dense, imp, "
-                         f"refill, rsst")
+        raise BenchError(f"unknown --variants {sorted(unknown)}; choose from "
+                         f"{', '.join(known)}")
     return args
+
+
+def method_variants() -> dict:
+    """Step variant name (a method's title in lower case) -> the registered method."""
+    from rsst_jax import methods
+    return {(m.title or m.name).lower(): m for m in methods.registered()}
 
 
 def _median_ms(times):
@@ -189,18 +199,20 @@ def _epoch_state(engine, cfgs):
     import jax
 
     from rsst_jax import masks as masks_lib
-    from rsst_jax import rounds
+    from rsst_jax import rounds, trees
     states, plans = [], []
     for k, cfg in enumerate(cfgs):
         state = engine.fresh_state(cfg.run.resolved_seed + k)
         full = rounds.initial_masks(engine.net, state.params, cfg.prune)
         key = jax.random.PRNGKey(cfg.run.resolved_seed + k)
         weight = masks_lib.random_prune(jax.random.fold_in(key, 1), full, 0.5)
-        plan = rounds.make_plan(engine.net, engine.param_shapes, cfg.prune, weight,
-                                half_channels(full, key), hyper=engine.hyper(cfg))
+        plan = engine.method.make_plan(engine.net, engine.param_shapes, cfg.prune,
+                                       *engine.method.example_masks(weight,
+                                                                    half_channels(full, key)),
+                                       hyper=engine.hyper(cfg))
         states.append(state.replace(params=masks_lib.apply_masks(state.params, plan.step.masks)))
         plans.append(plan.step)
-    return rounds.stack(states), rounds.stack(plans)
+    return trees.stack(states), trees.stack(plans)
 
 
 def half_channels(masks, key):
@@ -358,6 +370,7 @@ def bench_steps(args, arch, bs, shape, mesh, names) -> dict:
 
     from rsst_jax import counting, engine as engine_lib, masks as masks_lib, parallel, rounds
     from rsst_jax import train as train_lib
+    from rsst_jax import trees
     cfg = bench_config(args, arch, bs)
     model = engine_lib.build_model(cfg.model, args.num_classes)
     rng = np.random.default_rng(args.seed)
@@ -369,27 +382,34 @@ def bench_steps(args, arch, bs, shape, mesh, names) -> dict:
                                     accum_steps=args.accum_steps)
     schedules = train_lib.Schedules(350, 120 * 350, 1, (91, 136), reg_interval=1)
     opt = dict(optimizer="sgd", momentum=0.9, weight_decay=1e-4)
-    tx = {"dense": train_lib.make_optimizer(**opt, masked=False),
-          "masked": train_lib.make_optimizer(**opt)}
     key = jax.random.PRNGKey(args.seed)
-    base = train_lib.create_train_state(model, tx["masked"], key, shape)
+    tx = {"dense": train_lib.make_optimizer(**opt, masked=False)}
+    base = train_lib.create_train_state(model, tx["dense"], key, shape)
     full = masks_lib.init_masks(base.params)
     weight = masks_lib.random_prune(jax.random.fold_in(key, 1), full, 0.5)
     channel = half_channels(full, key)
     hyper = train_lib.Hyper.make(0.01, "x", 1e-3)
-    variants = {"dense": ("dense", None, None), "imp": ("masked", weight, rounds.no_targets(full)),
-                "refill": ("masked", channel, rounds.no_targets(full)),
-                "rsst": ("masked", weight, masks_lib.rsst_targets(weight, channel))}
+    variants = {"dense": ("dense", None, None)}
+    for name, method in method_variants().items():
+        if name not in names:
+            continue
+        m_cfg = cfg.replace(struct=method.name, mask_bn=False)  # the masks as given
+        transform = method.transform(m_cfg)
+        prog = "masked" if transform is None else name
+        tx.setdefault(prog, train_lib.make_optimizer(**opt, penalty=transform))
+        m, s_ = method.example_masks(weight, channel)
+        t = method.targets(None, None, m_cfg.prune, m, s_)
+        variants[name] = (prog, m, rounds.no_targets(full) if t is None else t)
     sharding = None if mesh is None else parallel.batch_sharding(mesh)
     programs, compile_s, states, plans = {}, {}, {}, {}
     idx = parallel.shard_batch(np.arange(bs, dtype=np.int32)[None], mesh, 1)
     for name in names:
         prog, m, t = variants[name]
         params = base.params if m is None else masks_lib.apply_masks(base.params, m)
-        states[name] = parallel.replicate(rounds.stack([train_lib.TrainState(
+        states[name] = parallel.replicate(trees.stack([train_lib.TrainState(
             step=base.step, params=params, batch_stats=base.batch_stats,
             opt_state=tx[prog].init(params), rng=base.rng)]), mesh)
-        plans[name] = parallel.replicate(rounds.stack([train_lib.Plan(
+        plans[name] = parallel.replicate(trees.stack([train_lib.Plan(
             masks=m, targets=t, reg_scale=jnp.float32(1.0), hyper=hyper)]), mesh)
         if prog not in programs:
             step = train_lib.gather_step(train_lib.make_train_step(

@@ -36,96 +36,6 @@ from typing import Any, Callable, Optional, Sequence
 from rsst_jax import config as config_lib
 from rsst_jax.config import ConfigError
 
-# flag -> help text; "(new)" marks flags the reference does not have.
-HELP = {
-    "data": "data directory (default: the data set's usual place; fashion_mnist: "
-            "/usr/share/datasets/fashion-mnist, cifar: ./data)",
-    "dataset": "data set: digits (bundled, always works), fashion_mnist, cifar10, cifar100, "
-               "tiny-imagenet",
-    "arch": "network (see rsst_jax.nets.available_nets())",
-    "shortcut": "(new) CIFAR ResNet shortcut: A (parameter-free) or B (1x1 conv + BN)",
-    "seed": "random seed (None means 0)",
-    "save_dir": "directory for checkpoints, logs and summaries",
-    "resume": "continue the run in --save_dir from its newest checkpoint",
-    "checkpoint": "checkpoint directory to resume from (default: the newest one in --save_dir)",
-    "init": "initialization W0: loaded if it exists, else written there (default: SAVE_DIR/init)",
-    "batch_size": "training batch size",
-    "lr": "initial learning rate",
-    "momentum": "SGD momentum",
-    "weight_decay": "weight decay, coupled (added to the gradient as PyTorch SGD does)",
-    "epochs": "epochs per round",
-    "warmup": "linear per-step learning-rate warm-up, in epochs",
-    "print_freq": "steps between progress-bar refreshes",
-    "decreasing_lr": "epochs at which the learning rate is multiplied by 0.1",
-    "optimizer": "(new) optimizer (adam/adamw often suit fine-tuning with lr 0.001)",
-    "eval_batch_size": "(new) evaluation batch size",
-    "bn_recalibrate": "(new) before each evaluation in RSST rounds (every epoch, and after "
-                      "applying S) re-estimate the BatchNorm running statistics as the mean "
-                      "over this many training batches (a fixed set, not augmented); the "
-                      "saved tickets keep them; 0: off",
-    "pruning_times": "rounds of training; 1 is plain dense training",
-    "rate": "fraction of the remaining prunable weights removed after each round",
-    "prune_type": "rewinding: lt (to W0), rewind_lt (to epoch --rewind_epoch of round 0), pt (to "
-                  "--pretrained)",
-    "pretrained": "pretrained weights for --prune_type pt (rsst-jax checkpoint, PyTorch "
-                  "state_dict or .npz); the classifier and the stem convolution stay freshly "
-                  "initialized, as in the reference",
-    "conv1": "also prune the stem convolution",
-    "fc": "accepted as in the reference, where it rewinds the classifier; every layer is "
-          "rewound here, so it changes nothing (prune dense kernels with --prune_fc)",
-    "prune_fc": "(new) also prune dense (classifier) kernels",
-    "rewind_epoch": "epoch of round 0 whose weights are the rewind point (rewind_lt)",
-    "prune_scope": "(new) rank weights over all layers or within each layer",
-    "prune_method": "(new) magnitude (IMP), random (baseline) or filter (structured L1 filter "
-                    "pruning)",
-    "rate_schedule": "(new) comma-separated multipliers of --rate per prune step (the last one "
-                     "repeats), e.g. 1,1,0.5",
-    "layer_rates": "(new) per-layer multipliers of --rate, REGEX=MULT,... over parameter paths, "
-                   "e.g. layer1=0.5,layer3=1.5 (implies layerwise ranking)",
-    "struct": "none (IMP), refill or rsst",
-    "fillback_rate": "Refill+: fraction of the pruned channels given back",
-    "criteria": "channel criterion: remain, magnitude, l1, l2, saliency, hessian, or any name "
-                "registered with rsst_jax.criteria.register_criterion",
-    "criteria_batches": "(new) training batches used for activation-based criteria",
-    "hessian_samples": "(new) Hutchinson probes for --criteria hessian",
-    "mask_bn": "(new) channel masks also zero and freeze the following BatchNorm (default: on "
-               "for refill/rsst)",
-    "score_after_prune": "(new) score channels on the weights left after the round's magnitude "
-                         "prune, not on the trained weights as the reference does (how "
-                         "rsst-jax 0.1 scored)",
-    "block_loss_grad": "drop the loss gradient of penalized weights",
-    "RST_schedule": "penalty schedule lambda(t)",
-    "reg_granularity_prune": "penalty scale g",
-    "exponents": "exponent of exp_custom_exponents",
-    "reg_upper_limit": "(new) cap on lambda",
-    "update_reg_interval": "(new) steps between penalty updates for the x, x^k and exp "
-                           "schedules (one epoch when not given)",
-    "reg_progress": "(new) progress p runs over the round, or restarts every epoch as in the "
-                    "reference",
-    "reg_adaptive": "(new) halve lambda while validation accuracy < --target_acc",
-    "target_acc": "(new) target validation accuracy (%) for --reg_adaptive",
-    "distill": "(new) distil from the dense round-0 network in later rounds",
-    "kd_alpha": "(new) weight of the distillation loss",
-    "kd_temperature": "(new) distillation temperature",
-    "accum_steps": "(new) gradient accumulation micro-batches per step",
-    "precision": "(new) compute precision: bf16 computes in bfloat16 with float32 weights, "
-                 "optimizer state and BatchNorm statistics",
-    "fused": "(new) run --fused_steps steps at a time as one compiled program (on CPU "
-             "unrolled, where XLA runs convolution gradients inside a loop far slower): on, "
-             "off, or auto (on where it is faster, see docs/performance.md)",
-    "fused_steps": "(new) steps per fused chunk; the progress bar advances per chunk (when not "
-                   "given: --print_freq on GPU/TPU, 8 on CPU, where compile time grows with it)",
-    "num_seeds": "(new) train this many tickets (seeds --seed, --seed+1, ...) together as one "
-                 "program (vmapped on accelerators), each written to SAVE_DIR/seed_<s>/",
-    "nan_policy": "(new) on a NaN/Inf loss: stop the round, or skip the batch",
-    "wandb": "(new) also log to Weights & Biases project [ENTITY/]PROJECT, one W&B run per "
-             "ticket named after its run directory, grouped by the parent directory (needs "
-             "pip install -e \".[wandb]\"; WANDB_MODE=offline keeps it local). TensorBoard "
-             "event files are always written: tensorboard --logdir SAVE_DIR",
-    "config": "(new) YAML or TOML file supplying any flag; command-line flags override it",
-    "dry_run": "(new) check everything, print the plan and exit",
-}
-assert set(HELP) == set(config_lib.FLAG_ORDER)
 
 EPILOG = ("Environment: RSST_JAX_CACHE=DIR|off keeps compiled programs (by default in "
           "~/.cache/rsst_jax/jax); RSST_JAX_CPU_DEVICES=N splits the host CPU into N devices "
@@ -207,17 +117,17 @@ def run_parser(prog: str = "python -m experiments.run", *, defaults: bool = True
         description="Find structurally sparse lottery tickets: IMP, Refill and RSST rounds. "
                     "Quick start: --dataset digits.")
     allowed = config_lib.choices()
-    for name in config_lib.FLAG_ORDER:
-        field = config_lib.field_of(name)
+    for name in config_lib.flag_names():
+        field, facts = config_lib.field_of(name), config_lib.facts(name)
         default = field.default if defaults else argparse.SUPPRESS
-        help_text = HELP[name].replace("%", "%%")  # argparse formats help with %
+        help_text = facts.help.replace("%", "%%")  # argparse formats help with %
         kind = str(field.type)
         if "bool" in kind:
             _bool_flag(parser, name, field.default, default, help_text)
             continue
         flag_type = (int if "int" in kind else float if "float" in kind else str)
-        extra = {"choices": allowed[name]} if name in allowed and name not in (
-            "criteria", "arch", "dataset") else {}
+        # A registry's values are checked by validation, whose message says how to add one.
+        extra = {"choices": allowed[name]} if name in allowed and facts.registry is None else {}
         parser.add_argument(f"--{name}", type=flag_type, default=default, help=help_text,
                             **extra)
     add_import_flag(parser, defaults)
@@ -232,7 +142,7 @@ def add_import_flag(parser, defaults: bool = True) -> None:
     methods, imported before the rest of the command line is checked."""
     parser.add_argument("--import", dest="imports", action="append", metavar="MODULE",
                         default=[] if defaults else argparse.SUPPRESS,
-                        help="(new) import MODULE first, so that a network or criterion "
+                        help="(new) import MODULE first, so that a network, criterion or method "
                              "registered there can be named; repeat for more (default: none)")
 
 
@@ -313,7 +223,7 @@ def load_config_file(path: str) -> dict[str, Any]:
         raise ConfigError(f"--config {path}: cannot parse it ({e.__class__.__name__}: {e})") from None
     if not isinstance(values, dict):
         raise ConfigError(f"--config {path}: expected a mapping of flag names to values")
-    unknown = sorted(set(values) - set(config_lib.FLAG_ORDER))
+    unknown = sorted(set(values) - set(config_lib.flag_names()))
     if unknown:
         raise ConfigError(f"--config {path}: unknown keys {', '.join(unknown)} "
                           f"(see python -m experiments.run --help)")
@@ -340,7 +250,7 @@ def parse_run_values(argv: Optional[Sequence[str]] = None,
     """Command line (and --config file) -> every flag's value, not yet validated:
     defaults, then the file, then the command line."""
     given = explicit_values(argv, prog)
-    values = {name: config_lib.field_of(name).default for name in config_lib.FLAG_ORDER}
+    values = {name: config_lib.field_of(name).default for name in config_lib.flag_names()}
     if given.get("config"):
         values.update(load_config_file(given["config"]))
     values.update(given)
@@ -362,7 +272,7 @@ def flag_value(name: str, text: str) -> Any:
     """The value ``text`` gives flag ``name`` of experiments.run (argparse's type and
     choices; a switch takes true/false, and one with a --no- form also none: unset);
     ConfigError on an unknown flag or a bad value."""
-    if name not in config_lib.GROUP_OF:
+    if name not in config_lib.group_of_flags():
         raise ConfigError(f"experiments.run has no flag --{name}")
     if "bool" in str(config_lib.field_of(name).type):
         v = text.strip().lower()
@@ -376,7 +286,7 @@ def flag_value(name: str, text: str) -> Any:
 
 def config_argv(cfg: config_lib.Config) -> list[str]:
     """The command line of experiments.run that resolves to ``cfg`` (``parse_run_args``
-    of it equals ``cfg``): its flags that differ from their defaults, in FLAG_ORDER.
+    of it equals ``cfg``): its flags that differ from their defaults, in flag order.
     A --config file's values are written out, so the file is not named."""
     argv = []
     for name, value in cfg.to_dict().items():
@@ -630,15 +540,16 @@ def flags_markdown() -> str:
     """The flag table of README.md (a test keeps the two in step)."""
     allowed = config_lib.choices()
     lines = ["| flag | default | meaning |", "|---|---|---|"]
-    for name in config_lib.FLAG_ORDER:
-        text = HELP[name].replace("|", "\\|")
-        if name in allowed and name not in ("criteria", "arch", "dataset"):
+    for name in config_lib.flag_names():
+        facts = config_lib.facts(name)
+        text = facts.help.replace("|", "\\|")
+        if name in allowed and facts.registry is None:
             text += " (" + ", ".join(allowed[name]) + ")"
         lines.append(f"| `--{name}` | `{config_lib.field_of(name).default}` | {text} |")
     return "\n".join(lines)
 
 
-__all__ = ["HELP", "run_parser", "parse_run_args", "parse_run_values", "explicit_values",
+__all__ = ["run_parser", "parse_run_args", "parse_run_values", "explicit_values",
            "explicit_flags", "flag_value", "config_argv", "one_line_parse", "load_config_file",
            "check_paths", "check_save_dir", "check_out_dir", "flags_markdown", "HelpFormatter",
            "DocHelpFormatter", "OneLineParser", "help_text", "one_line", "fail", "BadInput",

@@ -285,7 +285,9 @@ def channel_panels(run: runs_lib.Run) -> tuple:
 
     layers, rounds, ch, wt = layer_table(run)
     panels = [("fraction of output channels kept", ch)]
-    if run.config.get("struct") == "rsst":
+    from rsst_jax.methods import find_method
+    method = find_method(run.config.get("struct"))
+    if method is not None and method.final_masks_differ:
         best_layers, best_rounds, _, trained = layer_table(run, paths_lib.BEST)
         if best_layers == layers and best_rounds == rounds:
             panels.append(("fraction of weights kept by the magnitude mask M the round "

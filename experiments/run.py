@@ -27,9 +27,10 @@ def describe_plan(cfg, ds, n_params: int, n_prunable: int) -> str:
         lines.append(f"  round {r}: expected remaining weights {100 * density:.2f}%{count}")
         density *= 1.0 - p.rate_at(r)
         kept -= int(round(p.rate_at(r) * kept))  # the count magnitude_prune removes
-    if p.struct != "none" and p.pruning_times > 1:
-        lines.append(f"  ({p.struct}: whole channels are kept per layer, so rounds after 0 "
-                     f"keep about these densities, channel-wise)")
+    from rsst_jax import methods
+    note = methods.of(cfg).dry_run_note(cfg)
+    if note:
+        lines.append("  " + note)
     return "\n".join(lines)
 
 
@@ -81,12 +82,13 @@ def dry_run(cfg) -> None:
 
 
 def penalty_lines(cfg, n_train: int) -> list[str]:
-    """What the run would say of its RSST penalty before training (``starting.penalty_check``)."""
-    from rsst_jax import starting
+    """What the run would say before training about its method (``Method.startup_lines``;
+    RSST: its penalty's stability and budget)."""
+    from rsst_jax import engine, methods
     from rsst_jax import train as train_lib
-    schedules = train_lib.Schedules.of(cfg.optim, cfg.rsst, train_lib.steps_per_epoch(
-        n_train, cfg.optim.batch_size))
-    return starting.penalty_check(cfg, schedules)[1]
+    schedules = engine.schedules_of(cfg, train_lib.steps_per_epoch(n_train,
+                                                                   cfg.optim.batch_size))
+    return methods.of(cfg).startup_lines(cfg, schedules)[1]
 
 
 def seed_configs(cfg) -> list:

@@ -18,7 +18,8 @@ finished cells; OUT/sweep.json records the plan, each cell's command and outcome
 
 Cells that differ only in settings that tickets of one compiled program may differ in
 (seed, lr, rate, rate_schedule, fillback_rate, criteria, the lambda schedule, its scale,
-exponents and cap: rsst_jax.rounds.GROUPABLE) train together as one program,
+exponents and cap: the flags declared groupable, rsst_jax.config.names_where(groupable=True))
+train together as one program,
 each still writing its own ordinary run directory; --no-group trains one program per
 cell. New and unfinished cells never share a program.
 
@@ -26,7 +27,8 @@ Programs run one after another in subprocesses (default; a crash stays in its pr
 the output goes to OUT/<cell>/run.log of each of its cells), --parallel N at a time
 (--devices 0,1 gives each its own GPU through CUDA_VISIBLE_DEVICES), or all in this
 process (--mode inprocess: no start-up cost per program). --import MODULE imports your
-module first, so a network or criterion registered there is available to every cell.
+module first, so a network, criterion or method registered there is available to every
+cell.
 Ctrl-C (or SIGTERM) stops the sweep and its cells within a second or two, OUT/sweep.json
 keeping each cell's outcome; the same command resumes.
 
@@ -171,7 +173,7 @@ def plan(out: pathlib.Path, base: Sequence[str], grids: Sequence[str],
     if not grids and not variants:
         raise SweepError("empty sweep: give at least one --grid KEY=V1,V2 or --variant NAME='FLAGS'")
     out = pathlib.Path(out)
-    axes = [parse_axis(g, config_lib.FLAG_ORDER) for g in grids]
+    axes = [parse_axis(g, config_lib.flag_names()) for g in grids]
     keys = [k for k, _ in axes]
     dup = sorted({k for k in keys if keys.count(k) > 1})
     if dup:
@@ -250,14 +252,15 @@ def classify(cell: Cell) -> None:
 
 
 def _program_key(cfg) -> tuple:
-    """What cells trained as one program must share: every setting outside GROUPABLE."""
-    from rsst_jax import rounds
-    return tuple((k, v) for k, v in cfg.to_dict().items() if k not in rounds.GROUPABLE)
+    """What cells trained as one program must share: every flag not declared groupable."""
+    from rsst_jax import config as config_lib
+    groupable = set(config_lib.names_where(groupable=True))
+    return tuple((k, v) for k, v in cfg.to_dict().items() if k not in groupable)
 
 
 def plan_programs(cells: Sequence[Cell], grouped: bool = True) -> list[list[Cell]]:
     """The training calls of the cells still to run: with ``grouped``, cells that may
-    train as one program (same status, settings differing only in GROUPABLE ones, and
+    train as one program (same status, settings differing only in groupable ones, and
     for unfinished cells newest checkpoints at most one step apart) share one; cells with
     --num_seeds > 1 (one program of their own already) never share. Sets
     ``cell.program``."""

@@ -32,13 +32,16 @@ import numpy as np
 from rsst_jax import checkpoint as ckpt
 from rsst_jax import config as config_lib
 from rsst_jax import paths as paths_lib
-from rsst_jax import rounds, runlock
+from rsst_jax import methods, runlock, trees
 from rsst_jax.paths import atomic_write  # defined in paths (starting needs it too); kept importable here
 
-SUMMARY_FIELDS = ("round", "remaining_weight_pct", "channel_sparsity_pct", "best_val_acc",
-                  "best_val_epoch", "test_acc_at_best_val", "final_val_acc", "final_test_acc",
-                  "rsst_acc_before", "rsst_acc_after", "final_lambda", "epochs", "round_time_s",
-                  "wall_time_s")
+def summary_fields() -> tuple[str, ...]:
+    """The columns of summary.csv: every round's, then those the registered methods add
+    (``Method.summary_fields``; RSST: accuracy before and after S, final lambda), then
+    the round's times."""
+    return ("round", "remaining_weight_pct", "channel_sparsity_pct", "best_val_acc",
+            "best_val_epoch", "test_acc_at_best_val", "final_val_acc", "final_test_acc",
+            *methods.union("summary_fields"), "epochs", "round_time_s", "wall_time_s")
 
 
 class TrainingDiverged(RuntimeError):
@@ -73,29 +76,15 @@ def epoch_line(row: dict, epochs: int) -> str:
             f"{row['test_acc']:.2f}%{lam}")
 
 
-def round_line(row: dict) -> str:
+def round_line(row: dict, method=None) -> str:
+    """A round's line on the screen; ``method`` adds its part (``Method.round_text``)."""
     text = (f"round {row['round']}: remaining {row['remaining_weight_pct']:.2f}% weights, "
             f"channel sparsity {row['channel_sparsity_pct']:.2f}%, best val "
             f"{row['best_val_acc']:.2f}% (epoch {row['best_val_epoch']}), test at best val "
             f"{row['test_acc_at_best_val']:.2f}%, final test {row['final_test_acc']:.2f}%")
-    if "rsst_acc_after" in row:
-        text += f", RSST before/after S {row['rsst_acc_before']:.2f}/{row['rsst_acc_after']:.2f}%"
-        if row.get("target_norm_rel") is not None:
-            text += f", penalized weights keep {100 * row['target_norm_rel']:.1f}% of their norm"
-            if row.get("predicted_norm_rel") is not None:
-                text += f" (predicted {100 * row['predicted_norm_rel']:.1f}%)"
-        if row.get("bn_recalibrate"):
-            text += f", BatchNorm statistics from {row['bn_recalibrate']} batches"
+    if method is not None:
+        text += method.round_text(row)
     return text + f" ({row['round_time_s']:.0f} s)"
-
-
-def penalty_warning(row: dict, budget: float) -> str:
-    cost = row["rsst_acc_before"] - row["rsst_acc_after"]
-    return (f"warning: round {row['round']}'s penalized weights kept "
-            f"{100 * row['target_norm_rel']:.1f}% of their norm (above {100 * budget:.0f}%; "
-            f"the loss gradient holds them against the penalty), and removing them cost "
-            f"{cost:.2f} points; a larger --reg_granularity_prune (or --block_loss_grad) "
-            f"shrinks them further")
 
 
 def _prefix(run, k: int) -> str:
@@ -122,8 +111,7 @@ class ProgressBar(Callback):
         self.correct += int(np.sum(np.asarray(metrics["correct"])[0]))
         post = {"loss": f"{float(np.asarray(metrics['loss'])[0, -1]):.3f}",
                 "acc": f"{100.0 * self.correct / (done * run.batch_size):.1f}"}
-        if run.plan.rsst:
-            post["lambda"] = f"{float(np.asarray(metrics['reg_lambda'])[0, -1]):.3g}"
+        post.update(run.method.bar_fields(run, metrics))
         self.bar.set_postfix(post, refresh=False)
         self.bar.update(done - self.bar.n)
 
@@ -197,7 +185,7 @@ class Checkpointer(Callback):
         for k, (t, row) in enumerate(zip(run.tickets, rows)):
             if row is None:
                 continue
-            state, plan = rounds.ticket(run.states, k), rounds.ticket(run.plan, k)
+            state, plan = trees.ticket(run.states, k), trees.ticket(run.plan, k)
             if t.progress.best["epoch"] == epoch:  # a new best validation accuracy
                 ckpt.save(t.paths.best(r), epoch, {"params": state.params,
                                                     "batch_stats": state.batch_stats,
@@ -210,7 +198,7 @@ class Checkpointer(Callback):
         for k, (t, row) in enumerate(zip(run.tickets, rows)):
             if row is None:
                 continue
-            state, plan = rounds.ticket(run.states, k), rounds.ticket(run.plan, k)
+            state, plan = trees.ticket(run.states, k), trees.ticket(run.plan, k)
             ckpt.save(t.paths.final(r), run.epochs,
                       {"params": state.params, "batch_stats": state.batch_stats,
                        "masks": plan.masks}, dict(run.ticket_meta(k), round=r, summary=row))
@@ -233,25 +221,23 @@ class Checkpointer(Callback):
 
 class SummaryWriter(Callback):
     """summary.json and summary.csv (one row per round, written atomically) and the
-    round's line on the screen; a warning when RSST's penalized weights kept more of
-    their norm than ``starting.PENALTY_BUDGET``."""
+    round's line on the screen, with the method's warnings after it (RSST: penalized
+    weights that kept more of their norm than ``regularizers.PENALTY_BUDGET``)."""
 
     def round_end(self, run, r, rows):
-        from rsst_jax.starting import PENALTY_BUDGET
         for k, (t, row) in enumerate(zip(run.tickets, rows)):
             if row is None:
                 continue
             write_summary(t.paths, t.progress.rows)
-            run.log(_prefix(run, k) + round_line(row))
-            kept = row.get("target_norm_rel")
-            if kept is not None and kept > PENALTY_BUDGET:
-                run.log(_prefix(run, k) + penalty_warning(row, PENALTY_BUDGET))
+            run.log(_prefix(run, k) + round_line(row, run.method))
+            for line in run.method.round_warnings(row):
+                run.log(_prefix(run, k) + line)
 
 
 def write_summary(paths: paths_lib.RunPaths, rows: list[dict]) -> None:
     atomic_write(paths.summary_json, json.dumps(rows, indent=1))
     text = io.StringIO(newline="")
-    w = csv.DictWriter(text, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
+    w = csv.DictWriter(text, fieldnames=summary_fields(), extrasaction="ignore")
     w.writeheader()
     for row in rows:
         w.writerow(row)
@@ -281,20 +267,28 @@ class RunLocks(Callback):
             lock.release()
 
 
-EPOCH_SCALARS = ("train_loss", "train_acc", "val_acc", "test_acc", "val_loss", "test_loss", "lr",
-                 "reg_lambda", "target_norm_rel")
-ROUND_SCALARS = ("remaining_weight_pct", "channel_sparsity_pct", "best_val_acc",
-                 "test_acc_at_best_val", "final_val_acc", "final_test_acc", "rsst_acc_before",
-                 "rsst_acc_after")
+def epoch_scalars() -> tuple[str, ...]:
+    """The epoch-row keys TensorBoard and W&B draw: every epoch's, then the methods' own
+    (``Method.epoch_fields``; RSST: lambda and the penalized weights' norm)."""
+    return ("train_loss", "train_acc", "val_acc", "test_acc", "val_loss", "test_loss", "lr",
+            *methods.union("epoch_fields"))
+
+
+def round_scalars() -> tuple[str, ...]:
+    """The summary-row keys TensorBoard and W&B draw per round (``Method.round_scalars``;
+    RSST: test accuracy before and after S)."""
+    return ("remaining_weight_pct", "channel_sparsity_pct", "best_val_acc",
+            "test_acc_at_best_val", "final_val_acc", "final_test_acc",
+            *methods.union("round_scalars"))
 
 
 class TensorBoard(Callback):
     """TensorBoard event files in every ticket's run directory (``rsst_jax.tensorboard``).
 
     Per epoch, at step ``round * epochs + epoch``: ``epoch/<key>`` for the keys of
-    ``EPOCH_SCALARS`` in the epoch's log row (RSST: lambda and the penalized weights' norm
+    ``epoch_scalars()`` in the epoch's log row (RSST: lambda and the penalized weights' norm
     relative to the round start). Per round, at step ``round``: ``round/<key>`` for
-    ``ROUND_SCALARS`` (RSST: test accuracy before and after S) and ``density/<layer>``,
+    ``round_scalars()`` (RSST: test accuracy before and after S) and ``density/<layer>``,
     each prunable layer's fraction of weights kept. Written at the end of each epoch and
     round; a resumed run starts a new file and leaves out the (tag, step) pairs earlier
     files of the directory hold, so an epoch redone after a resume is not drawn twice."""
@@ -316,7 +310,7 @@ class TensorBoard(Callback):
             w = self.writers.get(t.paths.root)
             if row is None or w is None:
                 continue
-            w.scalars(r * run.epochs + epoch, {f"epoch/{k}": row[k] for k in EPOCH_SCALARS
+            w.scalars(r * run.epochs + epoch, {f"epoch/{k}": row[k] for k in epoch_scalars()
                                                if k in row})
             w.flush()
 
@@ -326,8 +320,8 @@ class TensorBoard(Callback):
             w = self.writers.get(t.paths.root)
             if row is None or w is None:
                 continue
-            values = {f"round/{key}": row[key] for key in ROUND_SCALARS if key in row}
-            for layer in masks_lib.report(rounds.ticket(run.plan.masks, k)):
+            values = {f"round/{key}": row[key] for key in round_scalars() if key in row}
+            for layer in masks_lib.report(trees.ticket(run.plan.masks, k)):
                 values[f"density/{layer.path}"] = layer.density
             w.scalars(r, values)
             w.flush()
@@ -367,14 +361,14 @@ class Wandb(Callback):
         for t, row in zip(run.tickets, rows):
             w = self.runs.get(t.paths.root)
             if row is not None and w is not None:
-                w.log({f"epoch/{k}": row[k] for k in EPOCH_SCALARS if k in row},
+                w.log({f"epoch/{k}": row[k] for k in epoch_scalars() if k in row},
                       step=r * run.epochs + epoch)
 
     def round_finished(self, run, r, rows):
         for t, row in zip(run.tickets, rows):
             w = self.runs.get(t.paths.root)
             if row is not None and w is not None:
-                w.log(dict({f"round/{k}": row[k] for k in ROUND_SCALARS if k in row}, round=r),
+                w.log(dict({f"round/{k}": row[k] for k in round_scalars() if k in row}, round=r),
                       step=(r + 1) * run.epochs)
 
     def run_end(self, run):
@@ -406,6 +400,6 @@ def default_callbacks(cfg, *, progress: bool = True) -> list[Callback]:
 
 
 __all__ = ["Callback", "ProgressBar", "EpochLog", "NanGuard", "Checkpointer", "SummaryWriter",
-           "RunLocks", "NextSteps", "TensorBoard", "Wandb", "EPOCH_SCALARS", "ROUND_SCALARS",
-           "TrainingDiverged", "Interrupted", "SUMMARY_FIELDS", "epoch_line",
+           "RunLocks", "NextSteps", "TensorBoard", "Wandb", "epoch_scalars", "round_scalars",
+           "TrainingDiverged", "Interrupted", "summary_fields", "epoch_line",
            "round_line", "write_summary", "atomic_write", "default_callbacks"]

@@ -1,19 +1,24 @@
-"""Run configuration: typed groups of plain values, nothing else.
+"""Run configuration: typed groups of plain values, each flag declared once.
 
-A :class:`Config` is six frozen groups, each a dataclass whose field names are the
-command-line flags (the PyTorch reference's ``main_imp_fillback.py`` names,
-docs/SPEC.md section 4): :class:`DataConfig`, :class:`ModelConfig`, :class:`OptimConfig`,
-:class:`PruneConfig`, :class:`RSSTConfig` and :class:`RunConfig`. Saved and replayed
-as one flat mapping (``config.json``, ``--config`` files): ``to_dict``/``from_dict``.
+A :class:`Config` holds one frozen group per name: :class:`DataConfig`,
+:class:`ModelConfig`, :class:`OptimConfig`, :class:`PruneConfig` and :class:`RunConfig`
+here, and the groups pruning methods declare with their own flags
+(:func:`register_group`; RSST's ``cfg.rsst`` lives in ``rsst_jax.methods.rsst``). Field
+names are the command-line flags (the PyTorch reference's ``main_imp_fillback.py``
+names, docs/SPEC.md section 4).
 
-The command line (argparse, help texts, the flag table) lives in ``experiments/cli.py``;
-the enumerations (schedules, criteria, scopes, methods, networks, data sets) belong to
-the modules that implement them and :func:`validate` reads them from there. Nothing here
-touches the file system.
+Every field is declared with :func:`flag`, which carries all that is known of the
+setting (:class:`Flag`: help text, allowed values, whether tickets of one program may
+differ in it, whether it changes results, finiteness, whether it is seed-like). The
+command line (``experiments/cli.py``), validation, sweep and seed grouping and the
+README's flag table read those facts from here. Saved and replayed as one flat mapping
+(``config.json``, ``--config`` files): ``to_dict``/``from_dict``. Nothing here touches
+the file system.
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import re
 from typing import Any, Mapping, Optional
@@ -23,37 +28,89 @@ class ConfigError(ValueError):
     """A flag or config value that cannot work; the message says what to change."""
 
 
+# --------------------------------------------------------------------------- flags
+
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    """What is known of one setting, declared with its field (:func:`flag`).
+
+    ``choices``: the allowed values, as ``"module:name"`` of a tuple or of a function
+    returning one (read when needed: the module owning an enumeration defines it).
+    ``registry``: users register their own values (networks, criteria, methods, data
+    sets), so the command line names the registry instead of refusing the value itself.
+    ``groupable``: tickets trained as one program may differ in it (no shape or compiled
+    code depends on it). ``semantic``: it changes what a run computes (a resumed run
+    must agree on it). ``finite``: a number that must be finite. ``seed_like``: runs of
+    one configuration and different seeds differ in it."""
+    help: str
+    choices: Optional[str] = None
+    registry: Optional[str] = None
+    groupable: bool = False
+    semantic: bool = True
+    finite: bool = False
+    seed_like: bool = False
+
+    def allowed(self) -> Optional[tuple]:
+        if self.choices is None:
+            return None
+        module, _, name = self.choices.partition(":")
+        value = getattr(importlib.import_module(module), name)
+        return tuple(value() if callable(value) else value)
+
+
+def flag(default, help: str, **facts) -> Any:
+    """A configuration field with its :class:`Flag` facts."""
+    return dataclasses.field(default=default, metadata={"flag": Flag(help, **facts)})
+
+
 # --------------------------------------------------------------------------- groups
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    data: Optional[str] = None          # directory (None: the data set's usual place)
-    dataset: str = "cifar100"
+    data: Optional[str] = flag(
+        None, "data directory (default: the data set's usual place; fashion_mnist: "
+        "/usr/share/datasets/fashion-mnist, cifar: ./data)", groupable=True, semantic=False)
+    dataset: str = flag(
+        "cifar100", "data set: digits (bundled, always works), fashion_mnist, cifar10, "
+        "cifar100, tiny-imagenet", choices="rsst_jax.data:DATASETS", registry="dataset")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    arch: str = "res20s"
-    shortcut: str = "A"                 # CIFAR ResNets: A (padding) or B (1x1 conv + BN)
-    precision: str = "fp32"             # compute dtype; weights and statistics stay fp32
+    arch: str = flag("res20s", "network (see rsst_jax.nets.available_nets())",
+                     choices="rsst_jax.nets:available_nets",
+                     registry="rsst_jax.nets.register_net")
+    shortcut: str = flag("A", "(new) CIFAR ResNet shortcut: A (parameter-free) or B (1x1 conv "
+                         "+ BN)", choices="rsst_jax.nets.resnet_cifar:SHORTCUTS")
+    precision: str = flag("fp32", "(new) compute precision: bf16 computes in bfloat16 with "
+                          "float32 weights, optimizer state and BatchNorm statistics",
+                          choices="rsst_jax.train:PRECISIONS")
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    batch_size: int = 128
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-4          # coupled for sgd/adam, as PyTorch
-    epochs: int = 120                   # per round
-    warmup: int = 20                    # epochs of linear per-step warm-up
-    decreasing_lr: str = "91,136"       # epochs where lr *= 0.1
-    optimizer: str = "sgd"
-    eval_batch_size: int = 500
-    bn_recalibrate: int = 0             # batches; 0: evaluate with the running statistics
-    accum_steps: int = 1
-    distill: bool = False               # distil from the dense round-0 network
-    kd_alpha: float = 0.5
-    kd_temperature: float = 4.0
+    batch_size: int = flag(128, "training batch size")
+    lr: float = flag(0.01, "initial learning rate", groupable=True, finite=True)
+    momentum: float = flag(0.9, "SGD momentum", finite=True)
+    weight_decay: float = flag(1e-4, "weight decay, coupled (added to the gradient as "
+                               "PyTorch SGD does)", finite=True)
+    epochs: int = flag(120, "epochs per round")
+    warmup: int = flag(20, "linear per-step learning-rate warm-up, in epochs")
+    decreasing_lr: str = flag("91,136", "epochs at which the learning rate is multiplied by "
+                              "0.1")
+    optimizer: str = flag("sgd", "(new) optimizer (adam/adamw often suit fine-tuning with lr "
+                          "0.001)", choices="rsst_jax.train:OPTIMIZERS")
+    eval_batch_size: int = flag(500, "(new) evaluation batch size", groupable=True,
+                                semantic=False)
+    bn_recalibrate: int = flag(
+        0, "(new) before each evaluation in rounds that end by removing channels (RSST: "
+        "every epoch, and after applying S) re-estimate the BatchNorm running statistics as "
+        "the mean over this many training batches (a fixed set, not augmented); the saved "
+        "tickets keep them; 0: off")
+    accum_steps: int = flag(1, "(new) gradient accumulation micro-batches per step")
+    distill: bool = flag(False, "(new) distil from the dense round-0 network in later rounds")
+    kd_alpha: float = flag(0.5, "(new) weight of the distillation loss", finite=True)
+    kd_temperature: float = flag(4.0, "(new) distillation temperature", finite=True)
 
     @property
     def milestones(self) -> tuple[int, ...]:
@@ -62,25 +119,55 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PruneConfig:
-    pruning_times: int = 20             # rounds; 1 = dense training only
-    rate: float = 0.2
-    prune_type: str = "lt"              # rewind to W0, to --rewind_epoch, or to --pretrained
-    pretrained: Optional[str] = None
-    conv1: bool = False                 # prune the stem convolution too
-    fc: bool = False                    # the reference's "rewind fc": no effect on pruning
-    prune_fc: bool = False              # prune dense (classifier) kernels too
-    rewind_epoch: int = 24
-    prune_scope: str = "global"
-    prune_method: str = "magnitude"
-    rate_schedule: str = ""             # multipliers of rate per prune step
-    layer_rates: str = ""               # REGEX=MULT,...
-    struct: str = "rsst"
-    fillback_rate: float = 0.0
-    criteria: str = "l1"
-    criteria_batches: int = 1
-    hessian_samples: int = 8
-    mask_bn: Optional[bool] = None      # None: on for refill/rsst
-    score_after_prune: bool = False     # channel scores from the pruned, not the trained, weights
+    pruning_times: int = flag(20, "rounds of training; 1 is plain dense training")
+    rate: float = flag(0.2, "fraction of the remaining prunable weights removed after each "
+                       "round", groupable=True, finite=True)
+    prune_type: str = flag("lt", "rewinding: lt (to W0), rewind_lt (to epoch --rewind_epoch "
+                           "of round 0), pt (to --pretrained)",
+                           choices="rsst_jax.rounds:PRUNE_TYPES")
+    pretrained: Optional[str] = flag(
+        None, "pretrained weights for --prune_type pt (rsst-jax checkpoint, PyTorch "
+        "state_dict or .npz); the classifier and the stem convolution stay freshly "
+        "initialized, as in the reference")
+    conv1: bool = flag(False, "also prune the stem convolution")
+    fc: bool = flag(False, "accepted as in the reference, where it rewinds the classifier; "
+                    "every layer is rewound here, so it changes nothing (prune dense kernels "
+                    "with --prune_fc)")
+    prune_fc: bool = flag(False, "(new) also prune dense (classifier) kernels")
+    rewind_epoch: int = flag(24, "epoch of round 0 whose weights are the rewind point "
+                             "(rewind_lt)")
+    prune_scope: str = flag("global", "(new) rank weights over all layers or within each "
+                            "layer", choices="rsst_jax.masks:SCOPES")
+    prune_method: str = flag("magnitude", "(new) magnitude (IMP), random (baseline) or filter "
+                             "(structured L1 filter pruning)",
+                             choices="rsst_jax.masks:PRUNE_METHODS")
+    rate_schedule: str = flag("", "(new) comma-separated multipliers of --rate per prune step "
+                              "(the last one repeats), e.g. 1,1,0.5", groupable=True)
+    layer_rates: str = flag("", "(new) per-layer multipliers of --rate, REGEX=MULT,... over "
+                            "parameter paths, e.g. layer1=0.5,layer3=1.5 (implies layerwise "
+                            "ranking)")
+    struct: str = flag("rsst", "pruning method: none (IMP), refill or rsst, or any method "
+                       "registered with rsst_jax.methods.register_method (docs/methods.md)",
+                       choices="rsst_jax.methods.registry:available_methods",
+                       registry="rsst_jax.methods.register_method")
+    fillback_rate: float = flag(0.0, "Refill+: fraction of the pruned channels given back",
+                                groupable=True, finite=True)
+    criteria: str = flag("l1", "channel criterion: remain, magnitude, l1, l2, saliency, "
+                         "hessian, or any name registered with "
+                         "rsst_jax.criteria.register_criterion", groupable=True,
+                         choices="rsst_jax.criteria:available_criteria",
+                         registry="rsst_jax.criteria.register_criterion")
+    criteria_batches: int = flag(1, "(new) training batches used for activation-based "
+                                 "criteria", groupable=True)
+    hessian_samples: int = flag(8, "(new) Hutchinson probes for --criteria hessian",
+                                groupable=True)
+    mask_bn: Optional[bool] = flag(
+        None, "(new) channel masks also zero and freeze the following BatchNorm (default: on "
+        "for methods that keep whole channels: refill, rsst)")
+    score_after_prune: bool = flag(
+        False, "(new) score channels on the weights left after the round's magnitude prune, "
+        "not on the trained weights as the reference does (how rsst-jax 0.1 scored)",
+        groupable=True)
 
     @property
     def prune_dense(self) -> bool:
@@ -90,7 +177,11 @@ class PruneConfig:
 
     @property
     def use_mask_bn(self) -> bool:
-        return self.struct != "none" if self.mask_bn is None else self.mask_bn
+        """``--mask_bn``, by default on for a method that keeps whole channels."""
+        if self.mask_bn is not None:
+            return self.mask_bn
+        from rsst_jax.methods.registry import get_method  # imports no library module
+        return get_method(self.struct).channels
 
     @property
     def rate_multipliers(self) -> tuple[float, ...]:
@@ -111,120 +202,200 @@ class PruneConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class RSSTConfig:
-    block_loss_grad: bool = False
-    RST_schedule: str = "exp_custom_exponents"
-    reg_granularity_prune: float = 1.0
-    exponents: float = 4.0
-    reg_upper_limit: Optional[float] = None
-    update_reg_interval: Optional[int] = None
-    reg_progress: str = "round"
-    reg_adaptive: bool = False
-    target_acc: Optional[float] = None
-
-
-@dataclasses.dataclass(frozen=True)
 class RunConfig:
-    seed: Optional[int] = None          # None means 0
-    save_dir: str = "results"
-    resume: bool = False
-    checkpoint: Optional[str] = None
-    init: Optional[str] = None
-    print_freq: int = 50
-    fused: str = "auto"
-    fused_steps: Optional[int] = None
-    num_seeds: int = 1
-    nan_policy: str = "stop"
-    wandb: Optional[str] = None         # [ENTITY/]PROJECT of Weights & Biases
-    config: Optional[str] = None        # the --config file this came from
-    dry_run: bool = False
+    seed: Optional[int] = flag(None, "random seed (None means 0)", groupable=True,
+                               seed_like=True)
+    save_dir: str = flag("results", "directory for checkpoints, logs and summaries",
+                         groupable=True, semantic=False, seed_like=True)
+    resume: bool = flag(False, "continue the run in --save_dir from its newest checkpoint",
+                        groupable=True, semantic=False)
+    checkpoint: Optional[str] = flag(None, "checkpoint directory to resume from (default: the "
+                                     "newest one in --save_dir)", groupable=True,
+                                     semantic=False)
+    init: Optional[str] = flag(None, "initialization W0: loaded if it exists, else written "
+                               "there (default: SAVE_DIR/init)", groupable=True,
+                               seed_like=True)
+    print_freq: int = flag(50, "steps between progress-bar refreshes", groupable=True,
+                           semantic=False)
+    fused: str = flag("auto", "(new) run --fused_steps steps at a time as one compiled "
+                      "program (on CPU unrolled, where XLA runs convolution gradients inside "
+                      "a loop far slower): on, off, or auto (on where it is faster, see "
+                      "docs/performance.md)", semantic=False,  # equal results, tested
+                      choices="rsst_jax.train:FUSED_MODES")
+    fused_steps: Optional[int] = flag(
+        None, "(new) steps per fused chunk; the progress bar advances per chunk (when not "
+        "given: --print_freq on GPU/TPU, 8 on CPU, where compile time grows with it)",
+        semantic=False)
+    num_seeds: int = flag(1, "(new) train this many tickets (seeds --seed, --seed+1, ...) "
+                          "together as one program (vmapped on accelerators), each written to "
+                          "SAVE_DIR/seed_<s>/", groupable=True, seed_like=True)
+    nan_policy: str = flag("stop", "(new) on a NaN/Inf loss: stop the round, or skip the batch",
+                           choices="rsst_jax.train:NAN_POLICIES")
+    wandb: Optional[str] = flag(
+        None, "(new) also log to Weights & Biases project [ENTITY/]PROJECT, one W&B run per "
+        "ticket named after its run directory, grouped by the parent directory (needs pip "
+        "install -e \".[wandb]\"; WANDB_MODE=offline keeps it local). TensorBoard event "
+        "files are always written: tensorboard --logdir SAVE_DIR", semantic=False)
+    config: Optional[str] = flag(None, "(new) YAML or TOML file supplying any flag; "
+                                 "command-line flags override it", groupable=True,
+                                 semantic=False)
+    dry_run: bool = flag(False, "(new) check everything, print the plan and exit",
+                         groupable=True, semantic=False)
 
     @property
     def resolved_seed(self) -> int:
         return 0 if self.seed is None else self.seed
 
 
-GROUPS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig,
-          "prune": PruneConfig, "rsst": RSSTConfig, "run": RunConfig}
+# Group name -> dataclass of flags. The run group stays last (--help, config.json).
+_GROUPS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig,
+                            "prune": PruneConfig}
+_LAST = {"run": RunConfig}
 
-# Flag order of --help and of the README's flag table (the reference's order first).
-FLAG_ORDER = (
-    "data", "dataset", "arch", "shortcut", "seed", "save_dir", "resume", "checkpoint", "init",
-    "batch_size", "lr", "momentum", "weight_decay", "epochs", "warmup", "print_freq",
-    "decreasing_lr", "optimizer", "eval_batch_size", "bn_recalibrate", "pruning_times", "rate",
-    "prune_type",
-    "pretrained", "conv1", "fc", "prune_fc", "rewind_epoch", "prune_scope", "prune_method",
-    "rate_schedule", "layer_rates", "struct", "fillback_rate", "criteria", "criteria_batches",
-    "hessian_samples", "mask_bn", "score_after_prune", "block_loss_grad", "RST_schedule",
-    "reg_granularity_prune", "exponents", "reg_upper_limit", "update_reg_interval",
-    "reg_progress", "reg_adaptive", "target_acc", "distill", "kd_alpha", "kd_temperature",
-    "accum_steps", "precision", "fused", "fused_steps", "num_seeds", "nan_policy", "wandb",
-    "config", "dry_run")
 
-# flag name -> group attribute
-GROUP_OF = {f.name: g for g, cls in GROUPS.items() for f in dataclasses.fields(cls)}
-assert set(GROUP_OF) == set(FLAG_ORDER) and len(GROUP_OF) == len(FLAG_ORDER)
+def register_group(name: str, cls: type) -> type:
+    """Add a group of flags (a frozen dataclass whose fields are declared with
+    :func:`flag`), reached as ``cfg.<name>``; a pruning method declares its own flags so.
+    Registering the same class again does nothing; a flag name already taken is an error."""
+    groups = {**_GROUPS, **_LAST}
+    if groups.get(name) is cls:
+        return cls
+    if name in groups or name in dir(Config):
+        raise ValueError(f"configuration group {name!r} already exists")
+    taken = set(group_of_flags())
+    for f in dataclasses.fields(cls):
+        if "flag" not in f.metadata:
+            raise ValueError(f"{cls.__name__}.{f.name}: declare it with rsst_jax.config.flag")
+        if f.name in taken:
+            raise ValueError(f"{cls.__name__}.{f.name}: flag --{f.name} already exists")
+    _GROUPS[name] = cls
+    return cls
+
+
+def groups() -> dict[str, type]:
+    """Every group of flags, in order (the run group last)."""
+    return {**_GROUPS, **_LAST}
+
+
+def group_of_flags() -> dict[str, str]:
+    """Flag name -> name of its group, in flag order."""
+    return {f.name: g for g, cls in groups().items() for f in dataclasses.fields(cls)}
+
+
+def flag_names() -> tuple[str, ...]:
+    """Every flag, in the order of --help, config.json and the README's flag table."""
+    return tuple(group_of_flags())
 
 
 def field_of(name: str) -> dataclasses.Field:
     """The dataclass field of flag ``name`` (type, default)."""
-    return next(f for f in dataclasses.fields(GROUPS[GROUP_OF[name]]) if f.name == name)
+    group = groups()[group_of_flags()[name]]
+    return next(f for f in dataclasses.fields(group) if f.name == name)
 
 
-@dataclasses.dataclass(frozen=True)
+def facts(name: str) -> Flag:
+    """The :class:`Flag` facts of flag ``name``."""
+    return field_of(name).metadata["flag"]
+
+
+def names_where(**wanted) -> tuple[str, ...]:
+    """The flags whose facts have the given values, e.g. ``names_where(groupable=True)``."""
+    return tuple(n for n in flag_names()
+                 if all(getattr(facts(n), k) == v for k, v in wanted.items()))
+
+
 class Config:
-    """One run's configuration, grouped; ``cfg.optim.lr``, ``cfg.prune.struct``, ..."""
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
-    prune: PruneConfig = dataclasses.field(default_factory=PruneConfig)
-    rsst: RSSTConfig = dataclasses.field(default_factory=RSSTConfig)
-    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    """One run's configuration: a frozen group per name of :func:`groups`
+    (``cfg.optim.lr``, ``cfg.prune.struct``, ...). Equal when every value is equal."""
+
+    __slots__ = ("_groups",)
+
+    def __init__(self, **given):
+        unknown = sorted(set(given) - set(groups()))
+        if unknown:
+            raise ConfigError(f"unknown configuration groups {', '.join(unknown)}")
+        object.__setattr__(self, "_groups", {
+            name: given.get(name) or cls() for name, cls in groups().items()})
+
+    def __getattr__(self, name: str):
+        try:
+            return object.__getattribute__(self, "_groups")[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name, value):
+        raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Config) and self._groups == other._groups
+
+    def __hash__(self) -> int:
+        return hash(tuple(self._groups.values()))
+
+    def __repr__(self) -> str:
+        return "Config(" + ", ".join(f"{k}={v!r}" for k, v in self._groups.items()) + ")"
+
+    def __reduce__(self):
+        return (_config_of, (self.to_dict(),))
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "Config":
         """A Config from a flat mapping of flag names (missing ones take their default);
         ConfigError on unknown names."""
-        unknown = sorted(set(values) - set(GROUP_OF))
+        unknown = sorted(set(values) - set(group_of_flags()))
         if unknown:
-            raise ConfigError(f"unknown settings {', '.join(unknown)} "
-                              f"(see python -m experiments.run --help)")
+            raise ConfigError(f"unknown settings {', '.join(unknown)} (see python -m "
+                              f"experiments.run --help; a method's own flags need --import of "
+                              f"the module that registers it)")
         return cls().replace(**values)
 
     def to_dict(self) -> dict[str, Any]:
-        """The flat mapping of every flag, in ``FLAG_ORDER`` (what config.json holds)."""
-        return {name: getattr(getattr(self, GROUP_OF[name]), name) for name in FLAG_ORDER}
+        """The flat mapping of every flag, in flag order (what config.json holds)."""
+        return {name: getattr(self._groups[g], name) for name, g in group_of_flags().items()}
 
     def replace(self, **values) -> "Config":
         """A copy with the flags named in ``values`` changed (flat names)."""
+        where = group_of_flags()
         by_group: dict[str, dict] = {}
         for name, value in values.items():
-            if name not in GROUP_OF:
+            if name not in where:
                 raise ConfigError(f"unknown setting {name!r}")
-            by_group.setdefault(GROUP_OF[name], {})[name] = value
-        return dataclasses.replace(self, **{g: dataclasses.replace(getattr(self, g), **kw)
-                                            for g, kw in by_group.items()})
+            by_group.setdefault(where[name], {})[name] = value
+        return Config(**{g: dataclasses.replace(v, **by_group[g]) if g in by_group else v
+                         for g, v in self._groups.items()})
 
     def get(self, name: str) -> Any:
         """The value of flag ``name``."""
-        return getattr(getattr(self, GROUP_OF[name]), name)
+        return getattr(self._groups[group_of_flags()[name]], name)
 
 
-# Fields that do not change what a run computes, so a resumed run may differ in them.
-NON_SEMANTIC = ("resume", "checkpoint", "print_freq", "dry_run", "config", "save_dir", "data",
-                "eval_batch_size", "fused", "fused_steps",  # fused: equal results, tested
-                "wandb")
+def _config_of(values: dict) -> Config:
+    return Config.from_dict(values)
 
 
 def semantic_diffs(saved: dict, now: dict, limit: int = 5) -> str:
-    """'--k saved (now new), ...' for the semantic fields where ``now`` differs from the
-    ``saved`` config dict; fields ``saved`` lacks count as their default (a run written
-    before the field existed); '' when they agree."""
+    """'--k saved (now new), ...' for the semantic flags where ``now`` differs from the
+    ``saved`` config dict; flags ``saved`` lacks count as their default (a run written
+    before the flag existed); '' when they agree."""
+    known = group_of_flags()
+
     def before(k):
         return saved[k] if k in saved else field_of(k).default
-    diffs = [k for k, v in now.items() if k not in NON_SEMANTIC and k in GROUP_OF
-             and before(k) != v]
+    diffs = [k for k, v in now.items() if k in known and facts(k).semantic and before(k) != v]
     return ", ".join(f"--{k} {before(k)!r} (now {now[k]!r})" for k in diffs[:limit])
+
+
+def check_groupable(configs) -> None:
+    """ConfigError unless ``configs`` differ only in groupable flags (tickets trained as
+    one program)."""
+    first = configs[0].to_dict()
+    if len(configs) > 1 and first["distill"]:
+        raise ConfigError("--distill trains one ticket per program; run the tickets separately")
+    for cfg in configs[1:]:
+        other = cfg.to_dict()
+        diff = sorted(k for k in first if not facts(k).groupable and first[k] != other[k])
+        if diff:
+            raise ConfigError(f"tickets trained as one program must agree on {', '.join(diff)}")
 
 
 # --------------------------------------------------------------------------- parsing values
@@ -260,24 +431,19 @@ def parse_layer_rates(text: str) -> dict[str, float]:
 
 def choices() -> dict[str, tuple[str, ...]]:
     """The allowed values of every enumerated flag, read from the modules that own them."""
-    from rsst_jax import criteria, data, masks, nets, regularizers, rounds, train
-    from rsst_jax.nets import resnet_cifar
-    return {"dataset": tuple(data.DATASETS), "arch": tuple(nets.available_nets()),
-            "shortcut": tuple(resnet_cifar.SHORTCUTS), "precision": tuple(train.PRECISIONS),
-            "optimizer": tuple(train.OPTIMIZERS), "prune_type": tuple(rounds.PRUNE_TYPES),
-            "prune_scope": tuple(masks.SCOPES), "prune_method": tuple(masks.PRUNE_METHODS),
-            "struct": tuple(rounds.STRUCTS), "criteria": tuple(criteria.available_criteria()),
-            "RST_schedule": tuple(regularizers.SCHEDULES),
-            "reg_progress": tuple(regularizers.PROGRESS), "fused": tuple(train.FUSED_MODES),
-            "nan_policy": tuple(train.NAN_POLICIES)}
+    return {name: facts(name).allowed() for name in flag_names()
+            if facts(name).choices is not None}
 
 
 def plugin_modules(cfg: "Config") -> list[str]:
-    """The modules outside rsst_jax that registered ``cfg``'s network or criterion (what
-    a printed command must ``--import`` to run or read it again)."""
+    """The modules outside rsst_jax that registered ``cfg``'s network, criterion, method or
+    flags (what a printed command must ``--import`` to run or read it again)."""
     from rsst_jax import criteria, nets
+    from rsst_jax.methods import registry as methods
     found = [nets.registered_module(cfg.model.arch),
-             criteria.registered_module(cfg.prune.criteria)]
+             criteria.registered_module(cfg.prune.criteria),
+             methods.registered_module(cfg.prune.struct),
+             *(cls.__module__ for cls in groups().values())]
     return list(dict.fromkeys(m for m in found
                               if m and m != "__main__" and m.split(".")[0] != "rsst_jax"))
 
@@ -305,26 +471,22 @@ def _checked_value(name: str, value: Any, allowed: Optional[tuple]) -> Any:
     if not ok:
         raise ConfigError(f"{flag} must be {want}, got {value!r}")
     if allowed is not None and out not in allowed:
-        if name in ("dataset", "arch", "criteria"):  # registries: users add their own
-            how = {"arch": "; or register your own network with rsst_jax.nets.register_net in "
-                           "a module and pass --import MODULE",
-                   "criteria": "; or register your own with "
-                               "rsst_jax.criteria.register_criterion in a module and pass "
-                               "--import MODULE"}.get(name, "")
+        registry = facts(name).registry
+        if registry is not None:  # users add their own
+            how = (f"; or register your own with {registry} in a module and pass --import "
+                   f"MODULE" if "." in registry else "")
             raise ConfigError(f"unknown {flag} {out!r}; choose one of: {', '.join(allowed)}{how}")
         raise ConfigError(f"{flag} must be one of {', '.join(allowed)}, got {out!r}")
     return out
 
-
-_FINITE = ("lr", "momentum", "weight_decay", "rate", "fillback_rate", "reg_granularity_prune",
-           "exponents", "kd_alpha", "kd_temperature", "target_acc")
 
 
 def validate(cfg: Config) -> Config:
     """Check every value and combination before any compute; raise ConfigError.
 
     Returns the config with values from a --config file converted to the field types.
-    Pure: nothing here looks at the file system (see ``experiments.cli``).
+    Pure: nothing here looks at the file system (see ``experiments.cli``). Each
+    registered method checks its own flags (``Method.check``).
     """
     def need(cond, msg):
         if not cond:
@@ -334,8 +496,8 @@ def validate(cfg: Config) -> Config:
     flat = {name: _checked_value(name, value, allowed.get(name))
             for name, value in cfg.to_dict().items()}
     cfg = Config.from_dict(flat)
-    m, o, p, s, r = cfg.model, cfg.optim, cfg.prune, cfg.rsst, cfg.run
-    for name in _FINITE:
+    m, o, p, r = cfg.model, cfg.optim, cfg.prune, cfg.run
+    for name in names_where(finite=True):
         value = flat[name]
         need(value is None or math.isfinite(value), f"--{name} must be a finite number, got {value}")
     need(r.seed is None or 0 <= r.seed < 2 ** 32, f"--seed must be in [0, 2**32), got {r.seed}")
@@ -345,6 +507,7 @@ def validate(cfg: Config) -> Config:
     need(p.pruning_times <= 1000, f"--pruning_times must be <= 1000, got {p.pruning_times}")
     need(r.save_dir.strip() != "", "--save_dir must name a directory")
     from rsst_jax import nets
+    from rsst_jax.methods import registry as methods
     need(m.shortcut == "A" or "shortcut" in nets.net_options(m.arch),
          f"--shortcut applies to the CIFAR ResNets (res20s ... res110s), not to {m.arch}")
     need(0.0 <= p.rate < 1.0, f"--rate must be in [0, 1), got {p.rate}")
@@ -372,22 +535,15 @@ def validate(cfg: Config) -> Config:
              f"for --prune_type rewind_lt")
     if p.prune_type == "pt":
         need(p.pretrained is not None, "--prune_type pt needs --pretrained CHECKPOINT")
-    need(not (p.struct != "none" and p.prune_method == "filter"),
+    method = methods.get_method(p.struct)
+    need(not (method.channels and p.prune_method == "filter"),
          f"--struct {p.struct} with --prune_method filter makes no sense: filter pruning is "
          f"already channel-wise; use --struct none")
     need(p.criteria_batches >= 1, f"--criteria_batches must be >= 1, got {p.criteria_batches}")
     need(p.hessian_samples >= 1, f"--hessian_samples must be >= 1, got {p.hessian_samples}")
-    need(s.reg_granularity_prune >= 0, "--reg_granularity_prune must be >= 0")
-    need(s.reg_upper_limit is None or s.reg_upper_limit > 0, "--reg_upper_limit must be > 0")
-    need(s.update_reg_interval is None or s.update_reg_interval >= 1,
-         "--update_reg_interval must be >= 1 step")
-    if s.reg_adaptive:
-        need(s.target_acc is not None, "--reg_adaptive needs --target_acc (validation accuracy in %)")
-    need(s.target_acc is None or 0 <= s.target_acc <= 100, "--target_acc is a percentage in [0, 100]")
     need(o.accum_steps >= 1, "--accum_steps must be >= 1")
     need(o.kd_temperature > 0, "--kd_temperature must be > 0")
     need(0 <= o.kd_alpha <= 1, "--kd_alpha must be in [0, 1]")
-    need(s.exponents > 0, f"--exponents must be > 0, got {s.exponents}")
     need(o.warmup <= o.epochs,
          f"--warmup {o.warmup} is longer than --epochs {o.epochs}: the learning rate would "
          f"never reach --lr; pass a --warmup of at most {o.epochs} (e.g. --warmup 0)")
@@ -403,12 +559,10 @@ def validate(cfg: Config) -> Config:
          "--pretrained is only used with --prune_type pt; add --prune_type pt or leave it out")
     need(r.checkpoint is None or r.resume,
          "--checkpoint names where to resume from; add --resume or leave it out")
-    need(p.fillback_rate == 0 or p.struct != "none",
+    need(p.fillback_rate == 0 or method.channels,
          "--fillback_rate refills channels, which needs --struct refill or rsst")
-    for flag, on in (("--block_loss_grad", s.block_loss_grad),
-                     ("--reg_adaptive", s.reg_adaptive)):
-        need(not on or p.struct == "rsst", f"{flag} acts on the RSST penalty; it needs "
-             f"--struct rsst (got --struct {p.struct})")
+    for other in methods.registered():
+        other.check(cfg, need, chosen=other is method)
     need(o.batch_size % o.accum_steps == 0, f"--batch_size {o.batch_size} must be a "
          f"multiple of --accum_steps {o.accum_steps} (the micro-batches are equal)")
     need(r.fused_steps is None or r.fused_steps >= 1, "--fused_steps must be >= 1")
@@ -418,7 +572,8 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-__all__ = ["ConfigError", "Config", "DataConfig", "ModelConfig", "OptimConfig", "PruneConfig",
-           "RSSTConfig", "RunConfig", "GROUPS", "FLAG_ORDER", "GROUP_OF", "field_of",
-           "NON_SEMANTIC", "semantic_diffs", "parse_int_list", "parse_float_list",
+__all__ = ["ConfigError", "Config", "Flag", "flag", "DataConfig", "ModelConfig",
+           "OptimConfig", "PruneConfig", "RunConfig", "register_group", "groups",
+           "group_of_flags", "flag_names", "field_of", "facts", "names_where",
+           "semantic_diffs", "check_groupable", "parse_int_list", "parse_float_list",
            "parse_layer_rates", "choices", "validate", "plugin_modules"]

@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import functools
 import itertools
-from typing import Any, Callable, Iterable, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from rsst_jax import trees
 from rsst_jax.train import cross_entropy  # the training loss; saliency and hessian read it
 
 Path = tuple[str, ...]
@@ -80,19 +81,7 @@ def get_criterion(name: str) -> Criterion:
     return _CRITERIA[name]
 
 
-# ---------------------------------------------------------------------------------------
-# Path helpers (local on purpose: this module depends on nothing else in the package).
-
-
-def _key_name(k: Any) -> Any:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return getattr(k, attr)
-    raise TypeError(f"unsupported pytree key {k!r}")
-
-
-def _path_tuple(key_path: Iterable[Any]) -> Path:
-    return tuple(_key_name(k) for k in key_path)
+_path_tuple = trees.path_tuple
 
 
 def flat_masks(masks: Any) -> dict[Path, jax.Array]:

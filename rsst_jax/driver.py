@@ -1,11 +1,12 @@
 """The command's run: a short loop over rounds and epochs of K tickets, with callbacks.
 
 ``run(configs)`` trains the tickets of ``configs`` (one configuration, or several that
-differ only in ``rounds.GROUPABLE`` settings: seeds, learning rate, lambda schedule,
-rates, criteria) as one program on an :class:`engine.Engine`; each ticket writes an
-ordinary run directory (``paths.RunPaths``) that resumes, analyses and compares on its
-own. Per round: train the epochs (``Engine.train_epoch``), evaluate, then finish the
-round (RSST applies S), prune and plan the next (``rounds``), rewind. Side effects are
+differ only in groupable settings: seeds, learning rate, lambda schedule, rates,
+criteria) as one program on an :class:`engine.Engine`; each ticket writes an ordinary
+run directory (``paths.RunPaths``) that resumes, analyses and compares on its own. Per
+round: train the epochs (``Engine.train_epoch``), evaluate, then the method finishes
+the round (``Method.finish_round``: RSST applies S), chooses and plans the next
+(``starting.next_round``), and the tickets rewind. Side effects are
 callbacks (``rsst_jax.callbacks``); where a run stands is each ticket's ``Progress``,
 saved with every checkpoint, so a resumed run continues where it stopped and ends
 with the numbers of an uninterrupted one.
@@ -24,11 +25,10 @@ from rsst_jax import config as config_lib
 from rsst_jax import masks as masks_lib
 from rsst_jax import parallel
 from rsst_jax import paths as paths_lib
-from rsst_jax import regularizers, rounds
+from rsst_jax import methods, rounds, starting, trees
 from rsst_jax import train as train_lib
-from rsst_jax import starting
 from rsst_jax import engine as engine_lib
-from rsst_jax.engine import Engine, model_options
+from rsst_jax.engine import Engine
 
 TrainingDiverged = cb.TrainingDiverged
 RunError = starting.RunError
@@ -54,7 +54,7 @@ class Ticket:
     paths: paths_lib.RunPaths
     progress: Progress
     failed: Optional[BaseException] = None
-    predicted_norm_rel: Optional[float] = None  # starting.penalty_check, RSST on SGD
+    predicted: Optional[float] = None  # the method's start-up prediction (RSST: norm kept)
 
     @property
     def seed(self) -> int:
@@ -70,6 +70,7 @@ class Run:
         cfg = tickets[0].cfg
         self.rounds, self.epochs = cfg.prune.pruning_times, cfg.optim.epochs
         self.batch_size = cfg.optim.batch_size
+        self.method = methods.of(cfg)
         self.states = self.plan = self.rewind = None
         self.teacher = None
 
@@ -91,20 +92,30 @@ class Run:
 
     def ticket_meta(self, k: int) -> dict:
         """What a checkpoint of ticket k records about the network (for the loaders)."""
-        cfg, ds = self.tickets[k].cfg, self.engine.ds
-        return {"arch": cfg.model.arch, "dataset": cfg.data.dataset,
-                "num_classes": ds.num_classes, "image_shape": list(ds.image_shape),
-                "model_options": model_options(cfg.model)}
+        return engine_lib.ticket_meta(self.engine, self.tickets[k].cfg)
 
     def checkpoint_tree(self, k: int) -> dict:
-        plan = rounds.ticket(self.plan, k)
-        return {"state": rounds.ticket(self.states, k), "masks": plan.masks,
-                "channel_masks": plan.channel_masks, "rewind": rounds.ticket(self.rewind, k)}
+        plan = trees.ticket(self.plan, k)
+        return {"state": trees.ticket(self.states, k), "masks": plan.masks,
+                "channel_masks": plan.channel_masks, "rewind": trees.ticket(self.rewind, k)}
 
     def checkpoint_meta(self, k: int) -> dict:
         t = self.tickets[k]
-        return dict(dataclasses.asdict(t.progress), has_channel_masks=self.plan.rsst,
+        return dict(dataclasses.asdict(t.progress), has_channel_masks=self.plan.applies_s,
                     config=t.cfg.to_dict(), **self.ticket_meta(k))
+
+    def recalibrate_bn(self) -> Optional[float]:
+        """--bn_recalibrate N in a round that applies S: every ticket's BatchNorm
+        statistics re-estimated over N training batches (``engine.recalibrate_bn``),
+        kept in the state (so in its checkpoints); returns the seconds it took, None
+        when off or in another round."""
+        n = self.tickets[0].cfg.optim.bn_recalibrate
+        if not n or not self.plan.applies_s:
+            return None
+        t0 = time.time()
+        self.states = engine_lib.recalibrate_bn(self.engine, self.states, n)
+        jax.block_until_ready(self.states.batch_stats)
+        return round(time.time() - t0, 4)
 
 
 def run(configs, *, callbacks: Optional[Sequence[cb.Callback]] = None, progress: bool = True,
@@ -128,7 +139,10 @@ def run(configs, *, callbacks: Optional[Sequence[cb.Callback]] = None, progress:
     locks = cb.RunLocks([t.paths.root for t in tickets] if primary else [], log=log).acquire()
     r = Run(engine, tickets, log)
     try:
-        starting.start(r, Progress)
+        begun = starting.start(engine, tickets, log, Progress)
+        r.states, r.plan, r.rewind, r.teacher = begun.states, begun.plan, begun.rewind, begun.teacher
+        for t, p, predicted in zip(tickets, begun.progress, begun.predicted):
+            t.progress, t.predicted = p, predicted
         for c in callbacks:
             c.run_start(r)
         while r.live_tickets() and r.lead.round < r.rounds:
@@ -158,9 +172,8 @@ def _train_round(run: Run, callbacks) -> None:
             p = t.progress
             p.best = {"val_acc": -1.0, "epoch": -1, "test_acc": None}
             p.round_start = p.elapsed
-            p.target_norm0 = (rounds.target_stats(rounds.ticket(run.states, k).params,
-                                                  rounds.ticket(run.plan.step.targets, k))[0]
-                              if run.plan.rsst else None)
+            p.target_norm0 = None
+            run.method.round_start(run, k)
     for epoch in range(run.lead.epoch + 1, run.epochs + 1):
         _train_epoch(run, callbacks, r, epoch)
         if not run.live_tickets():
@@ -170,9 +183,10 @@ def _train_round(run: Run, callbacks) -> None:
     for c in callbacks:
         c.round_finished(run, r, rows)
     if r == 0 and ticks[0].cfg.optim.distill:
-        run.teacher = starting.load_teacher(run)
+        run.teacher = starting.load_teacher(run.engine, ticks[0])
     if r + 1 < run.rounds:
-        starting.plan_next_round(run, r)
+        run.states, run.plan = starting.next_round(run.engine, ticks, run.states, run.plan,
+                                                   run.rewind, r, run.teacher)
     for t, row in zip(ticks, rows):
         p = t.progress
         p.elapsed += time.time() - t1
@@ -190,8 +204,7 @@ def _train_epoch(run: Run, callbacks, r: int, epoch: int) -> None:
     """Epoch ``epoch`` (from 1) of round r for every ticket: train, evaluate, record."""
     eng, ticks = run.engine, run.tickets
     t0 = time.time()
-    scales = [regularizers.adaptive_scale(t.progress.last_val_acc, t.cfg.rsst.target_acc)
-              if t.cfg.rsst.reg_adaptive else 1.0 for t in ticks]
+    scales = [run.method.epoch_scale(t.cfg, t.progress) for t in ticks]
     run.plan = run.plan.replace(step=run.plan.step.replace(
         reg_scale=jnp.asarray(scales, jnp.float32)))
     perms = eng.epoch_perms([t.seed for t in ticks], r, epoch - 1)
@@ -202,7 +215,7 @@ def _train_epoch(run: Run, callbacks, r: int, epoch: int) -> None:
         on_chunk=lambda done, n, m: [c.chunk(run, done, n, m) for c in callbacks])
     for c in callbacks:
         c.epoch_trained(run, r, epoch, metrics)
-    bn_time = _fresh_batch_stats(run, run.plan.rsst)
+    bn_time = run.recalibrate_bn()
     val = eng.evaluate(run.states.variables, "val")
     test = eng.evaluate(run.states.variables, "test")
     rows = []
@@ -221,21 +234,8 @@ def _train_epoch(run: Run, callbacks, r: int, epoch: int) -> None:
         c.epoch_end(run, r, epoch, rows)
 
 
-def _fresh_batch_stats(run: Run, rsst_round: bool) -> Optional[float]:
-    """--bn_recalibrate N in an RSST round: every ticket's BatchNorm statistics
-    re-estimated over N training batches (``engine.recalibrate_bn``), kept in the state
-    (so in its checkpoints); returns the seconds it took, None when off."""
-    n = run.tickets[0].cfg.optim.bn_recalibrate
-    if not n or not rsst_round:
-        return None
-    t0 = time.time()
-    run.states = engine_lib.recalibrate_bn(run.engine, run.states, n)
-    jax.block_until_ready(run.states.batch_stats)
-    return round(time.time() - t0, 4)
-
-
 def _params_finite(run: Run, k: int) -> bool:
-    return train_lib.tree_is_finite(rounds.ticket(run.states.params, k))
+    return train_lib.tree_is_finite(trees.ticket(run.states.params, k))
 
 
 def _epoch_row(run: Run, k: int, r: int, epoch: int, metrics, val, test, scale, t0) -> dict:
@@ -249,17 +249,12 @@ def _epoch_row(run: Run, k: int, r: int, epoch: int, metrics, val, test, scale, 
            "val_acc": val["acc"], "val_loss": val["loss"], "test_acc": test["acc"],
            "test_loss": test["loss"], "lr": float(metrics["lr"][k, -1])}
     p.last_val_acc = val["acc"]
-    if run.plan.rsst:
-        norm, small, count = rounds.target_stats(rounds.ticket(run.states.params, k),
-                                                 rounds.ticket(run.plan.step.targets, k))
-        row.update(reg_lambda=float(metrics["reg_lambda"][k, -1]), reg_scale=scale,
-                   target_count=count, target_small_frac=small,
-                   target_norm_rel=norm / p.target_norm0 if p.target_norm0 else 0.0)
+    row.update(run.method.epoch_fields_of(run, k, metrics, scale))
     if val["acc"] > p.best["val_acc"]:  # the Checkpointer saves round_<r>/best
         p.best = {"val_acc": val["acc"], "epoch": epoch, "test_acc": test["acc"]}
     if r == 0 and t.cfg.prune.prune_type == "rewind_lt" and epoch == t.cfg.prune.rewind_epoch:
-        run.rewind = starting.replace_ticket(run.rewind, k, starting.snapshot(
-            rounds.ticket(run.states, k)))
+        run.rewind = trees.replace_ticket(run.rewind, k, starting.snapshot(
+            trees.ticket(run.states, k)))
     row["time_s"] = time.time() - t0
     p.history.append(row)
     p.epoch = epoch
@@ -268,39 +263,15 @@ def _epoch_row(run: Run, k: int, r: int, epoch: int, metrics, val, test, scale, 
 
 
 def _finish_round(run: Run, r: int) -> list:
-    """The round's summary rows; RSST: apply S, evaluate before and after."""
-    eng, ticks = run.engine, run.tickets
-    rows = []
-    for t in ticks:
-        p = t.progress
-        if t.failed is not None:
-            rows.append(None)
-            continue
-        last = p.history[-1]
-        row = rounds.summary_row(r, run.epochs, p.best, last)
-        if run.plan.rsst:
-            row.update(rsst_acc_before=last["test_acc"], final_lambda=last.get("reg_lambda"),
-                       target_norm_rel=last.get("target_norm_rel"),
-                       predicted_norm_rel=t.predicted_norm_rel)
-        rows.append(row)
-    if run.plan.rsst:
-        run.states, run.plan = rounds.for_each(
-            lambda k, s, pl: rounds.apply_channel_masks(eng.net, eng.param_shapes,
-                                                        ticks[k].cfg.prune, s, pl),
-            len(ticks), run.states, run.plan)
-        if _fresh_batch_stats(run, True) is not None:
-            for row in rows:
-                if row is not None:
-                    row["bn_recalibrate"] = ticks[0].cfg.optim.bn_recalibrate
-        val = eng.evaluate(run.states.variables, "val")
-        test = eng.evaluate(run.states.variables, "test")
-        for k, row in enumerate(rows):
-            if row is not None:
-                row.update(final_val_acc=val[k]["acc"], final_test_acc=test[k]["acc"],
-                           rsst_acc_after=test[k]["acc"])
+    """The round's summary rows: what training tells, what the method's end of the round
+    adds (RSST: S applied, accuracy before and after), the final masks' densities."""
+    rows = [None if t.failed is not None else
+            rounds.summary_row(r, run.epochs, t.progress.best, t.progress.history[-1])
+            for t in run.tickets]
+    run.method.finish_round(run, rows)
     for k, row in enumerate(rows):
         if row is not None:
-            m = rounds.ticket(run.plan.masks, k)
+            m = trees.ticket(run.plan.masks, k)
             row.update(remaining_weight_pct=100.0 * masks_lib.density(m),
                        channel_sparsity_pct=100.0 * masks_lib.channel_sparsity(m))
     return rows

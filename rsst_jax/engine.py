@@ -1,8 +1,9 @@
 """The compiled programs of K tickets that train as one program, and the data they read.
 
-An :class:`Engine` is built from K configurations that differ only in
-``rounds.GROUPABLE`` settings (seeds, learning rate, lambda schedule, rates, criteria):
-one network, one data set on the device, one optimizer chain, and jit-compiled
+An :class:`Engine` is built from K configurations that differ only in groupable
+settings (``config.Flag.groupable``: seeds, learning rate, lambda schedule, rates,
+criteria): one network, one data set on the device, one optimizer chain (the method's
+transformation first, ``Method.transform``), and jit-compiled
 programs over a leading ticket axis: the train step, the fused chunk of steps and the
 evaluation (``train.over_tickets``: for K > 1 ``jax.vmap`` on accelerators and the
 tickets' steps written one after another on CPU; for K = 1 the very program a ticket
@@ -21,7 +22,8 @@ import jax
 import numpy as np
 
 from rsst_jax import data as data_lib
-from rsst_jax import nets, parallel, rounds
+from rsst_jax import config as config_lib
+from rsst_jax import methods, nets, parallel, rounds, trees
 from rsst_jax import train as train_lib
 
 
@@ -43,18 +45,23 @@ def build_model(model_cfg, num_classes: int, **kwargs):
 
 
 def hyper_of(cfg) -> train_lib.Hyper:
-    """A ticket's schedule values (``train.Hyper``) from its configuration."""
-    s = cfg.rsst
-    return train_lib.Hyper.make(cfg.optim.lr, s.RST_schedule, s.reg_granularity_prune,
-                                s.exponents, s.reg_upper_limit)
+    """A ticket's schedule values (``train.Hyper``) from its configuration (its method's)."""
+    return methods.of(cfg).hyper(cfg)
 
 
 def optimizer_of(cfg):
-    """The optax chain of ``cfg`` (penalty, weight decay, masks, SGD/Adam/AdamW)."""
+    """The optax chain of ``cfg`` (the method's transformation, weight decay, masks,
+    SGD/Adam/AdamW)."""
     o = cfg.optim
     return train_lib.make_optimizer(optimizer=o.optimizer, momentum=o.momentum,
                                     weight_decay=o.weight_decay,
-                                    block_loss_grad=cfg.rsst.block_loss_grad)
+                                    penalty=methods.of(cfg).transform(cfg))
+
+
+def schedules_of(cfg, steps_per_epoch: int) -> train_lib.Schedules:
+    """A round's learning-rate and lambda schedules (``train.Schedules``) of ``cfg``."""
+    return train_lib.Schedules.of(cfg.optim, steps_per_epoch,
+                                  **methods.of(cfg).penalty_schedule(cfg))
 
 
 def step_config_of(cfg, ds: data_lib.Dataset) -> train_lib.StepConfig:
@@ -83,8 +90,8 @@ class Engine:
                  devices: Optional[Sequence[jax.Device]] = None):
         """``devices``: those the programs may use (default: every visible one)."""
         try:
-            rounds.check_groupable(configs)
-        except ValueError as e:
+            config_lib.check_groupable(configs)
+        except config_lib.ConfigError as e:
             raise EngineError(str(e)) from None
         cfg = configs[0]
         self.configs, self.k = list(configs), len(configs)
@@ -108,7 +115,8 @@ class Engine:
         self.model = build_model(cfg.model, self.ds.num_classes)
         self.net = rounds.Network(self.model, self.ds.image_shape)
         self.steps_per_epoch = train_lib.steps_per_epoch(self.ds.train_x.shape[0], o.batch_size)
-        self.schedules = train_lib.Schedules.of(o, cfg.rsst, self.steps_per_epoch)
+        self.method = methods.of(cfg)
+        self.schedules = schedules_of(cfg, self.steps_per_epoch)
         self.tx, self.step_cfg = optimizer_of(cfg), step_config_of(cfg, self.ds)
         sharding = None if self.mesh is None else parallel.batch_sharding(self.mesh)
         step = train_lib.gather_step(train_lib.make_train_step(
@@ -181,13 +189,13 @@ class Engine:
         does, to the last bit. ``state`` is consumed (its buffers are reused)."""
         images, labels = (np.asarray(a) for a in batch)
         idx = np.arange(len(labels), dtype=np.int32)[None]
-        states, m = self.train_step(rounds.stack([state]), images, labels,
-                                    parallel.shard_batch(idx, self.mesh, 1), rounds.stack([plan]))
-        return rounds.ticket(states, 0), rounds.ticket(m, 0)
+        states, m = self.train_step(trees.stack([state]), images, labels,
+                                    parallel.shard_batch(idx, self.mesh, 1), trees.stack([plan]))
+        return trees.ticket(states, 0), trees.ticket(m, 0)
 
     def accuracy(self, variables, split: str) -> float:
         """Accuracy (%) of one ticket's ``variables`` on the ``val`` or ``test`` split."""
-        return self.evaluate(rounds.stack([variables]), split)[0]["acc"]
+        return self.evaluate(trees.stack([variables]), split)[0]["acc"]
 
     # ------------------------------------------------------------------ programs
     def train_epoch(self, states, plan: train_lib.Plan, perms: np.ndarray,
@@ -223,8 +231,15 @@ class Engine:
         the ``val`` or ``test`` split."""
         x, y, bs = self.dev[f"{split}_x"], self.dev[f"{split}_y"], self.configs[0].optim.eval_batch_size
         if self.k == 1:
-            return [train_lib.evaluate(self._eval, rounds.ticket(variables, 0), x, y, bs)]
+            return [train_lib.evaluate(self._eval, trees.ticket(variables, 0), x, y, bs)]
         return train_lib.evaluate(self._eval, variables, x, y, bs)
+
+
+def ticket_meta(engine: Engine, cfg) -> dict:
+    """What a checkpoint of ticket ``cfg`` records about the network (for the loaders)."""
+    return {"arch": cfg.model.arch, "dataset": cfg.data.dataset,
+            "num_classes": engine.ds.num_classes, "image_shape": list(engine.ds.image_shape),
+            "model_options": model_options(cfg.model)}
 
 
 def bn_batches(engine: Engine, n: int) -> np.ndarray:
@@ -252,4 +267,5 @@ def recalibrate_bn(engine: Engine, states, n: int):
 
 
 __all__ = ["Engine", "EngineError", "build_model", "model_options", "hyper_of", "optimizer_of",
+           "schedules_of", "ticket_meta",
            "step_config_of", "eval_program", "bn_batches", "recalibrate_bn"]

@@ -37,6 +37,8 @@ import numpy as np
 import optax
 from jax import lax
 
+from rsst_jax import trees
+
 __all__ = [
     "tree_paths",
     "map_masked",
@@ -67,69 +69,11 @@ SCOPES = ("global", "layerwise")
 PRUNE_METHODS = ("magnitude", "random", "filter")  # magnitude_prune, random_prune, filter_prune
 
 
-def _is_none(x: Any) -> bool:
-    return x is None
-
-
-# ----------------------------------------------------------------------------- paths
-
-
-def _key_str(key: Any) -> str:
-    if isinstance(key, jax.tree_util.DictKey):
-        return str(key.key)
-    if isinstance(key, jax.tree_util.SequenceKey):
-        return str(key.idx)
-    if isinstance(key, jax.tree_util.GetAttrKey):
-        return str(key.name)
-    if isinstance(key, jax.tree_util.FlattenedIndexKey):
-        return str(key.key)
-    return str(key)
-
-
-def _join(path: Sequence[Any]) -> str:
-    return "/".join(_key_str(k) for k in path)
-
-
-def _items(tree: PyTree) -> list[tuple[str, Any]]:
-    """(path, leaf) pairs in flatten order; ``None`` counts as a leaf."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_none)
-    return [(_join(path), leaf) for path, leaf in flat]
-
-
-def flat_dict(tree: PyTree) -> dict[str, Any]:
-    """``{'a/b/leaf': leaf}`` with dicts walked in their own order (params before
-    batch_stats, layers in creation order); ``None`` leaves are kept (mask trees)."""
-    return dict(_insertion_order_items(tree))
-
-
-def tree_paths(tree: PyTree) -> list[str]:
-    """'/'-joined path of every leaf, in ``jax.tree_util`` flatten order.
-
-    ``None`` counts as a leaf, so a mask and its params give the same list.
-    """
-    return [path for path, _ in _items(tree)]
-
-
-def _insertion_order_items(tree: PyTree, prefix: tuple[str, ...] = ()) -> list[tuple[str, Any]]:
-    """(path, leaf) pairs walking dicts in their own (insertion) order.
-
-    Flax ``init`` builds params dicts in module creation order, which JAX's flatten
-    (sorted keys) loses; the stem is "the first conv" in this order.
-    """
-    if isinstance(tree, Mapping):
-        out = []
-        for k, v in tree.items():
-            out.extend(_insertion_order_items(v, prefix + (str(k),)))
-        return out
-    if isinstance(tree, (list, tuple)) and not hasattr(tree, "_fields"):
-        out = []
-        for i, v in enumerate(tree):
-            out.extend(_insertion_order_items(v, prefix + (str(i),)))
-        return out
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_none)
-    if len(flat) == 1 and flat[0][0] == ():
-        return [("/".join(prefix), flat[0][1])]
-    return [("/".join(prefix + tuple(_key_str(k) for k in path)), leaf) for path, leaf in flat]
+# Path helpers live in rsst_jax.trees (one module of pytree helpers); the short names
+# below are this module's own uses of them.
+_is_none, _key_str, _join, _items = trees.is_none, trees.key_str, trees.join, trees.items
+flat_dict, tree_paths, _insertion_order_items = (trees.flat_dict, trees.tree_paths,
+                                                 trees.insertion_order_items)
 
 
 # ------------------------------------------------------------------------ tree maps

@@ -1,23 +1,25 @@
-"""The iterative procedure's rounds as pure functions (docs/SPEC.md section 2).
+"""The iterative procedure's rounds as pure functions, whatever the method (docs/SPEC.md
+section 2).
 
-After training round r: prune the trained weights (IMP step), structure the result for
-Refill/RSST (channel scores, refill), and plan the next round (masks with the BatchNorm
-extension, RSST penalty targets); at a round's end RSST applies its channel mask S.
-Everything here is a function of values: no files, no printing, no globals. The driver
-(``rsst_jax.driver``) calls these and does the side effects; ``docs/api.md`` uses them
-in a custom loop.
+What every method shares: the network's prunable kernels and their BatchNorm extension,
+a round's plan (:class:`RoundPlan`, built by :func:`plan_round` from the masks and the
+penalty targets a method chose), the channel scores a method may rank with, rewinding,
+a round's fresh optimizer and its batch order, and the records of a round. What differs
+between IMP, Refill, RSST and your own method (how the next round's masks are chosen,
+what the train step adds, what a round's end does) is the method's
+(``rsst_jax.methods``). Everything here is a function of values: no files, no printing,
+no globals. The driver (``rsst_jax.driver``) calls these and does the side effects;
+``docs/api.md`` uses them in a custom loop.
 
-A ticket's plan is a :class:`RoundPlan`: the kernel masks M, the channel masks S of an
-RSST round, and the :class:`rsst_jax.train.Plan` the compiled step reads. These functions
-take one ticket; tickets trained as one program are planned one by one with
-:func:`for_each` (each may prune with its own rate and criterion) and stacked with
-:func:`stack` for the step, which runs over the ticket axis (``train.over_tickets``).
+These functions take one ticket; tickets trained as one program are planned one by one
+with ``trees.for_each`` (each may prune with its own rate and criterion) and stacked for
+the step, which runs over the ticket axis (``train.over_tickets``).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional
 
 import flax
 import jax
@@ -29,20 +31,10 @@ from rsst_jax import data as data_lib
 from rsst_jax import masks as masks_lib
 from rsst_jax import model_masks
 from rsst_jax import train as train_lib
+from rsst_jax import trees
 
 PyTree = Any
-STRUCTS = ("none", "refill", "rsst")
 PRUNE_TYPES = ("lt", "pt", "rewind_lt")
-_IS_NONE = lambda x: x is None  # noqa: E731
-
-# Settings in which tickets trained as one program may differ: none changes a shape or
-# the compiled step's code (the learning rate and lambda schedule reach the step as
-# values of train.Hyper).
-GROUPABLE = ("seed", "save_dir", "init", "lr", "rate", "rate_schedule", "fillback_rate",
-             "criteria", "criteria_batches", "hessian_samples", "score_after_prune",
-             "RST_schedule", "reg_granularity_prune", "exponents", "reg_upper_limit",
-             "num_seeds", "config", "resume", "checkpoint", "print_freq", "dry_run",
-             "data", "eval_batch_size")
 
 # Derived keys of the random streams, as fold_in(PRNGKey(seed), stream).
 KEY_INIT, KEY_ROUND, KEY_EPOCH, KEY_RANDOM_PRUNE, KEY_CRITERIA = 0, 1, 2, 7, 11
@@ -66,13 +58,14 @@ class Network:
 
 @flax.struct.dataclass
 class RoundPlan:
-    """A round of one ticket: kernel masks ``masks`` (M; Refill: S), ``channel_masks``
-    (S in an RSST round, applied at its end; else the same as ``masks``), and ``step``,
-    the :class:`train.Plan` the compiled step applies. ``rsst`` is static."""
+    """A round of one ticket: kernel masks ``masks`` (M), ``channel_masks`` (S, applied at
+    the round's end where ``applies_s``; else the same as ``masks``), and ``step``, the
+    :class:`train.Plan` the compiled step applies (its ``targets``: what the method's
+    penalty acts on). ``applies_s`` is static."""
     masks: PyTree
     channel_masks: PyTree
     step: train_lib.Plan
-    rsst: bool = flax.struct.field(pytree_node=False, default=False)
+    applies_s: bool = flax.struct.field(pytree_node=False, default=False)
 
 
 # --------------------------------------------------------------------------- masks
@@ -94,48 +87,25 @@ def train_masks(net: Network, params_like, masks, prune_cfg) -> PyTree:
 
 def no_targets(masks) -> PyTree:
     return jax.tree_util.tree_map(lambda m: None if m is None else jnp.zeros_like(m), masks,
-                                  is_leaf=_IS_NONE)
+                                  is_leaf=trees.is_none)
 
 
-def make_plan(net: Network, params_like, prune_cfg, masks, channel_masks=None, *,
-              hyper: train_lib.Hyper, reg_scale: float = 1.0, teacher=None,
-              kd_alpha: float = 0.0) -> RoundPlan:
-    """The plan of a round trained with kernel masks M = ``masks`` (and, in an RSST round,
-    channel masks S = ``channel_masks``).
-
-    RSST targets are the weights kept by M and removed by S; with --mask_bn also the
-    BatchNorm scale and bias of the channels S removes, because BatchNorm undoes any
-    shrinking of a conv channel's weights until they reach zero.
-    """
+def plan_round(net: Network, params_like, prune_cfg, masks, channel_masks=None, *,
+               targets=None, hyper: train_lib.Hyper, reg_scale: float = 1.0, teacher=None,
+               kd_alpha: float = 0.0) -> RoundPlan:
+    """The plan of a round trained with kernel masks M = ``masks`` (``train_masks``: with
+    --mask_bn also the BatchNorm of dead channels), ending by applying ``channel_masks``
+    S where given, its penalty acting on ``targets`` (same structure as the training
+    masks; None: nothing penalized). A method's ``make_plan`` chooses the targets."""
     alive = train_masks(net, params_like, masks, prune_cfg)
-    if channel_masks is None:
-        targets = no_targets(alive)
-    else:
-        alive_s = train_masks(net, params_like, channel_masks, prune_cfg)
-        targets = jax.tree_util.tree_map(
-            lambda m, s: None if m is None else jnp.logical_and(m, jnp.logical_not(s)),
-            alive, alive_s, is_leaf=_IS_NONE)
-    step = train_lib.Plan(masks=alive, targets=targets, reg_scale=jnp.float32(reg_scale),
-                          hyper=hyper, teacher=teacher, kd_alpha=jnp.float32(kd_alpha))
+    step = train_lib.Plan(masks=alive, targets=no_targets(alive) if targets is None else targets,
+                          reg_scale=jnp.float32(reg_scale), hyper=hyper, teacher=teacher,
+                          kd_alpha=jnp.float32(kd_alpha))
     return RoundPlan(masks=masks, channel_masks=masks if channel_masks is None else channel_masks,
-                     step=step, rsst=channel_masks is not None)
+                     step=step, applies_s=channel_masks is not None)
 
 
-# --------------------------------------------------------------------------- pruning
-
-def prune_weights(params, masks, prune_cfg, round_idx: int, key) -> PyTree:
-    """The IMP step after round ``round_idx``: remove ``rate_at(round_idx)`` of the
-    remaining prunable weights (magnitude of the trained weights, random, or whole
-    filters by L1 norm), globally or per layer."""
-    rate = prune_cfg.rate_at(round_idx)
-    if prune_cfg.prune_method == "magnitude":
-        return masks_lib.magnitude_prune(params, masks, rate, scope=prune_cfg.scope,
-                                         layer_rates=prune_cfg.layer_rate_map or None)
-    if prune_cfg.prune_method == "random":
-        k = jax.random.fold_in(jax.random.fold_in(key, KEY_RANDOM_PRUNE), round_idx)
-        return masks_lib.random_prune(k, masks, rate, scope=prune_cfg.scope)
-    return masks_lib.filter_prune(params, masks, rate)
-
+# --------------------------------------------------------------------------- channel scores
 
 def criteria_batches(key, train_x, train_y, batch_size: int, round_idx: int, count: int
                      ) -> tuple[list, Any]:
@@ -164,27 +134,7 @@ def score_channels(net: Network, variables, masks_before, masks_after, prune_cfg
         kernel_masks=kernel_masks)
 
 
-def prune_round(net: Network, variables, masks, prune_cfg, round_idx: int, *, key,
-                score_batches: Callable[[], tuple[list, Any]], mean, std
-                ) -> tuple[PyTree, Optional[PyTree]]:
-    """After round ``round_idx``: the next round's (M, S): IMP prune of the trained
-    weights, then for Refill/RSST channel scores and ``masks.refill``.
-
-    --struct none: (pruned, None); refill: (channel mask, None); rsst: (pruned, channel
-    mask). ``score_batches()`` gives (batches, criterion key) and is called only when
-    channel scores are needed.
-    """
-    new = prune_weights(variables["params"], masks, prune_cfg, round_idx, key)
-    if prune_cfg.struct == "none":
-        return new, None
-    batches, crit_key = score_batches()
-    scores = score_channels(net, variables, masks, new, prune_cfg, batches, key=crit_key,
-                            mean=mean, std=std)
-    channel = masks_lib.refill(new, scores, prune_cfg.fillback_rate)
-    if prune_cfg.struct == "refill":
-        return channel, None
-    return new, channel
-
+# --------------------------------------------------------------------------- a round
 
 def rewind_to(point: dict, plan: RoundPlan) -> dict:
     """``point`` (params and batch_stats) with the plan's masks applied: a new round's
@@ -220,9 +170,9 @@ def epoch_batches(ds, key, round_idx: int, epoch: int, batch_size: int):
 
 def apply_channel_masks(net: Network, params_like, prune_cfg, state, plan: RoundPlan
                         ) -> tuple[train_lib.TrainState, RoundPlan]:
-    """End of an RSST round: M := S, the weights S removes set to zero."""
-    after = make_plan(net, params_like, prune_cfg, plan.channel_masks, hyper=plan.step.hyper,
-                      teacher=plan.step.teacher, kd_alpha=float(plan.step.kd_alpha))
+    """End of a round that ``applies_s``: M := S, the weights S removes set to zero."""
+    after = plan_round(net, params_like, prune_cfg, plan.channel_masks, hyper=plan.step.hyper,
+                       teacher=plan.step.teacher, kd_alpha=float(plan.step.kd_alpha))
     return state.replace(params=masks_lib.apply_masks(state.params, after.step.masks)), after
 
 
@@ -232,7 +182,7 @@ def target_stats(params, targets) -> tuple[float, float, int]:
     """(L2 norm of the targeted weights, fraction of them below 1e-3, count)."""
     sq, small, count = 0.0, 0, 0
     for w, t in zip(jax.tree_util.tree_leaves(params),
-                    jax.tree_util.tree_leaves(targets, is_leaf=_IS_NONE)):
+                    jax.tree_util.tree_leaves(targets, is_leaf=trees.is_none)):
         if t is None:
             continue
         w, t = np.asarray(w), np.asarray(t)
@@ -251,43 +201,7 @@ def summary_row(round_idx: int, epochs: int, best: dict, last: dict) -> dict:
             "final_test_acc": last["test_acc"]}
 
 
-# --------------------------------------------------------------------------- tickets
-
-def stack(trees: Sequence[PyTree]) -> PyTree:
-    """K trees of one structure -> one tree with a leading ticket axis (None stays)."""
-    flat = [jax.tree_util.tree_flatten(t, is_leaf=_IS_NONE) for t in trees]
-    leaves = [None if xs[0] is None else jnp.stack(xs) for xs in zip(*(f[0] for f in flat))]
-    return jax.tree_util.tree_unflatten(flat[0][1], leaves)
-
-
-def ticket(tree: PyTree, k: int) -> PyTree:
-    """Ticket ``k`` of a stacked tree."""
-    return jax.tree_util.tree_map(lambda x: None if x is None else x[k], tree, is_leaf=_IS_NONE)
-
-
-def for_each(fn: Callable, num: int, *stacked: PyTree):
-    """``fn(k, *ticket_k_of_each)`` for every ticket, the results stacked (tuples of
-    results become tuples of stacked trees)."""
-    outs = [fn(k, *(ticket(t, k) for t in stacked)) for k in range(num)]
-    if isinstance(outs[0], tuple):
-        return tuple(stack([o[i] for o in outs]) for i in range(len(outs[0])))
-    return stack(outs)
-
-
-def check_groupable(configs: Sequence) -> None:
-    """ValueError unless ``configs`` differ only in :data:`GROUPABLE` settings."""
-    first = configs[0].to_dict()
-    if len(configs) > 1 and first["distill"]:
-        raise ValueError("--distill trains one ticket per program; run the tickets separately")
-    for cfg in configs[1:]:
-        other = cfg.to_dict()
-        diff = sorted(k for k in first if k not in GROUPABLE and first[k] != other[k])
-        if diff:
-            raise ValueError(f"tickets trained as one program must agree on {', '.join(diff)}")
-
-
-__all__ = ["STRUCTS", "PRUNE_TYPES", "GROUPABLE", "Network", "RoundPlan", "initial_masks",
-           "train_masks", "no_targets", "make_plan", "prune_weights", "criteria_batches",
-           "score_channels", "prune_round", "rewind_to", "start_round", "epoch_key",
-           "epoch_indices", "epoch_batches", "apply_channel_masks", "target_stats", "summary_row", "stack", "ticket",
-           "for_each", "check_groupable"]
+__all__ = ["PRUNE_TYPES", "Network", "RoundPlan", "initial_masks", "train_masks", "no_targets",
+           "plan_round", "criteria_batches", "score_channels", "rewind_to", "start_round",
+           "epoch_key", "epoch_indices", "epoch_batches", "apply_channel_masks",
+           "target_stats", "summary_row"]

@@ -17,6 +17,7 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 from rsst_jax import config as config_lib
 from rsst_jax import paths as paths_lib
+from rsst_jax.methods import registry as methods
 # Defined beside the layout (rsst_jax.tickets needs them too; no import cycle); read here.
 from rsst_jax.paths import RunDirError, is_run_dir
 
@@ -81,38 +82,27 @@ class Run:
 
     @property
     def method(self) -> str:
-        """IMP, Refill, Refill+, RSST, or the baseline prune method, plus a non-default scope."""
+        """The method's name for this run (``Method.label``: IMP, Refill, Refill+, RSST,
+        or the baseline prune method), plus a non-default scope; the --struct value for a
+        method whose module is not imported."""
         c = self.config
-        if self.struct == "rsst":
-            name = "RSST"
-        elif self.struct == "refill":
-            name = "Refill+" if float(c.get("fillback_rate") or 0) > 0 else "Refill"
-        elif c.get("prune_method") == "filter":
-            name = "filter"
-        elif c.get("prune_method") == "random":
-            name = "random"
-        elif self.struct == "none":
-            name = "IMP"
-        else:
-            name = "?"
+        found = methods.find_method(c.get("struct"))
+        name = found.label(c) if found is not None else self.struct
         if c.get("prune_scope") == "layerwise" or c.get("layer_rates"):
             name += " (layerwise)"
         return name
 
+    def _described(self, key: str) -> str:
+        found = methods.find_method(self.config.get("struct"))
+        return found.describe(self.config)[key] if found is not None else "?"
+
     @property
     def criteria(self) -> str:
-        return str(self.config.get("criteria", "?")) if self.struct in ("refill", "rsst") else "-"
+        return self._described("criteria")
 
     @property
     def schedule(self) -> str:
-        if self.struct != "rsst":
-            return "-"
-        text = str(self.config.get("RST_schedule", "?"))
-        if text == "exp_custom_exponents":
-            text += f"={self.config['exponents']:g}" if "exponents" in self.config else ""
-        if self.config.get("reg_adaptive"):
-            text += " adaptive"
-        return text
+        return self._described("schedule")
 
     @property
     def rounds_planned(self) -> Optional[int]:
@@ -207,11 +197,6 @@ def summary_value(row: dict, key: str) -> Optional[float]:
 
 # --------------------------------------------------------------------------- seeds
 
-# Fields in which runs of one configuration and different seeds differ (besides the
-# fields of config_lib.NON_SEMANTIC, which change nothing a run computes).
-SEED_FIELDS = ("seed", "num_seeds", "save_dir", "init")
-
-
 def seed_of(run: Run) -> int:
     """The run's seed (``--seed`` None means 0)."""
     seed = run.config.get("seed")
@@ -219,13 +204,14 @@ def seed_of(run: Run) -> int:
 
 
 def seed_key(config: dict) -> Optional[str]:
-    """What a run computes apart from its seed: its configuration without ``SEED_FIELDS``
-    and the non-semantic fields (absent fields at their default), as canonical JSON.
-    None for a run without a configuration, which groups with nothing."""
+    """What a run computes apart from its seed: its configuration without the seed-like
+    and the non-semantic flags (``config.Flag``; absent flags at their default), as
+    canonical JSON. None for a run without a configuration, which groups with nothing."""
     if not config:
         return None
-    ignore = set(SEED_FIELDS) | set(config_lib.NON_SEMANTIC)
-    values = {name: config_lib.field_of(name).default for name in config_lib.FLAG_ORDER}
+    ignore = set(config_lib.names_where(seed_like=True)) | set(
+        config_lib.names_where(semantic=False))
+    values = {name: config_lib.field_of(name).default for name in config_lib.flag_names()}
     values.update(config)
     return json.dumps({k: v for k, v in values.items() if k not in ignore}, sort_keys=True,
                       default=str)

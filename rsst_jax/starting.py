@@ -1,29 +1,30 @@
-"""How the driver's tickets start, resume and move to the next round.
+"""How the driver's tickets start, resume and move to the next round, as functions that
+return the run's state (the driver keeps it).
 
-``start(run)`` gives every ticket its state, plan and rewind point: from its newest
-usable resume checkpoint (``--resume``), else from W0 (``--init`` or ``init/``, made
-from the seed and saved there; ``--prune_type pt`` merges the pretrained weights in).
-``plan_next_round(run, r)`` prunes each trained ticket, plans its next round and
-rewinds it. Both leave the stacked values in ``run.states``, ``run.plan`` and
-``run.rewind``.
+``start(engine, tickets, log)`` gives every ticket its state, plan, rewind point and
+progress (a :class:`Start`): from its newest usable resume checkpoint (``--resume``),
+else from W0 (``--init`` or ``init/``, made from the seed and saved there;
+``--prune_type pt`` merges the pretrained weights in). ``next_round(...)`` asks each
+trained ticket's method for the next round's masks, plans that round and rewinds the
+ticket. Files written here: config.json, and W0 where it does not exist yet.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from rsst_jax import checkpoint as ckpt
+from rsst_jax import engine as engine_lib
 from rsst_jax import config as config_lib
 from rsst_jax import masks as masks_lib
 from rsst_jax import pretrained as pretrained_lib
-from rsst_jax import parallel, regularizers, rounds
+from rsst_jax import methods, parallel, rounds, trees
 from rsst_jax.paths import atomic_write
-from rsst_jax.engine import hyper_of
 
 
 class RunError(RuntimeError):
@@ -34,18 +35,9 @@ def print_flushed(message: str) -> None:
     print(message, flush=True)  # flushed: runs are often followed through a log file
 
 
-def copy(tree):
-    """An independent copy: the train step donates its input buffers."""
-    return jax.tree_util.tree_map(jnp.copy, tree)
-
-
 def snapshot(state) -> dict:
-    return copy({"params": state.params, "batch_stats": state.batch_stats})
-
-
-def replace_ticket(stacked, k: int, tree):
-    """``stacked`` with ticket k replaced by ``tree``."""
-    return jax.tree_util.tree_map(lambda s, x: s.at[k].set(x), stacked, tree)
+    """A rewind point: an independent copy of the state's weights and statistics."""
+    return trees.copy({"params": state.params, "batch_stats": state.batch_stats})
 
 
 def resume_source(cfg) -> Optional[pathlib.Path]:
@@ -94,65 +86,78 @@ def _finite_state(tree, meta) -> Optional[str]:
 
 # --------------------------------------------------------------------------- start
 
-def start(run, progress_cls) -> None:
-    """Fresh or resumed states, plans and rewind points of every ticket of ``run``."""
-    eng, ticks = run.engine, run.tickets
-    sources = [resume_source(t.cfg) for t in ticks]
-    if any(t.cfg.run.resume for t in ticks) and not all(sources):
-        run.log(f"--resume: {', '.join(str(t.paths.checkpoints) for t, s in zip(ticks, sources) if s is None)} "
-                f"holds no checkpoint yet; starting the run")
-        sources = [None] * len(ticks)
-    _startup_line(run)
+@dataclasses.dataclass
+class Start:
+    """Where a run's tickets begin: stacked ``states``, ``plan`` (``rounds.RoundPlan``)
+    and ``rewind`` points placed where the programs read them, each ticket's
+    ``progress`` and its method's start-up ``predicted`` value, and the ``teacher``
+    (--distill after round 0)."""
+    states: Any
+    plan: Any
+    rewind: Any
+    progress: list
+    predicted: list
+    teacher: Any = None
+
+
+def start(engine, tickets, log: Callable[[str], None], progress_cls) -> Start:
+    """Fresh or resumed states, plans and rewind points of every ticket (``tickets``:
+    the driver's, each with ``cfg``, ``paths`` and ``seed``); writes config.json."""
+    sources = [resume_source(t.cfg) for t in tickets]
+    if any(t.cfg.run.resume for t in tickets) and not all(sources):
+        log(f"--resume: {', '.join(str(t.paths.checkpoints) for t, s in zip(tickets, sources) if s is None)} "
+            f"holds no checkpoint yet; starting the run")
+        sources = [None] * len(tickets)
+    log(_startup_line(engine, tickets))
     if all(sources):
-        _resume(run, sources, progress_cls)
+        per, progress = _resume(engine, tickets, sources, log, progress_cls)
     else:
-        per = [_fresh(run, k) for k in range(len(ticks))]
-        run.states = rounds.stack([p[0] for p in per])
-        run.plan = rounds.stack([p[1] for p in per])
-        run.rewind = rounds.stack([p[2] for p in per])
-        for t in ticks:
-            t.progress = progress_cls()
-    for t in ticks:
+        per = [_fresh(engine, t, log) for t in tickets]
+        progress = [progress_cls() for _ in tickets]
+    states, plan, rewind = (trees.stack([p[i] for p in per]) for i in range(3))
+    predicted = []
+    for t in tickets:
         resolved = dict(t.cfg.to_dict(), seed=t.seed, resume=False, checkpoint=None)
         if parallel.is_primary():
             atomic_write(t.paths.config, json.dumps(resolved, indent=1))
-        t.predicted_norm_rel, lines = penalty_check(t.cfg, eng.schedules)
+        value, lines = methods.of(t.cfg).startup_lines(t.cfg, engine.schedules)
+        predicted.append(value)
         for line in lines:
-            run.log((f"seed {t.seed}: " if len(ticks) > 1 else "") + line)
-    cfg = ticks[0].cfg
-    if cfg.optim.distill and ticks[0].progress.round > 0:
-        run.teacher = load_teacher(run)
-    _set_teacher(run, ticks[0].progress.round)
-    run.states, run.plan, run.rewind = eng.place((run.states, run.plan, run.rewind))
+            log((f"seed {t.seed}: " if len(tickets) > 1 else "") + line)
+    round_idx = progress[0].round
+    teacher = None
+    if tickets[0].cfg.optim.distill and round_idx > 0:
+        teacher = load_teacher(engine, tickets[0])
+    plan = with_teacher(plan, states, teacher, tickets[0].cfg, round_idx)
+    states, plan, rewind = engine.place((states, plan, rewind))
+    return Start(states, plan, rewind, progress, predicted, teacher)
 
 
-def _startup_line(run) -> None:
-    eng, cfg = run.engine, run.tickets[0].cfg
-    ds, p = eng.ds, cfg.prune
-    where = (str(run.tickets[0].paths.root) if len(run.tickets) == 1 else
-             ", ".join(str(t.paths.root) for t in run.tickets))
-    run.log(f"{cfg.data.dataset}: {len(ds.train_y)} train / {len(ds.val_y)} val / "
+def _startup_line(engine, tickets) -> str:
+    cfg, ds = tickets[0].cfg, engine.ds
+    where = (str(tickets[0].paths.root) if len(tickets) == 1 else
+             ", ".join(str(t.paths.root) for t in tickets))
+    return (f"{cfg.data.dataset}: {len(ds.train_y)} train / {len(ds.val_y)} val / "
             f"{len(ds.test_y)} test images {'x'.join(map(str, ds.image_shape))}, "
-            f"{ds.num_classes} classes; {cfg.model.arch}; {run.rounds} round(s) x "
-            f"{run.epochs} epochs, struct {p.struct}; {len(run.tickets)} ticket(s) writing "
-            f"to {where}. Compiling (a minute or two on a CPU)...")
+            f"{ds.num_classes} classes; {cfg.model.arch}; {cfg.prune.pruning_times} round(s) x "
+            f"{cfg.optim.epochs} epochs, struct {cfg.prune.struct}; {len(tickets)} ticket(s) "
+            f"writing to {where}. Compiling (a minute or two on a CPU)...")
 
 
-def _fresh(run, k: int):
-    eng, t = run.engine, run.tickets[k]
-    template = eng.fresh_state(t.seed)
-    masks = rounds.initial_masks(eng.net, template.params, t.cfg.prune)
-    state = _load_or_make_init(run, k, template)
-    plan = rounds.make_plan(eng.net, eng.param_shapes, t.cfg.prune, masks, hyper=eng.hyper(t.cfg))
+def _fresh(engine, t, log):
+    template = engine.fresh_state(t.seed)
+    masks = rounds.initial_masks(engine.net, template.params, t.cfg.prune)
+    state = _load_or_make_init(engine, t, template, log)
+    plan = methods.of(t.cfg).make_plan(engine.net, engine.param_shapes, t.cfg.prune, masks,
+                                       hyper=engine.hyper(t.cfg))
     state = state.replace(params=masks_lib.apply_masks(state.params, plan.step.masks))
     rewind = snapshot(state)
-    state = rounds.start_round(state, eng.tx, jax.random.PRNGKey(t.seed), 0)
+    state = rounds.start_round(state, engine.tx, jax.random.PRNGKey(t.seed), 0)
     return state, plan, rewind
 
 
-def _load_or_make_init(run, k: int, state):
+def _load_or_make_init(engine, t, state, log):
     """W0 from --init if it exists, else written there (two runs can share a ticket's init)."""
-    t, eng = run.tickets[k], run.engine
     init_dir = t.paths.init(t.cfg.run.init)
     template = {"params": state.params, "batch_stats": state.batch_stats}
     if ckpt.latest_step(init_dir) is not None:
@@ -161,222 +166,112 @@ def _load_or_make_init(run, k: int, state):
         except ckpt.CheckpointError as e:
             raise RunError(f"--init {init_dir} cannot be used for this network: {e.reason}"
                            ) from None
-        run.log(f"loaded initialization from {init_dir}")
+        log(f"loaded initialization from {init_dir}")
     else:
         w0 = template
         ckpt.save(init_dir, 0, w0, {"arch": t.cfg.model.arch, "dataset": t.cfg.data.dataset,
-                                    "seed": t.seed, **run.ticket_meta(k)})
+                                    "seed": t.seed, **engine_lib.ticket_meta(engine, t.cfg)})
     if t.cfg.prune.prune_type == "pt":
         try:
             variables, report = pretrained_lib.load_pretrained(
                 t.cfg.prune.pretrained, w0, with_report=True, fresh_stem_and_head=True,
-                stem=eng.net.stem)
+                stem=engine.net.stem)
         except pretrained_lib.PretrainedError as e:
             raise RunError(str(e)) from None
-        run.log(f"--pretrained {t.cfg.prune.pretrained}: loaded {len(report.loaded)} arrays, "
-                f"kept {len(report.fresh)} freshly initialized"
-                + (f" ({', '.join(p for p, _ in report.fresh[:4])})" if report.fresh else ""))
+        log(f"--pretrained {t.cfg.prune.pretrained}: loaded {len(report.loaded)} arrays, "
+            f"kept {len(report.fresh)} freshly initialized"
+            + (f" ({', '.join(p for p, _ in report.fresh[:4])})" if report.fresh else ""))
         w0 = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
     return state.replace(params=w0["params"], batch_stats=w0["batch_stats"])
 
 
-def _resume(run, sources, progress_cls) -> None:
+def _resume(engine, tickets, sources, log, progress_cls):
     """Every ticket from its newest usable checkpoint (unusable ones are set aside with a
     line each, see ``checkpoint.restore_newest_good``); tickets save one after another,
-    so a kill can leave one a checkpoint ahead: all then resume from the older one."""
-    eng, ticks = run.engine, run.tickets
+    so a kill can leave one a checkpoint ahead: all then resume from the older one.
+    Returns ([(state, plan, rewind)], [progress]) per ticket."""
     templates, found = [], []
-    for t, source in zip(ticks, sources):
-        template = eng.fresh_state(t.seed)
-        masks = rounds.initial_masks(eng.net, template.params, t.cfg.prune)
+    for t, source in zip(tickets, sources):
+        template = engine.fresh_state(t.seed)
+        masks = rounds.initial_masks(engine.net, template.params, t.cfg.prune)
         templates.append({"state": template, "masks": masks, "channel_masks": masks,
                           "rewind": snapshot(template)})
         found.append(ckpt.restore_newest_good(source, templates[-1], check=_finite_state,
-                                              log=run.log))
+                                              log=log))
     target = min(step for _, _, step in found)
-    per = []
-    for k, (t, source) in enumerate(zip(ticks, sources)):
+    per, progress = [], []
+    fields = set(progress_cls.__dataclass_fields__)
+    for k, (t, source) in enumerate(zip(tickets, sources)):
         tree, meta, step = found[k]
         if step != target:
             tree, meta = ckpt.restore(source, templates[k], step=target)
-        plan = rounds.make_plan(eng.net, eng.param_shapes, t.cfg.prune, tree["masks"],
-                                tree["channel_masks"] if meta["has_channel_masks"] else None,
-                                hyper=eng.hyper(t.cfg))
-        fields = {f for f in progress_cls.__dataclass_fields__}
-        t.progress = progress_cls(**{key: v for key, v in meta.items() if key in fields})
+        plan = methods.of(t.cfg).make_plan(
+            engine.net, engine.param_shapes, t.cfg.prune, tree["masks"],
+            tree["channel_masks"] if meta["has_channel_masks"] else None,
+            hyper=engine.hyper(t.cfg))
+        progress.append(progress_cls(**{key: v for key, v in meta.items() if key in fields}))
         per.append((tree["state"], plan, tree["rewind"]))
-        run.log(f"resuming {t.paths.root} at round {t.progress.round}, epoch {t.progress.epoch}")
-    run.states = rounds.stack([p[0] for p in per])
-    run.plan = rounds.stack([p[1] for p in per])
-    run.rewind = rounds.stack([p[2] for p in per])
-
-
-# A round's penalized weights should end below this fraction of their norm. Measured
-# (docs/comparison.md, README): at 2% applying S cost at most one test image; at 6% it
-# cost 2 to 22 points in a narrow network, at 12 to 28% 27 to 69 points.
-PENALTY_BUDGET = 0.03
-# What a suggested fix aims the prediction at. The loss gradient holds a penalized
-# weight near (its loss gradient) / lambda, so the measured fraction stays above the
-# prediction: 2-3% where the prediction was 0.06%, 5.5-8% where 1.5%, 12-17% where
-# 6.8% (res8s_narrow on digits, docs/comparison.md). Under 0.1% it ends under 3%.
-SUGGESTION_TARGET = 0.001
-
-
-def schedule_values(schedules, hyper) -> tuple:
-    """(lambda, lr) at every step of a round, host float64 arrays."""
-    steps = jnp.arange(schedules.total_steps, dtype=jnp.int32)
-    lam = jax.vmap(lambda t: schedules.reg_lambda(t, hyper))(steps)
-    lr = jax.vmap(lambda t: schedules.lr(t, hyper.lr))(steps)
-    return np.asarray(lam, np.float64), np.asarray(lr, np.float64)
-
-
-def predicted_norm_fraction(schedules, hyper, optim_cfg) -> float:
-    """The fraction of their norm the RSST penalty alone leaves to the penalized
-    weights by the end of a round (``regularizers.remaining_norm_fraction``)."""
-    lam, lr = schedule_values(schedules, hyper)
-    return regularizers.remaining_norm_fraction(lr, lam, optim_cfg.momentum,
-                                                optim_cfg.weight_decay)
-
-
-def suggest_granularity(schedules, hyper, optim_cfg, target: float) -> Optional[float]:
-    """The smallest ``--reg_granularity_prune`` (to 2 significant digits) whose round
-    leaves at most ``target`` of the norm and stays stable; None if none does."""
-    def frac(g):
-        h = hyper.replace(reg_g=jnp.float32(g))
-        lam, lr = schedule_values(schedules, h)
-        if regularizers.first_unstable_step(lam, lr, optim_cfg.momentum, len(lr)) is not None:
-            return None
-        return regularizers.remaining_norm_fraction(lr, lam, optim_cfg.momentum,
-                                                    optim_cfg.weight_decay)
-    g = float(hyper.reg_g) or 1e-3
-    for _ in range(40):  # double until it reaches the target (or turns unstable)
-        f = frac(g)
-        if f is None:
-            return None
-        if f <= target:
-            break
-        g *= 2
-    else:
-        return None
-    lo, hi = g / 2, g
-    for _ in range(20):
-        mid = (lo + hi) / 2
-        f = frac(mid)
-        if f is not None and f <= target:
-            hi = mid
-        else:
-            lo = mid
-    for digits in (2, 3, 4):  # the shortest rounding up that still reaches the target
-        rounded = float(np.format_float_positional(hi, precision=digits, unique=False,
-                                                   fractional=False, trim="-"))
-        rounded = max(rounded, float(f"{hi:.{digits}g}"))
-        f = frac(rounded)
-        if f is not None and f <= target:
-            return rounded
-    return hi
-
-
-def penalty_report(schedules, hyper, cfg, values=None) -> tuple[float, Optional[str]]:
-    """(predicted fraction, a warning line or None) for an RSST configuration on SGD;
-    ``values``: ``schedule_values(schedules, hyper)`` when already computed."""
-    lam, lr = values if values is not None else schedule_values(schedules, hyper)
-    frac = regularizers.remaining_norm_fraction(lr, lam, cfg.optim.momentum,
-                                                cfg.optim.weight_decay)
-    if frac <= PENALTY_BUDGET:
-        return frac, None
-    g = suggest_granularity(schedules, hyper, cfg.optim, SUGGESTION_TARGET)
-    fix = (f"pass --reg_granularity_prune {g:g} (the penalty alone then leaves "
-           f"{100 * predicted_norm_fraction(schedules, hyper.replace(reg_g=jnp.float32(g)), cfg.optim):.2f}%)"
-           if g is not None else "raise --reg_granularity_prune")
-    return frac, (f"warning: the RSST penalty alone leaves the penalized weights "
-                  f"{100 * frac:.1f}% of their norm by the end of each round (above "
-                  f"{100 * PENALTY_BUDGET:.0f}%), so applying the channel mask will cost "
-                  f"accuracy; {fix}, or decay the learning rate later in the round "
-                  f"(--decreasing_lr {cfg.optim.decreasing_lr} now)")
-
-
-def penalty_check(cfg, schedules) -> tuple[Optional[float], list[str]]:
-    """What a run (and its --dry_run) says of its RSST penalty before training: the
-    stability of SGD under it and what it leaves of the penalized weights' norm by
-    each round's end. (predicted fraction, lines); (None, []) unless the run has RSST
-    rounds on SGD."""
-    p = cfg.prune
-    if p.struct != "rsst" or cfg.optim.optimizer != "sgd" or p.pruning_times < 2:
-        return None, []
-    hyper = hyper_of(cfg)
-    lam, lr = schedule_values(schedules, hyper)
-    lines = []
-    step = regularizers.first_unstable_step(lam, lr, cfg.optim.momentum, schedules.total_steps)
-    if step is not None:
-        lines.append(f"warning: lr * lambda crosses 2 * (1 + momentum) at step {step} of "
-                     f"{schedules.total_steps} in each RSST round; SGD will diverge there. "
-                     f"Set --reg_upper_limit or a smaller --reg_granularity_prune")
-    frac, warning = penalty_report(schedules, hyper, cfg, (lam, lr))
-    lines.append(f"RSST penalty: by the end of each round the penalty alone leaves the "
-                 f"penalized weights {100 * frac:.2f}% of their norm (at most "
-                 f"{100 * PENALTY_BUDGET:.0f}% wanted; a round's line shows the measured "
-                 f"fraction)")
-    return frac, lines + ([warning] if warning else [])
+        log(f"resuming {t.paths.root} at round {progress[-1].round}, epoch {progress[-1].epoch}")
+    return per, progress
 
 
 # --------------------------------------------------------------------------- rounds
 
-def load_teacher(run):
-    """The dense round-0 network (round_0/final), teacher of later rounds with --distill."""
-    t, eng = run.tickets[0], run.engine
+def load_teacher(engine, t):
+    """The dense round-0 network of ticket ``t`` (round_0/final), teacher of later rounds
+    with --distill; None when it is not there."""
     if ckpt.latest_step(t.paths.final(0)) is None:
         return None
-    template = eng.fresh_state(t.seed)
+    template = engine.fresh_state(t.seed)
     tree, _ = ckpt.restore(t.paths.final(0), {
         "params": template.params, "batch_stats": template.batch_stats,
-        "masks": rounds.initial_masks(eng.net, template.params, t.cfg.prune)})
+        "masks": rounds.initial_masks(engine.net, template.params, t.cfg.prune)})
     return {"params": tree["params"], "batch_stats": tree["batch_stats"]}
 
 
-def _set_teacher(run, round_idx: int) -> None:
-    """--distill: the plan carries the teacher (round 0 trains the teacher itself: alpha 0
-    and a finite stand-in that is not the state's own, donated, buffers)."""
-    cfg = run.tickets[0].cfg
+def with_teacher(plan, states, teacher, cfg, round_idx: int):
+    """--distill: ``plan`` (stacked) carrying the teacher (round 0 trains the teacher
+    itself: alpha 0 and a finite stand-in that is not the states' own, donated, buffers);
+    without --distill ``plan`` as it is."""
     if not cfg.optim.distill:
-        return
-    if round_idx == 0 or run.teacher is None:
-        teacher, alpha = copy(run.states.variables), 0.0
+        return plan
+    k = jax.tree_util.tree_leaves(plan.step.reg_scale)[0].shape[0]
+    if round_idx == 0 or teacher is None:
+        variables, alpha = trees.copy(states.variables), 0.0
     else:
-        teacher = rounds.stack([run.teacher])
-        alpha = cfg.optim.kd_alpha
-    run.plan = run.plan.replace(step=run.plan.step.replace(
-        teacher=teacher, kd_alpha=jnp.full((len(run.tickets),), alpha, jnp.float32)))
+        variables, alpha = trees.stack([teacher]), cfg.optim.kd_alpha
+    return plan.replace(step=plan.step.replace(
+        teacher=variables, kd_alpha=jnp.full((k,), alpha, jnp.float32)))
 
 
-def plan_next_round(run, r: int) -> None:
-    """After round r: prune and plan round r+1 of every ticket, then rewind it."""
-    eng, ticks = run.engine, run.tickets
-
-    def one(k, state, plan, rewind):
-        t = ticks[k]
-        masks, channel = rounds.prune_round(
-            eng.net, state.variables, plan.masks, t.cfg.prune, r,
-            key=jax.random.PRNGKey(t.seed), mean=eng.ds.mean, std=eng.ds.std,
-            score_batches=lambda: eng.score_batches(t.seed, r, t.cfg.prune.criteria_batches))
-        nxt = rounds.make_plan(eng.net, eng.param_shapes, t.cfg.prune, masks, channel,
-                               hyper=eng.hyper(t.cfg))
-        point = rounds.rewind_to(copy(rewind), nxt)
+def next_round(engine, tickets, states, plan, rewind, r: int, teacher=None):
+    """After round r: each live ticket's method chooses round r+1's masks, which are
+    planned; the ticket is rewound. Returns the stacked (states, plan), placed."""
+    def one(k, state, plan_k, rewind_k):
+        t = tickets[k]
+        method = methods.of(t.cfg)
+        masks, channel = method.next_masks(
+            engine.net, state.variables, plan_k.masks, t.cfg.prune, r,
+            key=jax.random.PRNGKey(t.seed), mean=engine.ds.mean, std=engine.ds.std,
+            score_batches=lambda: engine.score_batches(t.seed, r, t.cfg.prune.criteria_batches))
+        nxt = method.make_plan(engine.net, engine.param_shapes, t.cfg.prune, masks, channel,
+                               hyper=engine.hyper(t.cfg))
+        point = rounds.rewind_to(trees.copy(rewind_k), nxt)
         state = state.replace(params=point["params"], batch_stats=point["batch_stats"])
-        return rounds.start_round(state, eng.tx, jax.random.PRNGKey(t.seed), r + 1), nxt
+        return rounds.start_round(state, engine.tx, jax.random.PRNGKey(t.seed), r + 1), nxt
 
-    plain = run.plan.replace(step=run.plan.step.replace(teacher=None, kd_alpha=jnp.zeros(
-        (len(ticks),), jnp.float32)))
-    live = [k for k, t in enumerate(ticks) if t.failed is None]
-    done = {k: one(k, rounds.ticket(run.states, k), rounds.ticket(plain, k),
-                   rounds.ticket(run.rewind, k)) for k in live}
+    plain = plan.replace(step=plan.step.replace(teacher=None, kd_alpha=jnp.zeros(
+        (len(tickets),), jnp.float32)))
+    live = [k for k, t in enumerate(tickets) if t.failed is None]
+    done = {k: one(k, trees.ticket(states, k), trees.ticket(plain, k),
+                   trees.ticket(rewind, k)) for k in live}
     # A stopped ticket's lane computes a live one's copy, never written anywhere.
-    outs = [done.get(k, done[live[0]]) for k in range(len(ticks))]
-    run.states = rounds.stack([o[0] for o in outs])
-    run.plan = rounds.stack([o[1] for o in outs])
-    _set_teacher(run, r + 1)
-    run.states, run.plan = eng.place((run.states, run.plan))
+    outs = [done.get(k, done[live[0]]) for k in range(len(tickets))]
+    states = trees.stack([o[0] for o in outs])
+    plan = with_teacher(trees.stack([o[1] for o in outs]), states, teacher, tickets[0].cfg,
+                        r + 1)
+    return engine.place((states, plan))
 
 
-__all__ = ["RunError", "start", "resume_source", "plan_next_round", "load_teacher", "snapshot",
-           "copy", "replace_ticket", "print_flushed", "penalty_report", "penalty_check",
-           "PENALTY_BUDGET", "SUGGESTION_TARGET"]
+__all__ = ["RunError", "Start", "start", "resume_source", "next_round", "load_teacher",
+           "with_teacher", "snapshot", "print_flushed"]

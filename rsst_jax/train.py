@@ -1,6 +1,6 @@
 """Training: train state, optimizer, the jit-compiled train and eval steps, epoch loops.
 
-The masks, the RSST penalty targets and the penalty scale are *arguments* of the
+The masks, the method's penalty targets and the penalty scale are *arguments* of the
 compiled step, so one compiled program serves every round of a run.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import optax
 
 from rsst_jax import data as data_lib
 from rsst_jax import masks as masks_lib
-from rsst_jax import regularizers
+from rsst_jax import regularizers, trees
 
 Array = jax.Array
 PyTree = Any
@@ -66,7 +66,7 @@ class Hyper:
 class Plan:
     """What the train step applies, one pytree so that one compiled program serves every
     round: ``masks`` (bool per prunable leaf, None elsewhere: the weights kept, and with
-    --mask_bn the BatchNorm scale/bias of live channels), the RSST penalty ``targets``
+    --mask_bn the BatchNorm scale/bias of live channels), the method's penalty ``targets``
     (same structure; all False outside RSST rounds), ``reg_scale`` (float32 multiplier
     of lambda, e.g. 0.5 while --reg_adaptive halves it), the ticket's ``hyper``
     values, and with distillation the ``teacher`` variables and ``kd_alpha``."""
@@ -108,11 +108,12 @@ class Schedules:
     reg_progress: str = "round"
 
     @classmethod
-    def of(cls, optim_cfg, rsst_cfg, steps_per_epoch: int) -> "Schedules":
-        """A round's schedules from the ``optim`` and ``rsst`` configuration groups."""
+    def of(cls, optim_cfg, steps_per_epoch: int, *, reg_interval: Optional[int] = None,
+           reg_progress: str = "round") -> "Schedules":
+        """A round's schedules from the ``optim`` configuration group and the static
+        settings of the method's lambda schedule (``Method.penalty_schedule``)."""
         return cls(steps_per_epoch, steps_per_epoch * optim_cfg.epochs, optim_cfg.warmup,
-                   optim_cfg.milestones, reg_interval=rsst_cfg.update_reg_interval,
-                   reg_progress=rsst_cfg.reg_progress)
+                   optim_cfg.milestones, reg_interval=reg_interval, reg_progress=reg_progress)
 
     def lr(self, step, base_lr):
         step = jnp.asarray(step)
@@ -154,9 +155,13 @@ def scale_by_learning_rate_arg() -> optax.GradientTransformationExtraArgs:
 
 
 def make_optimizer(*, optimizer: str, momentum: float, weight_decay: float,
-                   block_loss_grad: bool = False,
+                   penalty: Optional[optax.GradientTransformationExtraArgs] = None,
                    masked: bool = True) -> optax.GradientTransformationExtraArgs:
     """penalty -> weight decay -> keep pruned -> optimizer -> keep pruned.
+
+    ``penalty``: what the method adds to the train step (``Method.transform``, e.g.
+    ``regularizers.rsst_penalty``); None: nothing (``regularizers.no_penalty`` keeps its
+    place, so the optimizer state has one layout).
 
     ``update(grads, state, params, masks=, reg_targets=, reg_lambda=, learning_rate=)``:
     the learning rate and lambda are arguments, so tickets trained as one program may
@@ -167,7 +172,7 @@ def make_optimizer(*, optimizer: str, momentum: float, weight_decay: float,
     ``masked=False`` leaves out the penalty and both masks: the plain dense optimizer
     the benchmark compares against.
     """
-    parts = [regularizers.rsst_penalty(block_loss_grad=block_loss_grad)] if masked else []
+    parts = [penalty if penalty is not None else regularizers.no_penalty()] if masked else []
     if optimizer in ("sgd", "adam") and weight_decay > 0:
         parts.append(optax.add_decayed_weights(weight_decay))
     if masked:
@@ -393,14 +398,6 @@ def ticket_batching(platform: Optional[str] = None) -> str:
     return "unroll" if _on_cpu(platform) else "vmap"
 
 
-def _ticket(tree, k: int):
-    return jax.tree_util.tree_map(lambda a: a[k], tree)
-
-
-def _stacked(outs):
-    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *outs)
-
-
 def ticket_map(fn, num_tickets: int, in_axes: tuple, batching: Optional[str] = None):
     """``fn`` over a leading ticket axis K of the arguments whose ``in_axes`` entry is 0
     (the others, None, are shared): ``jax.vmap`` for K > 1, or with ``batching='unroll'``
@@ -412,7 +409,7 @@ def ticket_map(fn, num_tickets: int, in_axes: tuple, batching: Optional[str] = N
         return jax.vmap(fn, in_axes=in_axes)
 
     def each(*args):
-        return _stacked([fn(*(a if axis is None else _ticket(a, k)
+        return trees.stack([fn(*(a if axis is None else trees.ticket(a, k)
                               for a, axis in zip(args, in_axes)))
                          for k in range(num_tickets)])
     return each

@@ -220,7 +220,7 @@ def test_every_bad_flag_or_combination_is_refused_before_compute(tmp_path, capsy
         (["--struct", "rsst", "--prune_method", "filter"], "use --struct none"),
         (["--config", cfg_file("epochs: 3\nlearning_rate: 0.1\n")], "unknown keys learning_rate"),
         (["--config", cfg_file("epochs: ten\n")], "--epochs must be an integer, got 'ten'"),
-        (["--config", cfg_file("struct: bogus\n")], "--struct must be one of none, refill, rsst"),
+        (["--config", cfg_file("struct: bogus\n")], "unknown --struct 'bogus'; choose one of: none, refill, rsst; or register"),
         (["--config", cfg_file("lr: [1, 2]\n")], "--lr must be a number"),
         (["--config", cfg_file("resume: 1\n")], "--resume must be true or false"),
         (["--config", cfg_file("epochs = [", ".toml")], "cannot parse it"),

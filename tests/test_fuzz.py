@@ -30,7 +30,7 @@ FIXTURES_OK = settings(suppress_health_check=[HealthCheck.function_scoped_fixtur
 
 NUMBERS = ["0", "1", "2", "-1", "0.5", "0.2", "1.5", "nan", "inf", "-inf", "1e309", "abc", "",
            "2147483648", "99999999999999999999", "3", "0x10"] + ["1", "2", "0.5", "0.1"] * 3
-FIELDS = {name: config_lib.field_of(name) for name in config_lib.FLAG_ORDER}
+FIELDS = {name: config_lib.field_of(name) for name in config_lib.flag_names()}
 CHOICES = config_lib.choices()
 SPECIAL = {
     "dataset": ["digits", "digits", "digits", "fashion_mnist", "cifar10", "tiny-imagenet", "nope", ""],

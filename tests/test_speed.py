@@ -189,7 +189,7 @@ _PARALLEL_SCRIPT = textwrap.dedent("""
     import json, pathlib, sys
     sys.path.insert(0, {tests!r})
     import jax, numpy as np
-    from rsst_jax import checkpoint as ckpt, masks as masks_lib, parallel, rounds
+    from rsst_jax import checkpoint as ckpt, masks as masks_lib, parallel, trees
     import tiny
     from rsst_jax import data as data_lib
     ds = tiny.tiny_digits(320)
@@ -206,10 +206,10 @@ _PARALLEL_SCRIPT = textwrap.dedent("""
     out = dict(devices=jax.device_count(), mesh=None if run.mesh is None else run.mesh.size)
     state = run.fresh_state(0)
     if run.mesh is not None:
-        plan = rounds.make_plan(run.net, run.param_shapes, cfg.prune,
-                                masks_lib.init_masks(state.params), hyper=run.hyper(cfg))
-        plan = parallel.replicate(rounds.stack([plan.step]), run.mesh)
-        st = parallel.replicate(rounds.stack([state]), run.mesh)
+        plan = run.method.make_plan(run.net, run.param_shapes, cfg.prune,
+                                    masks_lib.init_masks(state.params), hyper=run.hyper(cfg))
+        plan = parallel.replicate(trees.stack([plan.step]), run.mesh)
+        st = parallel.replicate(trees.stack([state]), run.mesh)
         idx = parallel.shard_batch(np.arange(cfg.optim.batch_size, dtype=np.int32)[None],
                                    run.mesh, 1)
         hlo = run.train_step.lower(st, run.dev["train_x"], run.dev["train_y"], idx,

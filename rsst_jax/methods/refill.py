@@ -1,0 +1,46 @@
+"""Refill (``--struct refill``; docs/SPEC.md section 2): IMP's magnitude prune made
+channel-wise.
+
+After each round: IMP's prune of the trained weights, then every prunable layer keeps
+whole output channels: as many as the prune left weights for, the best by ``--criteria``
+(scored on the trained weights from before the prune, as the reference), and
+``--fillback_rate`` of the pruned ones given back (Refill+). The next round trains
+those channels; the train step adds nothing.
+"""
+from __future__ import annotations
+
+from rsst_jax import masks as masks_lib
+from rsst_jax import rounds
+from rsst_jax.methods.base import Method
+from rsst_jax.methods.imp import prune_weights
+from rsst_jax.methods.registry import register_method
+
+
+def refilled(net, variables, masks, prune_cfg, round_idx: int, *, key, score_batches, mean,
+             std):
+    """(the IMP-pruned masks, their channel-wise refill by ``--criteria``)."""
+    pruned = prune_weights(variables["params"], masks, prune_cfg, round_idx, key)
+    batches, crit_key = score_batches()
+    scores = rounds.score_channels(net, variables, masks, pruned, prune_cfg, batches,
+                                   key=crit_key, mean=mean, std=std)
+    return pruned, masks_lib.refill(pruned, scores, prune_cfg.fillback_rate)
+
+
+@register_method
+class Refill(Method):
+    name = "refill"
+    title = "Refill"
+    summary = "IMP's prune made channel-wise: whole channels chosen by --criteria"
+    channels = True
+
+    def label(self, config: dict) -> str:
+        return "Refill+" if float(config.get("fillback_rate") or 0) > 0 else self.title
+
+    def next_masks(self, net, variables, masks, prune_cfg, round_idx, *, key, score_batches,
+                   mean, std):
+        _, channel = refilled(net, variables, masks, prune_cfg, round_idx, key=key,
+                              score_batches=score_batches, mean=mean, std=std)
+        return channel, None
+
+
+__all__ = ["Refill", "refilled"]
