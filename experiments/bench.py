@@ -39,7 +39,7 @@ from experiments.cli import BadInput
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from experiments.cli import HelpFormatter
+    from experiments.cli import HelpFormatter, add_import_flag
     p = argparse.ArgumentParser(prog="python -m experiments.bench", formatter_class=HelpFormatter,
                                 allow_abbrev=False,
                                 description=__doc__.split("\n")[0])
@@ -57,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant after "
                    "compiling")
-    p.add_argument("--variants", default="dense,imp,refill,rsst", help="step variants to time "
-                   "(empty: none)")
+    p.add_argument("--variants", default="dense,imp,refill,rsst", help="step variants to time: "
+                   "dense and the registered methods' titles in lower case (empty: none)")
     p.add_argument("--train_size", type=int, default=1257, help="training images of the "
                    "generated data set the epochs run over (1257: digits' size)")
     p.add_argument("--epochs", type=int, default=3, help="timed epochs per fused setting, "
@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "skip the epoch timing)")
     p.add_argument("--fused_steps", type=int, default=None, help="steps per fused chunk (when "
                    "not given: what a run uses, 8 on CPU, --print_freq 50 on accelerators)")
+    p.add_argument("--struct", default="rsst", help="method of the timed epochs and tickets "
+                   "(experiments.run's --struct; its rounds after 0, with random 50%% weight "
+                   "masks and half the channels: Method.example_masks)")
+    add_import_flag(p)
     p.add_argument("--epoch_table", action="store_true", help="time only epochs, fused against "
                    "the step loop, for every --arch x --image_shape x --batch_size")
     p.add_argument("--eval_batch_size", type=int, default=500, help="evaluation batch size")
@@ -120,6 +124,11 @@ def parse_args(argv=None):
         args = one_line_parse(build_parser(), argv, "python -m experiments.bench")
     except ConfigError as e:
         raise BenchError(str(e)) from None
+    from rsst_jax import methods
+    if args.struct not in methods.available_methods():
+        raise BenchError(f"unknown --struct {args.struct!r}; choose one of: "
+                         f"{', '.join(methods.available_methods())} (or --import the module "
+                         f"that registers yours)")
     args.archs = [a for a in args.arch.split(",") if a]
     for a in args.archs:
         if a not in nets.available_nets():
@@ -183,10 +192,11 @@ def generated_dataset(shape, n_train: int, num_classes: int, seed: int, n_eval: 
 
 
 def bench_config(args, arch: str, batch_size: int, **overrides):
-    """The configuration a bench engine runs: an RSST round of 120 epochs (lambda > 0)."""
+    """The configuration a bench engine runs: a round of 120 epochs of ``--struct`` (RSST's
+    lambda grows from its first step)."""
     from rsst_jax import config as config_lib
     values = dict(arch=arch, batch_size=batch_size, precision=args.precision,
-                  accum_steps=args.accum_steps, struct="rsst", epochs=120, warmup=1,
+                  accum_steps=args.accum_steps, struct=args.struct, epochs=120, warmup=1,
                   RST_schedule="x", reg_granularity_prune=1e-3, update_reg_interval=1,
                   eval_batch_size=args.eval_batch_size, fused_steps=args.fused_steps,
                   save_dir="unused", seed=args.seed)
@@ -195,7 +205,8 @@ def bench_config(args, arch: str, batch_size: int, **overrides):
 
 
 def _epoch_state(engine, cfgs):
-    """Stacked states and RSST plans (random 50% weight masks, half the channels as S)."""
+    """Stacked states and plans of the method's typical round (``Method.example_masks`` of
+    random 50% weight masks and half the channels)."""
     import jax
 
     from rsst_jax import masks as masks_lib
@@ -549,6 +560,7 @@ def main(argv=None) -> int:
     from experiments import cli
 
     def body():
+        cli.import_modules(cli.imports_of(sys.argv[1:] if argv is None else argv))
         try:
             args = parse_args(argv)
         except SystemExit as e:  # --help

@@ -340,7 +340,14 @@ def _pyplot():
     return plt
 
 
-MARKERS = {"IMP": "o", "Refill": "s", "Refill+": "D", "RSST": "^", "filter": "v", "random": "x"}
+def markers() -> dict[str, str]:
+    """Method label -> plot marker: what each registered method asks for
+    (``Method.markers``), else "o"."""
+    from rsst_jax import methods
+    out: dict[str, str] = {}
+    for method in methods.registered():
+        out.update(getattr(method, "markers", {}))
+    return out
 
 
 def spread_ticks(values: Sequence[float], min_gap: float = 0.07) -> list[float]:
@@ -387,7 +394,7 @@ def plot_accuracy(runs: Sequence[Entry], names: Sequence[str], metric: str,
         group = members(entry)
         run = group[0]
         color = f"C{i % 10}"
-        marker = MARKERS.get(run.method.split(" ")[0], "o")
+        marker = markers().get(run.method.split(" ")[0], "o")
         extra = [x for x in (run.method, run.criteria) if x not in ("-", name)]
         if len(group) > 1:
             grouped = True

@@ -559,8 +559,10 @@ def validate(cfg: Config) -> Config:
          "--pretrained is only used with --prune_type pt; add --prune_type pt or leave it out")
     need(r.checkpoint is None or r.resume,
          "--checkpoint names where to resume from; add --resume or leave it out")
+    names = [m.name for m in methods.registered() if m.channels]
     need(p.fillback_rate == 0 or method.channels,
-         "--fillback_rate refills channels, which needs --struct refill or rsst")
+         f"--fillback_rate refills channels, which needs --struct "
+         f"{', '.join(names[:-1]) + ' or ' if len(names) > 1 else ''}{names[-1]}")
     for other in methods.registered():
         other.check(cfg, need, chosen=other is method)
     need(o.batch_size % o.accum_steps == 0, f"--batch_size {o.batch_size} must be a "

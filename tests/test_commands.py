@@ -597,3 +597,67 @@ def test_no_command_takes_an_abbreviated_flag(name, argv, tmp_path, capsys):
         code = e.code
     err = capsys.readouterr().err
     assert code == 2 and "unrecognized arguments" in err, err
+
+
+def _python_blocks(text: str) -> list[str]:
+    return [b.split("\n", 1)[1] for b in text.split("```")[1::2] if b.startswith("python\n")]
+
+
+def test_the_methods_page_shows_the_example_file_whole():
+    """docs/methods.md's worked example is examples/slimming.py, to the character."""
+    page = (ROOT / "docs" / "methods.md").read_text()
+    assert (ROOT / "examples" / "slimming.py").read_text() in _python_blocks(page)
+
+
+@pytest.mark.slow
+def test_the_methods_page_slimming_runs_resumes_and_reads_everywhere(tmp_path):
+    """The page's method, a file outside the package, through experiments.run --import:
+    two rounds on digits (with a network of the user's module too), stopped after its
+    third checkpoint and resumed to the numbers of an uninterrupted run; its own flag and
+    log field are where the page says; compare, analyze and compact read the result."""
+    (tmp_path / "myplugin.py").write_text(PLUGIN)
+    flags = ("--import examples.slimming --import myplugin --struct slimming --dataset digits "
+             "--arch plugin_cnn3 --epochs 2 --pruning_times 2 --batch_size 128 --lr 0.1 "
+             "--warmup 0 --decreasing_lr 100 --eval_batch_size 270 --rate 0.3 "
+             "--slim_lambda 0.001")
+    runs = {}
+    for name, stop in (("whole", None), ("stopped", "3")):
+        extra = {"RSST_JAX_STOP_AFTER": stop} if stop else {}
+        proc = shell(f"experiments.run {flags} --save_dir {name}", tmp_path, **extra)
+        out, err = proc.communicate(timeout=900)
+        if stop:
+            assert proc.returncode == 75, err[-3000:]
+            assert not (tmp_path / name / "summary.json").exists() or len(json.loads(
+                (tmp_path / name / "summary.json").read_text())) < 2
+            proc = shell(f"experiments.run {flags} --save_dir {name} --resume", tmp_path)
+            out, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, err[-3000:]
+        runs[name] = json.loads((tmp_path / name / "summary.json").read_text())
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.endswith("time_s")}  # noqa: E731
+                          for r in rows]
+    assert strip(runs["stopped"]) == strip(runs["whole"]) and len(runs["whole"]) == 2
+    first, second = runs["whole"]
+    assert first["channel_sparsity_pct"] == 0 and second["channel_sparsity_pct"] > 0
+    config = json.loads((tmp_path / "whole" / "config.json").read_text())
+    assert config["struct"] == "slimming" and config["slim_lambda"] == 0.001
+    log = [json.loads(line) for line in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 4 and all(row["bn_scale_l1"] > 0 for row in log)
+    # The removed channels are whole: every prunable kernel keeps or drops a channel alike.
+    from rsst_jax import checkpoint as ckpt
+    tree, _ = ckpt.restore_raw(tmp_path / "whole" / "round_1" / "final")
+    kept_channels = []
+    for layer in ("conv2", "conv3"):
+        m = np.asarray(tree["masks"][layer]["kernel"]).reshape(-1, tree["masks"][layer]
+                                                                ["kernel"].shape[-1])
+        assert np.all(m.all(0) | ~m.any(0)), layer
+        kept_channels.append(int(m.any(0).sum()))
+    assert sum(kept_channels) < 8 + 16
+    for command in ("experiments.compare --import examples.slimming whole stopped",
+                    "experiments.analyze --import examples.slimming --import myplugin whole",
+                    "experiments.compact --import examples.slimming --import myplugin whole "
+                    "--out small --runs 1 --batch_sizes 1 --eval_images 16"):
+        proc = shell(command, tmp_path)
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, (command, err[-2000:])
+        if command.startswith("experiments.compare"):
+            assert "Slimming" in out and "BatchNorm scale" in out, out

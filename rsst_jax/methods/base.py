@@ -22,8 +22,8 @@ has a default that does nothing special, so a method overrides only what it chan
   accuracy before and after), :meth:`round_text`, :meth:`round_warnings`,
   :meth:`bar_fields`; the keys it adds to the epoch log (``epoch_fields``), the summary
   rows (``summary_fields``) and the round scalars (``round_scalars``).
-- **reading runs**: :meth:`label` and :meth:`describe` (compare's table), and
-  ``final_masks_differ`` (channels.png's second panel).
+- **reading runs**: :meth:`label` and :meth:`describe` (compare's table), ``markers``
+  (compare's picture) and ``final_masks_differ`` (channels.png's second panel).
 """
 from __future__ import annotations
 
@@ -48,6 +48,7 @@ class Method:
     summary_fields: tuple = ()     # keys it adds to a round's summary row (summary.csv)
     round_scalars: tuple = ()      # of those, the ones TensorBoard and W&B draw
     final_masks_differ: bool = False  # the final ticket's masks differ from M trained with
+    markers: dict = {}             # compare's plot marker per label (default "o")
 
     # ---------------------------------------------------------------- configuration
     def check(self, cfg, need, *, chosen: bool) -> None:

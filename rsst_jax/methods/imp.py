@@ -34,6 +34,7 @@ class IMP(Method):
     name = "none"
     title = "IMP"
     summary = "iterative magnitude pruning: unstructured weight masks"
+    markers = {"IMP": "o", "filter": "v", "random": "x"}
 
     def label(self, config: dict) -> str:
         """IMP, or the baseline --prune_method (filter, random)."""

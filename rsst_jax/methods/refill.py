@@ -32,6 +32,7 @@ class Refill(Method):
     title = "Refill"
     summary = "IMP's prune made channel-wise: whole channels chosen by --criteria"
     channels = True
+    markers = {"Refill": "s", "Refill+": "D"}
 
     def label(self, config: dict) -> str:
         return "Refill+" if float(config.get("fillback_rate") or 0) > 0 else self.title

@@ -60,6 +60,7 @@ class RSST(Refill):
     summary_fields = ("rsst_acc_before", "rsst_acc_after", "final_lambda")
     round_scalars = ("rsst_acc_before", "rsst_acc_after")
     final_masks_differ = True
+    markers = {"RSST": "^"}
 
     # ---------------------------------------------------------------- configuration
     def check(self, cfg, need, *, chosen):
