@@ -27,7 +27,7 @@ from rsst_jax.methods import Method, register_method
 class SlimmingConfig:
     """The method's own flags: they join --help, config.json, sweeps and the README."""
     slim_lambda: float = config.flag(1e-4, "(slimming) L1 penalty on the BatchNorm scales",
-                                     groupable=True, finite=True)
+                                     finite=True)  # not groupable: transform closes over it
 
 
 config.register_group("slimming", SlimmingConfig)

@@ -125,10 +125,10 @@ def parse_args(argv=None):
     except ConfigError as e:
         raise BenchError(str(e)) from None
     from rsst_jax import methods
-    if args.struct not in methods.available_methods():
-        raise BenchError(f"unknown --struct {args.struct!r}; choose one of: "
-                         f"{', '.join(methods.available_methods())} (or --import the module "
-                         f"that registers yours)")
+    try:
+        methods.get_method(args.struct)  # the message names the registered ones
+    except ValueError as e:
+        raise BenchError(str(e)) from None
     args.archs = [a for a in args.arch.split(",") if a]
     for a in args.archs:
         if a not in nets.available_nets():

@@ -236,3 +236,38 @@ def test_no_import_cycle_between_library_modules():
     graph = {m: library_imports(p, modules) for m, p in files.items()}
     cycles = [" -> ".join(c) for c in import_cycles(graph)]
     assert not cycles, cycles
+
+
+def _code_files():
+    """The library and command files outside the method modules."""
+    methods_dir = PACKAGE / "methods"
+    return [p for p in sorted(PACKAGE.rglob("*.py")) + sorted((ROOT / "experiments").glob("*.py"))
+            if methods_dir not in p.parents]
+
+
+def test_no_code_outside_the_method_modules_asks_which_method_runs():
+    """Only rsst_jax/methods/ knows IMP, Refill and RSST: elsewhere no comparison reads
+    --struct or tests a value against a built-in method's name, and no code reaches a
+    method's own flag group by name (they ask the run's Method instead)."""
+    from rsst_jax import methods
+    names = set(methods.available_methods()) - {"none"}  # "none" is too common a word
+    offenders = []
+    for path in _code_files():
+        for node in ast.walk(ast.parse(path.read_text())):
+            where = f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', '?')}"
+            if isinstance(node, ast.Compare):
+                constants = {c.value for c in ast.walk(node) if isinstance(c, ast.Constant)}
+                reads_struct = "struct" in constants or any(
+                    isinstance(a, ast.Attribute) and a.attr == "struct" for a in ast.walk(node))
+                if reads_struct or constants & names:
+                    offenders.append(f"{where} {ast.unparse(node)}")
+            if isinstance(node, ast.Attribute) and node.attr in names and isinstance(
+                    node.value, (ast.Name, ast.Attribute)) and "cfg" in ast.unparse(node.value):
+                offenders.append(f"{where} {ast.unparse(node)}")
+    assert not offenders, offenders
+
+
+def test_each_built_in_method_is_one_module_of_about_200_lines():
+    for name in ("imp", "refill", "rsst"):
+        lines = (PACKAGE / "methods" / f"{name}.py").read_text().count("\n")
+        assert lines <= 220, (name, lines)
