@@ -16,7 +16,7 @@ event                        when
 ``run_end(run)``              always, also when the run stops on an error
 ============================ ================================================================
 
-``run`` is the driver's view (``driver.Run``): the engine, the tickets (config, paths,
+``run`` is the driver's view (``driver.RunState``): the engine, the tickets (config, paths,
 progress), the stacked states and plans, and ``log``.
 """
 from __future__ import annotations

@@ -114,6 +114,11 @@ class ScoringContext:
         (by default `masks`; a run passes the masks before the round's prune, so the
         criteria see the trained weights as the reference does).
       hessian_samples: Rademacher probes for Hutchinson estimates.
+
+    Methods: ``logits(x, kernels)`` (the network with other kernels), ``layer_outputs(x)``
+    (each prunable layer's own output), ``batchnorm_after(x)`` (which BatchNorm
+    normalizes each kernel's output, to read its ``scale`` and ``bias`` in
+    ``variables['params']`` and its statistics in ``variables['batch_stats']``).
     """
 
     def __init__(self, apply_fn, variables, masks: Mapping[Path, jax.Array], hessian_samples: int,
@@ -177,6 +182,21 @@ class ScoringContext:
                         raise ValueError(f"output of {where} has {out.shape[-1]} channels, kernel has {c}")
                 outputs[p] = calls
         return logits, outputs
+
+
+    def batchnorm_after(self, x: jax.Array) -> dict[Path, Path]:
+        """``{kernel path: module path of the BatchNorm applied to its output}`` for the
+        prunable kernels a BatchNorm follows directly, found by running the network
+        abstractly on one image of ``x``'s shape (``model_masks.conv_bn_pairs``: by the
+        arrays passed between calls, never by names). Needs ``apply_fn = model.apply``."""
+        from rsst_jax import model_masks
+        model = getattr(self.apply_fn, "__self__", None)
+        if not isinstance(model, nn.Module):
+            raise ValueError("batchnorm_after needs the scores computed with apply_fn = "
+                             "model.apply of a flax Module")
+        pairs = dict(model_masks.conv_bn_pairs(model, tuple(x.shape[1:])))
+        return {p: tuple(pairs[conv].split("/")) for p in self.masks
+                if (conv := "/".join(map(str, p[:-1]))) in pairs}
 
 
 def _get(tree: Any, path: Path) -> Any:

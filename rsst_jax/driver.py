@@ -49,7 +49,9 @@ class Progress:
 
 
 @dataclasses.dataclass
-class Ticket:
+class LiveTicket:
+    """A ticket being trained by this run: its configuration, run directory and progress
+    (``tickets.Ticket`` is a saved one, opened from a checkpoint)."""
     cfg: config_lib.Config
     paths: paths_lib.RunPaths
     progress: Progress
@@ -61,11 +63,12 @@ class Ticket:
         return self.cfg.run.resolved_seed
 
 
-class Run:
-    """The driver's state, as callbacks see it: engine, tickets, stacked states, plans
-    (``rounds.RoundPlan``) and rewind points, and ``log``."""
+class RunState:
+    """The driver's state, as callbacks see it: engine, tickets, the run's method,
+    stacked states, plans (``rounds.RoundPlan``) and rewind points, and ``log``
+    (``runs.Run`` is a finished or running run read back from its directory)."""
 
-    def __init__(self, engine: Engine, tickets: list[Ticket], log: Callable[[str], None]):
+    def __init__(self, engine: Engine, tickets: list[LiveTicket], log: Callable[[str], None]):
         self.engine, self.tickets, self.log = engine, tickets, log
         cfg = tickets[0].cfg
         self.rounds, self.epochs = cfg.prune.pruning_times, cfg.optim.epochs
@@ -74,7 +77,7 @@ class Run:
         self.states = self.plan = self.rewind = None
         self.teacher = None
 
-    def live_tickets(self) -> list[Ticket]:
+    def live_tickets(self) -> list[LiveTicket]:
         return [t for t in self.tickets if t.failed is None]
 
     @property
@@ -127,7 +130,7 @@ def run(configs, *, callbacks: Optional[Sequence[cb.Callback]] = None, progress:
     engine = Engine(configs, dataset=dataset)
     if configs[0].optim.bn_recalibrate:
         engine_lib.bn_batches(engine, configs[0].optim.bn_recalibrate)  # fails before training
-    tickets = [Ticket(c, paths_lib.RunPaths.of(c.run.save_dir), Progress()) for c in configs]
+    tickets = [LiveTicket(c, paths_lib.RunPaths.of(c.run.save_dir), Progress()) for c in configs]
     callbacks = list(callbacks if callbacks is not None
                      else cb.default_callbacks(configs[0], progress=progress))
     primary = parallel.is_primary()
@@ -137,7 +140,7 @@ def run(configs, *, callbacks: Optional[Sequence[cb.Callback]] = None, progress:
     for t in tickets:
         t.paths.root.mkdir(parents=True, exist_ok=True)
     locks = cb.RunLocks([t.paths.root for t in tickets] if primary else [], log=log).acquire()
-    r = Run(engine, tickets, log)
+    r = RunState(engine, tickets, log)
     try:
         begun = starting.start(engine, tickets, log, Progress)
         r.states, r.plan, r.rewind, r.teacher = begun.states, begun.plan, begun.rewind, begun.teacher
@@ -164,7 +167,7 @@ def _silent(line: str) -> None:
     pass
 
 
-def _train_round(run: Run, callbacks) -> None:
+def _train_round(run: RunState, callbacks) -> None:
     ticks = run.tickets
     r = run.lead.round
     if run.lead.epoch == 0:
@@ -200,7 +203,7 @@ def _train_round(run: Run, callbacks) -> None:
         c.round_end(run, r, rows)
 
 
-def _train_epoch(run: Run, callbacks, r: int, epoch: int) -> None:
+def _train_epoch(run: RunState, callbacks, r: int, epoch: int) -> None:
     """Epoch ``epoch`` (from 1) of round r for every ticket: train, evaluate, record."""
     eng, ticks = run.engine, run.tickets
     t0 = time.time()
@@ -234,11 +237,11 @@ def _train_epoch(run: Run, callbacks, r: int, epoch: int) -> None:
         c.epoch_end(run, r, epoch, rows)
 
 
-def _params_finite(run: Run, k: int) -> bool:
+def _params_finite(run: RunState, k: int) -> bool:
     return train_lib.tree_is_finite(trees.ticket(run.states.params, k))
 
 
-def _epoch_row(run: Run, k: int, r: int, epoch: int, metrics, val, test, scale, t0) -> dict:
+def _epoch_row(run: RunState, k: int, r: int, epoch: int, metrics, val, test, scale, t0) -> dict:
     t, p = run.tickets[k], run.tickets[k].progress
     finite = metrics["finite"][k].astype(bool)
     loss, correct = metrics["loss"][k], metrics["correct"][k]
@@ -262,7 +265,7 @@ def _epoch_row(run: Run, k: int, r: int, epoch: int, metrics, val, test, scale, 
     return row
 
 
-def _finish_round(run: Run, r: int) -> list:
+def _finish_round(run: RunState, r: int) -> list:
     """The round's summary rows: what training tells, what the method's end of the round
     adds (RSST: S applied, accuracy before and after), the final masks' densities."""
     rows = [None if t.failed is not None else
@@ -277,4 +280,4 @@ def _finish_round(run: Run, r: int) -> list:
     return rows
 
 
-__all__ = ["run", "Run", "Ticket", "Progress", "TrainingDiverged", "RunError"]
+__all__ = ["run", "RunState", "LiveTicket", "Progress", "TrainingDiverged", "RunError"]

@@ -11,7 +11,7 @@ checkpoint, and library users). ``path`` may be
 
 It returns a :class:`Ticket`: the arrays as numpy (params, BatchNorm statistics, the
 kernel masks, and RSST's channel masks where a resume checkpoint holds them), the
-checkpoint's metadata and the network (:class:`Network`: arch, data set, classes, image
+checkpoint's metadata and the network (:class:`NetworkSpec`: arch, data set, classes, image
 shape, network options), with the Flax model checked against the arrays. The network
 comes from the checkpoint's metadata (what runs record), else from a final checkpoint
 of the same run (best-validation checkpoints record none), else from the run's
@@ -218,7 +218,7 @@ def read(path_or_ref) -> tuple[dict, dict, CheckpointRef]:
 
 
 @dataclasses.dataclass(frozen=True)
-class Network:
+class NetworkSpec:
     """What builds the model of a checkpoint; ``sources`` says where each value came from
     ('checkpoint', 'final checkpoint', 'config.json', 'arrays', 'data set' or the
     argument's flag name)."""
@@ -288,7 +288,7 @@ def _arrays_options(arch: Optional[str], params: dict) -> dict:
 
 def describe(ref: CheckpointRef, meta: dict, params: dict, *, arch: Optional[str] = None,
              dataset: Optional[str] = None, image_shape: Optional[Sequence[int]] = None,
-             options: Optional[dict] = None) -> Network:
+             options: Optional[dict] = None) -> NetworkSpec:
     """The network of a checkpoint (see the module docstring for the order of sources)."""
     import numpy as np
 
@@ -318,13 +318,13 @@ def describe(ref: CheckpointRef, meta: dict, params: dict, *, arch: Optional[str
                  "--input_shape", ("data set", known))
     opts = pick("model_options", options, "options", (paths_lib.CONFIG, _config_options(arch, config)),
                 ("arrays", _arrays_options(arch, params)))
-    return Network(arch=arch, dataset=dataset,
+    return NetworkSpec(arch=arch, dataset=dataset,
                    num_classes=None if num_classes is None else int(num_classes),
                    image_shape=None if shape is None else tuple(int(x) for x in shape),
                    options=dict(opts or {}), sources=sources)
 
 
-def build_model(network: Network, variables: dict, where: Any):
+def model_of(network: NetworkSpec, variables: dict, where: Any):
     """The registered network of ``network``, checked against the arrays' shapes."""
     import jax
     import numpy as np
@@ -365,7 +365,7 @@ class Ticket:
     batch_stats: dict
     masks: Any
     channel_masks: Any
-    network: Network
+    network: NetworkSpec
     model: Any = None
     config: dict = dataclasses.field(default_factory=dict)
 
@@ -391,7 +391,7 @@ def load(path, *, round_idx: Optional[int] = None, kind: str = paths_lib.FINAL,
                        image_shape=image_shape, options=options)
     model = None
     if network.complete:
-        model = build_model(network, arrays, ref.path)
+        model = model_of(network, arrays, ref.path)
     elif need_model:
         raise TicketError(f"{ref.path}: cannot tell its network's {' and '.join(network.missing())} "
                           f"(neither its metadata nor its run's config.json say); open a "
@@ -401,5 +401,5 @@ def load(path, *, round_idx: Optional[int] = None, kind: str = paths_lib.FINAL,
                   model=model, config=run_config(ref))
 
 
-__all__ = ["TicketError", "CheckpointRef", "list_checkpoints", "resolve", "read", "Network",
-           "describe", "build_model", "run_config", "Ticket", "load", "KINDS"]
+__all__ = ["TicketError", "CheckpointRef", "list_checkpoints", "resolve", "read", "NetworkSpec",
+           "describe", "model_of", "run_config", "Ticket", "load", "KINDS"]

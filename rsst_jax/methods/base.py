@@ -112,7 +112,7 @@ class Method:
         return None, []
 
     def round_start(self, run, k: int) -> None:
-        """Round start of ticket k (``run`` is the driver's ``Run``)."""
+        """Round start of ticket k (``run`` is the driver's ``RunState``)."""
 
     def epoch_scale(self, cfg, progress) -> float:
         """The multiplier of lambda for ticket ``cfg``'s next epoch."""
