@@ -91,18 +91,15 @@ def accuracies(ref, meta: dict) -> dict:
     return out
 
 
-def kept_zero_note(kept: int, nonzero: int, prunable: int, *, rsst: bool) -> Optional[str]:
-    """Why the mask keeps more weights than are non-zero, or None when it does not."""
+def kept_zero_note(kept: int, nonzero: int, prunable: int, *, reason: Optional[str] = None
+                   ) -> Optional[str]:
+    """Why the mask keeps more weights than are non-zero, or None when it does not;
+    ``reason``: the method's explanation (``Method.zero_weights_reason``)."""
     if nonzero >= kept:
         return None
     text = (f"{kept - nonzero:,} of the {kept:,} kept weights are exactly zero (non-zero: "
             f"{nonzero:,}, {100.0 * nonzero / max(1, prunable):.2f}% of the prunable weights)")
-    if rsst:
-        return text + (": an RSST round ends by setting its mask to the channel mask S, "
-                       "which keeps whole channels, but it trained with the magnitude mask M, "
-                       "which held the weights it prunes inside those channels at zero; they "
-                       "count as kept because their channels stay")
-    return text + ": the masks keep them, but their values are zero"
+    return text + (f": {reason}" if reason else ": the masks keep them, but their values are zero")
 
 
 def analyze(path, *, round_idx=None, best=False, arch=None, dataset=None, input_shape=None,
@@ -133,8 +130,11 @@ def analyze(path, *, round_idx=None, best=False, arch=None, dataset=None, input_
     prunable = sum(r.total for r in rows)
     kept = sum(r.kept for r in rows)
     acc = accuracies(ref, meta)
-    zero_note = kept_zero_note(kept, sum(r.nonzero for r in rows), prunable,
-                               rsst=ref.kind == paths_lib.FINAL and "rsst_acc_after" in acc)
+    from rsst_jax import methods
+    method = methods.find_method(ticket.config.get("struct"))
+    reason = (method.zero_weights_reason(acc) if method is not None and ref.kind == paths_lib.FINAL
+              else None)
+    zero_note = kept_zero_note(kept, sum(r.nonzero for r in rows), prunable, reason=reason)
     if zero_note:
         notes.append(zero_note)
     return {

@@ -16,8 +16,12 @@ The functional API, all pure functions on pytrees:
   same function (the function; ``rsst_jax.channel_flow`` decides which channels go and
   each ``rsst_jax.nets`` family registers its rebuilder).
 - ``rsst_jax.counting``: parameters, MACs and FLOPs (dense, masked, compact).
-- ``rsst_jax.config``: the settings as typed groups (``Config``).
-- ``rsst_jax.rounds``: the procedure's rounds as pure functions (prune, structure, plan).
+- ``rsst_jax.config``: the settings as typed groups (``Config``), each flag declared once
+  with its facts (``flag``).
+- ``rsst_jax.methods``: the pruning methods as registered objects (IMP, Refill, RSST, one
+  module each; ``register_method`` adds yours, docs/methods.md).
+- ``rsst_jax.rounds``: what every method's rounds share, as pure functions (masks, plans,
+  channel scores, rewinding); ``rsst_jax.trees``: the pytree helpers.
 - ``rsst_jax.engine``: ``Engine``, the compiled programs of K tickets trained as one.
 - ``rsst_jax.driver``: ``run(configs)``, the loop behind ``python -m experiments.run``,
   with ``rsst_jax.callbacks`` for its side effects and ``rsst_jax.paths`` for its files.
@@ -26,8 +30,8 @@ The functional API, all pure functions on pytrees:
   opens any of its checkpoints with the network that reads it.
 """
 from rsst_jax import (  # noqa: F401
-    callbacks, checkpoint, config, counting, criteria, data, driver, engine, masks, model_masks,
-    nets, paths, regularizers, rounds, runs, tickets, train)
+    callbacks, checkpoint, config, counting, criteria, data, driver, engine, masks, methods,
+    model_masks, nets, paths, regularizers, rounds, runs, tickets, train, trees)
 from rsst_jax.compact import compact  # noqa: F401  (the function: rsst_jax.compact(...))
 from rsst_jax.criteria import channel_scores, register_criterion  # noqa: F401
 from rsst_jax.masks import (  # noqa: F401

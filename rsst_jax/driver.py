@@ -107,13 +107,13 @@ class RunState:
         return dict(dataclasses.asdict(t.progress), has_channel_masks=self.plan.applies_s,
                     config=t.cfg.to_dict(), **self.ticket_meta(k))
 
-    def recalibrate_bn(self) -> Optional[float]:
-        """--bn_recalibrate N in a round that applies S: every ticket's BatchNorm
-        statistics re-estimated over N training batches (``engine.recalibrate_bn``),
-        kept in the state (so in its checkpoints); returns the seconds it took, None
-        when off or in another round."""
+    def recalibrate_bn(self, after_s: bool = False) -> Optional[float]:
+        """--bn_recalibrate N in a round that applies S (or, ``after_s``, one that has
+        just applied it): every ticket's BatchNorm statistics re-estimated over N training
+        batches (``engine.recalibrate_bn``), kept in the state (so in its checkpoints);
+        returns the seconds it took, None when off or in another round."""
         n = self.tickets[0].cfg.optim.bn_recalibrate
-        if not n or not self.plan.applies_s:
+        if not n or not (after_s or self.plan.applies_s):
             return None
         t0 = time.time()
         self.states = engine_lib.recalibrate_bn(self.engine, self.states, n)

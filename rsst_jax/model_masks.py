@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rsst_jax import masks as masks_lib
-from rsst_jax.masks import _is_none
+from rsst_jax.trees import is_none as _is_none
 
 __all__ = ["ModuleCall", "module_calls", "stem_kernel", "conv_bn_pairs", "bn_masks",
            "merge_masks", "masked_variables"]

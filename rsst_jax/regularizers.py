@@ -321,23 +321,6 @@ def rsst_penalty(*, block_loss_grad: bool = False) -> optax.GradientTransformati
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def no_penalty() -> optax.GradientTransformationExtraArgs:
-    """The penalty's place in the optimizer chain of a method that adds nothing to the
-    train step (``train.make_optimizer``): the updates pass unchanged; its state counts
-    steps as ``rsst_penalty``'s does, so the optimizer state has one layout whatever
-    the method (checkpoints of every built-in method restore alike)."""
-
-    def init_fn(params):
-        del params
-        return RSSTState(count=jnp.zeros([], jnp.int32))
-
-    def update_fn(updates, state, params=None, **extra):
-        del params, extra
-        return updates, RSSTState(count=optax.safe_int32_increment(state.count))
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
 # --------------------------------------------------------------------------- the budget
 
 # A round's penalized weights should end below this fraction of their norm. Measured

@@ -160,8 +160,11 @@ def make_optimizer(*, optimizer: str, momentum: float, weight_decay: float,
     """penalty -> weight decay -> keep pruned -> optimizer -> keep pruned.
 
     ``penalty``: what the method adds to the train step (``Method.transform``, e.g.
-    ``regularizers.rsst_penalty``); None: nothing (``regularizers.no_penalty`` keeps its
-    place, so the optimizer state has one layout).
+    ``regularizers.rsst_penalty``). None, a method that adds nothing: the place holds
+    ``rsst_penalty()``, which changes no update where the plan targets nothing (the
+    plans of such a method target nothing). It stays so that every method's compiled
+    step and optimizer state are the ones earlier versions ran: without it XLA fuses the
+    step differently and float rounding changes (Refill's numbers did, measured).
 
     ``update(grads, state, params, masks=, reg_targets=, reg_lambda=, learning_rate=)``:
     the learning rate and lambda are arguments, so tickets trained as one program may
@@ -172,7 +175,7 @@ def make_optimizer(*, optimizer: str, momentum: float, weight_decay: float,
     ``masked=False`` leaves out the penalty and both masks: the plain dense optimizer
     the benchmark compares against.
     """
-    parts = [penalty if penalty is not None else regularizers.no_penalty()] if masked else []
+    parts = [penalty if penalty is not None else regularizers.rsst_penalty()] if masked else []
     if optimizer in ("sgd", "adam") and weight_decay > 0:
         parts.append(optax.add_decayed_weights(weight_decay))
     if masked:

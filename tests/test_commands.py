@@ -324,7 +324,7 @@ def test_flag_values_read_as_the_command_line_does():
     assert cli.flag_value("mask_bn", "none") is None
     assert cli.flag_value("layer_rates", "layer1=0.5,layer2=2") == "layer1=0.5,layer2=2"
     for name, text, needle in (("epochs", "ten", "invalid int value"),
-                               ("struct", "lots", "invalid choice"),
+                               ("prune_scope", "lots", "invalid choice"),
                                ("conv1", "maybe", "is a switch"), ("nope", "1", "no flag --nope")):
         with pytest.raises(cli.ConfigError, match=needle):
             cli.flag_value(name, text)

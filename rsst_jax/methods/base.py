@@ -67,7 +67,8 @@ class Method:
     # ---------------------------------------------------------------- the train step
     def transform(self, cfg):
         """An optax ``GradientTransformationExtraArgs`` that acts on the gradient before
-        weight decay and the masks (reads ``reg_targets``, ``reg_lambda``), or None."""
+        weight decay and the masks (reads ``reg_targets``, ``reg_lambda``), or None:
+        nothing (``train.make_optimizer`` keeps an inert penalty in its place)."""
         return None
 
     def hyper(self, cfg) -> train_lib.Hyper:
@@ -137,6 +138,11 @@ class Method:
     def bar_fields(self, run, metrics) -> dict:
         """What the progress bar shows besides loss and accuracy."""
         return {}
+
+    def zero_weights_reason(self, summary_row: dict) -> Optional[str]:
+        """Why a round's final ticket (its ``summary_row``) keeps weights that are exactly
+        zero, for ``experiments.analyze``; None: no reason of this method's."""
+        return None
 
     def dry_run_note(self, cfg) -> Optional[str]:
         """A line of ``--dry_run``'s plan about this method, or None."""

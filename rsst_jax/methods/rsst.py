@@ -150,29 +150,8 @@ class RSST(Refill):
 
     def finish_round(self, run, rows):
         """Apply S (M := S) and evaluate again: accuracy before and after."""
-        if not run.plan.applies_s:
-            return
-        eng, ticks = run.engine, run.tickets
-        for t, row in zip(ticks, rows):
-            if row is not None:
-                last = t.progress.history[-1]
-                row.update(rsst_acc_before=last["test_acc"], final_lambda=last.get("reg_lambda"),
-                           target_norm_rel=last.get("target_norm_rel"),
-                           predicted_norm_rel=t.predicted)
-        run.states, run.plan = trees.for_each(
-            lambda k, s, pl: rounds.apply_channel_masks(eng.net, eng.param_shapes,
-                                                        ticks[k].cfg.prune, s, pl),
-            len(ticks), run.states, run.plan)
-        if run.recalibrate_bn() is not None:
-            for row in rows:
-                if row is not None:
-                    row["bn_recalibrate"] = ticks[0].cfg.optim.bn_recalibrate
-        val, test = eng.evaluate(run.states.variables, "val"), eng.evaluate(
-            run.states.variables, "test")
-        for k, row in enumerate(rows):
-            if row is not None:
-                row.update(final_val_acc=val[k]["acc"], final_test_acc=test[k]["acc"],
-                           rsst_acc_after=test[k]["acc"])
+        if run.plan.applies_s:
+            apply_s(run, rows)
 
     def round_text(self, row):
         if "rsst_acc_after" not in row:
@@ -196,10 +175,44 @@ class RSST(Refill):
                 f"the penalty), and removing them cost {cost:.2f} points; a larger "
                 f"--reg_granularity_prune (or --block_loss_grad) shrinks them further"]
 
+    def zero_weights_reason(self, summary_row):
+        if "rsst_acc_after" not in summary_row:
+            return None
+        return ("an RSST round ends by setting its mask to the channel mask S, which keeps "
+                "whole channels, but it trained with the magnitude mask M, which held the "
+                "weights it prunes inside those channels at zero; they count as kept because "
+                "their channels stay")
+
     def bar_fields(self, run, metrics):
         if not run.plan.applies_s:
             return {}
         return {"lambda": f"{float(np.asarray(metrics['reg_lambda'])[0, -1]):.3g}"}
 
 
-__all__ = ["RSST", "RSSTConfig"]
+def apply_s(run, rows) -> None:
+    """The end of an RSST round: record the accuracy before, apply S (M := S) to every
+    ticket, re-estimate BatchNorm statistics (--bn_recalibrate), evaluate again."""
+    eng, ticks = run.engine, run.tickets
+    for t, row in zip(ticks, rows):
+        if row is not None:
+            last = t.progress.history[-1]
+            row.update(rsst_acc_before=last["test_acc"], final_lambda=last.get("reg_lambda"),
+                       target_norm_rel=last.get("target_norm_rel"),
+                       predicted_norm_rel=t.predicted)
+    run.states, run.plan = trees.for_each(
+        lambda k, s, pl: rounds.apply_channel_masks(eng.net, eng.param_shapes,
+                                                    ticks[k].cfg.prune, s, pl),
+        len(ticks), run.states, run.plan)
+    if run.recalibrate_bn(after_s=True) is not None:
+        for row in rows:
+            if row is not None:
+                row["bn_recalibrate"] = ticks[0].cfg.optim.bn_recalibrate
+    val, test = eng.evaluate(run.states.variables, "val"), eng.evaluate(
+        run.states.variables, "test")
+    for k, row in enumerate(rows):
+        if row is not None:
+            row.update(final_val_acc=val[k]["acc"], final_test_acc=test[k]["acc"],
+                       rsst_acc_after=test[k]["acc"])
+
+
+__all__ = ["RSST", "RSSTConfig", "apply_s"]
