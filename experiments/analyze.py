@@ -82,8 +82,9 @@ def accuracies(ref, meta: dict) -> dict:
             row = next((r for r in run.summary if r.get("round") == ref.round), {})
         except runs_lib.RunDirError:
             row = {}
+    from rsst_jax import methods
     keys = ("best_val_acc", "best_val_epoch", "test_acc_at_best_val", "final_val_acc",
-            "final_test_acc", "rsst_acc_before", "rsst_acc_after", "remaining_weight_pct",
+            "final_test_acc", *methods.union("round_scalars"), "remaining_weight_pct",
             "channel_sparsity_pct")
     out = {k: row[k] for k in keys if row.get(k) is not None}
     if ref.kind == paths_lib.BEST:
@@ -188,10 +189,13 @@ def format_text(result: dict) -> str:
     a = r["accuracy"]
     if a:
         parts = []
+        from rsst_jax import methods
+        labels = {}
+        for method in methods.registered():  # RSST: accuracy before and after removing S
+            labels.update(method.field_labels)
         for key, label in (("best_val_acc", "best val"), ("test_acc_at_best_val", "test at best val"),
                            ("final_val_acc", "final val"), ("final_test_acc", "final test"),
-                           ("rsst_acc_before", "RSST before removing channels"),
-                           ("rsst_acc_after", "after"),
+                           *labels.items(),
                            ("checkpoint_val_acc", "this checkpoint val"),
                            ("checkpoint_test_acc", "test")):
             if key in a:

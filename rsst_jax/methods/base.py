@@ -49,6 +49,7 @@ class Method:
     round_scalars: tuple = ()      # of those, the ones TensorBoard and W&B draw
     final_masks_differ: bool = False  # the final ticket's masks differ from M trained with
     markers: dict = {}             # compare's plot marker per label (default "o")
+    field_labels: dict = {}        # summary key -> how analyze names it
 
     # ---------------------------------------------------------------- configuration
     def check(self, cfg, need, *, chosen: bool) -> None:

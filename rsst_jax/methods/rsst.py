@@ -61,8 +61,8 @@ class RSST(Refill):
     round_scalars = ("rsst_acc_before", "rsst_acc_after")
     final_masks_differ = True
     markers = {"RSST": "^"}
+    field_labels = {"rsst_acc_before": "RSST before removing channels", "rsst_acc_after": "after"}
 
-    # ---------------------------------------------------------------- configuration
     def check(self, cfg, need, *, chosen):
         s = cfg.rsst
         need(s.reg_granularity_prune >= 0, "--reg_granularity_prune must be >= 0")
@@ -88,7 +88,6 @@ class RSST(Refill):
             text += " adaptive"
         return dict(super().describe(config), schedule=text)
 
-    # ---------------------------------------------------------------- the train step
     def transform(self, cfg):
         return regularizers.rsst_penalty(block_loss_grad=cfg.rsst.block_loss_grad)
 
@@ -101,7 +100,6 @@ class RSST(Refill):
         return {"reg_interval": cfg.rsst.update_reg_interval,
                 "reg_progress": cfg.rsst.reg_progress}
 
-    # ---------------------------------------------------------------- planning
     def next_masks(self, net, variables, masks, prune_cfg, round_idx, *, key, score_batches,
                    mean, std):
         return refilled(net, variables, masks, prune_cfg, round_idx, key=key,
@@ -122,7 +120,6 @@ class RSST(Refill):
             lambda m, s: None if m is None else jnp.logical_and(m, jnp.logical_not(s)),
             alive, alive_s, is_leaf=trees.is_none)
 
-    # ---------------------------------------------------------------- the run
     def startup_lines(self, cfg, schedules):
         if cfg.optim.optimizer != "sgd" or cfg.prune.pruning_times < 2:
             return None, []
