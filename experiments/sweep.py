@@ -104,7 +104,10 @@ class Cell:
 
     @property
     def command(self) -> str:
-        return "python -m experiments.run " + shlex.join(self.argv)
+        """The cell's command, with the ``--import`` its network, criterion or method needs."""
+        from rsst_jax import config as config_lib
+        imports = [x for m in config_lib.plugin_modules(self.cfg) for x in ("--import", m)]
+        return "python -m experiments.run " + shlex.join(imports + self.argv)
 
 
 # --------------------------------------------------------------------------- planning
