@@ -395,7 +395,7 @@ def plot_run(run: runs_lib.Run, out: pathlib.Path, which: Sequence[str], log=pri
             plot_rounds(run, path)
         elif name == "lambda":
             if not plot_lambda(run, path):
-                log(f"{run.name}: no RSST round, so no lambda.png")
+                log(f"{run.name}: no round logged a penalty (lambda), so no lambda.png")
                 continue
         elif name == "channels":
             plot_channels(run, path)
