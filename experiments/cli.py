@@ -117,24 +117,39 @@ def run_parser(prog: str = "python -m experiments.run", *, defaults: bool = True
         description="Find structurally sparse lottery tickets: IMP, Refill and RSST rounds. "
                     "Quick start: --dataset digits.")
     allowed = config_lib.choices()
-    for name in config_lib.flag_names():
+    sections = {}  # one --help section per configuration group
+    for name, group in config_lib.group_of_flags().items():
+        if group not in sections:
+            sections[group] = parser.add_argument_group(_section_title(group))
+        section = sections[group]
         field, facts = config_lib.field_of(name), config_lib.facts(name)
         default = field.default if defaults else argparse.SUPPRESS
         help_text = facts.help.replace("%", "%%")  # argparse formats help with %
         kind = str(field.type)
         if "bool" in kind:
-            _bool_flag(parser, name, field.default, default, help_text)
+            _bool_flag(section, name, field.default, default, help_text)
             continue
         flag_type = (int if "int" in kind else float if "float" in kind else str)
         # A registry's values are checked by validation, whose message says how to add one.
         extra = {"choices": allowed[name]} if name in allowed and facts.registry is None else {}
-        parser.add_argument(f"--{name}", type=flag_type, default=default, help=help_text,
-                            **extra)
+        section.add_argument(f"--{name}", type=flag_type, default=default, help=help_text,
+                             **extra)
     add_import_flag(parser, defaults)
     _host_flags(parser.add_argument_group(
         "one run over several processes (new; not part of the run's configuration, see "
         "docs/cluster.md)"), defaults)
     return parser
+
+
+_SECTIONS = {"data": "data", "model": "network", "optim": "training",
+             "prune": "pruning", "run": "the run"}
+
+
+def _section_title(group: str) -> str:
+    """The --help section of a configuration group; a method's own group names it."""
+    from rsst_jax import methods
+    owner = [m.name for m in methods.registered() if (m.settings or (None,))[0] == group]
+    return _SECTIONS.get(group) or (f"{group}: flags of --struct {owner[0]}" if owner else group)
 
 
 def add_import_flag(parser, defaults: bool = True) -> None:
