@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rsst_jax import config, model_masks, rounds, trees
+from rsst_jax import config, model_masks, trees
 from rsst_jax.methods import Method, register_method
 
 
@@ -81,9 +81,8 @@ class Slimming(Method):
     def transform(self, cfg):
         return l1_penalty(cfg.slimming.slim_lambda)
 
-    def targets(self, net, params_like, prune_cfg, masks, channel_masks):
-        """The BatchNorm scales of the live channels, in every round."""
-        alive = rounds.train_masks(net, params_like, masks, prune_cfg)
+    def targets(self, net, params_like, prune_cfg, alive, channel_masks):
+        """The BatchNorm scales of the live channels (in ``alive``), in every round."""
         return jax.tree_util.tree_map_with_path(
             lambda path, m: None if m is None else
             (m if trees.join(path).endswith("scale") else jnp.zeros_like(m)),

@@ -36,8 +36,10 @@ class Flag:
 
     ``choices``: the allowed values, as ``"module:name"`` of a tuple or of a function
     returning one (read when needed: the module owning an enumeration defines it).
-    ``registry``: users register their own values (networks, criteria, methods, data
-    sets), so the command line names the registry instead of refusing the value itself.
+    ``registry``: the function users register their own values with (networks, criteria,
+    methods), so validation, not argparse, refuses an unknown value and its message says
+    how to register one; ``"dataset"`` (no function: the set is fixed) only moves the
+    check to validation, whose message lists the data sets.
     ``groupable``: tickets trained as one program may differ in it (no shape or compiled
     code depends on it). ``semantic``: it changes what a run computes (a resumed run
     must agree on it). ``finite``: a number that must be finite. ``seed_like``: runs of

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import flax
 import jax
@@ -91,13 +91,16 @@ def no_targets(masks) -> PyTree:
 
 
 def plan_round(net: Network, params_like, prune_cfg, masks, channel_masks=None, *,
-               targets=None, hyper: train_lib.Hyper, reg_scale: float = 1.0, teacher=None,
+               targets_of: Optional[Callable[[PyTree], Optional[PyTree]]] = None,
+               hyper: train_lib.Hyper, reg_scale: float = 1.0, teacher=None,
                kd_alpha: float = 0.0) -> RoundPlan:
     """The plan of a round trained with kernel masks M = ``masks`` (``train_masks``: with
     --mask_bn also the BatchNorm of dead channels), ending by applying ``channel_masks``
-    S where given, its penalty acting on ``targets`` (same structure as the training
-    masks; None: nothing penalized). A method's ``make_plan`` chooses the targets."""
+    S where given, its penalty acting on ``targets_of(training masks)`` (a tree of that
+    structure; None, or no ``targets_of``: nothing penalized). A method's ``make_plan``
+    chooses the targets."""
     alive = train_masks(net, params_like, masks, prune_cfg)
+    targets = None if targets_of is None else targets_of(alive)
     step = train_lib.Plan(masks=alive, targets=no_targets(alive) if targets is None else targets,
                           reg_scale=jnp.float32(reg_scale), hyper=hyper, teacher=teacher,
                           kd_alpha=jnp.float32(kd_alpha))

@@ -235,7 +235,7 @@ def with_teacher(plan, states, teacher, cfg, round_idx: int):
     without --distill ``plan`` as it is."""
     if not cfg.optim.distill:
         return plan
-    k = jax.tree_util.tree_leaves(plan.step.reg_scale)[0].shape[0]
+    k = plan.step.reg_scale.shape[0]  # tickets
     if round_idx == 0 or teacher is None:
         variables, alpha = trees.copy(states.variables), 0.0
     else:

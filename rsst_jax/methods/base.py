@@ -94,9 +94,11 @@ class Method:
         method keeps whole channels."""
         return (channel_masks if self.channels else weight_masks), None
 
-    def targets(self, net, params_like, prune_cfg, masks, channel_masks) -> Optional[PyTree]:
-        """What the penalty of a round with masks M and S acts on (a bool tree with the
-        structure of ``rounds.train_masks``), or None: nothing."""
+    def targets(self, net, params_like, prune_cfg, alive, channel_masks) -> Optional[PyTree]:
+        """What the penalty of a round acts on: a bool tree with the structure of
+        ``alive``, the round's training masks (M and, with --mask_bn, the BatchNorm of its
+        live channels; ``rounds.train_masks``), given S = ``channel_masks``; or None:
+        nothing."""
         return None
 
     def make_plan(self, net, params_like, prune_cfg, masks, channel_masks=None, *,
@@ -105,7 +107,8 @@ class Method:
         """The plan of a round trained with M = ``masks`` (and S = ``channel_masks``)."""
         return rounds.plan_round(
             net, params_like, prune_cfg, masks, channel_masks,
-            targets=self.targets(net, params_like, prune_cfg, masks, channel_masks),
+            targets_of=lambda alive: self.targets(net, params_like, prune_cfg, alive,
+                                                  channel_masks),
             hyper=hyper, reg_scale=reg_scale, teacher=teacher, kd_alpha=kd_alpha)
 
     # ---------------------------------------------------------------- the run

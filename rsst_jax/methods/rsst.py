@@ -108,13 +108,12 @@ class RSST(Refill):
     def example_masks(self, weight_masks, channel_masks):
         return weight_masks, channel_masks
 
-    def targets(self, net, params_like, prune_cfg, masks, channel_masks):
+    def targets(self, net, params_like, prune_cfg, alive, channel_masks):
         """The weights M keeps and S removes; with --mask_bn also the BatchNorm scale and
         bias of the channels S removes, because BatchNorm undoes any shrinking of a conv
         channel's weights until they reach zero."""
         if channel_masks is None:
             return None
-        alive = rounds.train_masks(net, params_like, masks, prune_cfg)
         alive_s = rounds.train_masks(net, params_like, channel_masks, prune_cfg)
         return jax.tree_util.tree_map(
             lambda m, s: None if m is None else jnp.logical_and(m, jnp.logical_not(s)),
