@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 
 from experiments import cli
 from rsst_jax import masks as masks_lib
+from rsst_jax import metrics as metrics_lib
 from rsst_jax import paths as paths_lib
 from rsst_jax import runs as runs_lib
 
@@ -82,10 +83,10 @@ def accuracies(ref, meta: dict) -> dict:
             row = next((r for r in run.summary if r.get("round") == ref.round), {})
         except runs_lib.RunDirError:
             row = {}
-    from rsst_jax import methods
     keys = ("best_val_acc", "best_val_epoch", "test_acc_at_best_val", "final_val_acc",
-            "final_test_acc", *methods.union("round_scalars"), "remaining_weight_pct",
+            "final_test_acc", "acc_before_s", "acc_after_s", "remaining_weight_pct",
             "channel_sparsity_pct")
+    row = metrics_lib.renamed(row)
     out = {k: row[k] for k in keys if row.get(k) is not None}
     if ref.kind == paths_lib.BEST:
         out.update({f"checkpoint_{k}": meta[k] for k in ("epoch", "val_acc", "test_acc") if k in meta})
@@ -95,12 +96,24 @@ def accuracies(ref, meta: dict) -> dict:
 def kept_zero_note(kept: int, nonzero: int, prunable: int, *, reason: Optional[str] = None
                    ) -> Optional[str]:
     """Why the mask keeps more weights than are non-zero, or None when it does not;
-    ``reason``: the method's explanation (``Method.zero_weights_reason``)."""
+    ``reason``: what the run tells of it (``zero_weights_reason``)."""
     if nonzero >= kept:
         return None
     text = (f"{kept - nonzero:,} of the {kept:,} kept weights are exactly zero (non-zero: "
             f"{nonzero:,}, {100.0 * nonzero / max(1, prunable):.2f}% of the prunable weights)")
     return text + (f": {reason}" if reason else ": the masks keep them, but their values are zero")
+
+
+def zero_weights_reason(summary_row: dict) -> Optional[str]:
+    """Why a round's final ticket keeps weights that are exactly zero: a round that ended
+    by applying its channel masks S (the row has the accuracy after it) trained with
+    kernel masks M inside S's channels; None for other rounds."""
+    if "acc_after_s" not in summary_row:
+        return None
+    return ("the round ended by setting its mask to the channel mask S, which keeps whole "
+            "channels, but it trained with the kernel mask M, which held the weights it "
+            "prunes inside those channels at zero; they count as kept because their "
+            "channels stay")
 
 
 def analyze(path, *, round_idx=None, best=False, arch=None, dataset=None, input_shape=None,
@@ -131,10 +144,13 @@ def analyze(path, *, round_idx=None, best=False, arch=None, dataset=None, input_
     prunable = sum(r.total for r in rows)
     kept = sum(r.kept for r in rows)
     acc = accuracies(ref, meta)
-    from rsst_jax import methods
-    method = methods.find_method(ticket.config.get("struct"))
-    reason = (method.zero_weights_reason(acc) if method is not None and ref.kind == paths_lib.FINAL
-              else None)
+    reason = zero_weights_reason(acc) if ref.kind == paths_lib.FINAL else None
+    from rsst_jax.methods import find_method
+    declared = metrics_lib.of_method(find_method(ticket.config.get("struct")),
+                                     metrics_lib.ROUND_ROW)
+    row = metrics_lib.renamed(dict(meta.get("summary") or {}))
+    method_values = {m.label: row[m.key] for m in declared
+                     if isinstance(row.get(m.key), (int, float))}
     zero_note = kept_zero_note(kept, sum(r.nonzero for r in rows), prunable, reason=reason)
     if zero_note:
         notes.append(zero_note)
@@ -150,6 +166,7 @@ def analyze(path, *, round_idx=None, best=False, arch=None, dataset=None, input_
         "compact": compact_numbers(ticket.model, ticket.variables, masks, net.image_shape,
                                    approximate=approximate),
         "accuracy": acc,
+        "method_values": method_values,
         "notes": notes,
         "_rows": rows,
     }
@@ -189,18 +206,17 @@ def format_text(result: dict) -> str:
     a = r["accuracy"]
     if a:
         parts = []
-        from rsst_jax import methods
-        labels = {}
-        for method in methods.registered():  # RSST: accuracy before and after removing S
-            labels.update(method.field_labels)
         for key, label in (("best_val_acc", "best val"), ("test_acc_at_best_val", "test at best val"),
                            ("final_val_acc", "final val"), ("final_test_acc", "final test"),
-                           *labels.items(),
+                           ("acc_before_s", "before removing channels"), ("acc_after_s", "after"),
                            ("checkpoint_val_acc", "this checkpoint val"),
                            ("checkpoint_test_acc", "test")):
             if key in a:
                 parts.append(f"{label} {a[key]:.2f}%")
         lines.append("accuracy: " + ", ".join(parts))
+    if r.get("method_values"):  # the method's own round metrics, by their declared labels
+        lines.append("method: " + ", ".join(f"{label} {value:.4g}"
+                                            for label, value in r["method_values"].items()))
     lines += [f"note: {n}" for n in r["notes"]]
     return "\n".join(lines)
 

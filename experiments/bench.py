@@ -5,10 +5,10 @@ Measures, on generated uint8 images of ``--image_shape`` held on the device:
 - **steps**: compile time of the dense and the masked steps (one per transformation a
   method adds: IMP and Refill share ``masked``, RSST's penalty makes ``rsst``); median
   step time and images/s of ``dense`` (a plain optimizer: no masks, no penalty) and of
-  each registered method under its title in lower case (``Method.example_masks`` of
-  random 50% weight masks and half the channels of each layer): ``imp`` (the weight
-  masks), ``refill`` (the channels) and ``rsst`` (weight masks + penalty targets, lambda
-  > 0), with ratios to dense. The variants run interleaved so machine load hits them
+  each registered method under its title in lower case (``example_masks``: random 50%
+  weight masks and half the channels of each layer): ``imp`` (the weight masks),
+  ``refill`` (the channels) and ``rsst`` (weight masks + penalty targets, lambda > 0),
+  with ratios to dense. The variants run interleaved so machine load hits them
   alike;
 - **epochs**: whole epochs of ``--train_size`` images through the machinery of
   ``experiments.run`` (``rsst_jax.engine.Engine``: the in-step gather and augmentation,
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "not given: what a run uses, 8 on CPU, --print_freq 50 on accelerators)")
     p.add_argument("--struct", default="rsst", help="method of the timed epochs and tickets "
                    "(experiments.run's --struct; its rounds after 0, with random 50%% weight "
-                   "masks and half the channels: Method.example_masks)")
+                   "masks and half the channels: example_masks)")
     add_import_flag(p)
     p.add_argument("--epoch_table", action="store_true", help="time only epochs, fused against "
                    "the step loop, for every --arch x --image_shape x --batch_size")
@@ -204,8 +204,19 @@ def bench_config(args, arch: str, batch_size: int, **overrides):
     return config_lib.validate(config_lib.Config.from_dict(values))
 
 
+def example_masks(method, cfg, weight, channel) -> tuple:
+    """(M, S) of a typical round of ``method`` after round 0, from a weight mask and a
+    channel mask: a method with a penalty trains the weight mask and ends by applying the
+    channel mask (RSST), one that keeps whole channels trains the channel mask (Refill),
+    another the weight mask (IMP). Step time depends on what the step computes, not on
+    the masks' contents, so this stands for any method's round."""
+    if method.penalty(cfg) is not None:
+        return weight, channel
+    return (channel if method.channels else weight), None
+
+
 def _epoch_state(engine, cfgs):
-    """Stacked states and plans of the method's typical round (``Method.example_masks`` of
+    """Stacked states and plans of the method's typical round (``example_masks`` of
     random 50% weight masks and half the channels)."""
     import jax
 
@@ -217,10 +228,8 @@ def _epoch_state(engine, cfgs):
         full = rounds.initial_masks(engine.net, state.params, cfg.prune)
         key = jax.random.PRNGKey(cfg.run.resolved_seed + k)
         weight = masks_lib.random_prune(jax.random.fold_in(key, 1), full, 0.5)
-        plan = engine.method.make_plan(engine.net, engine.param_shapes, cfg.prune,
-                                       *engine.method.example_masks(weight,
-                                                                    half_channels(full, key)),
-                                       hyper=engine.hyper(cfg))
+        plan = engine.plan(cfg, *example_masks(engine.method, cfg, weight,
+                                               half_channels(full, key)))
         states.append(state.replace(params=masks_lib.apply_masks(state.params, plan.step.masks)))
         plans.append(plan.step)
     return trees.stack(states), trees.stack(plans)
@@ -391,7 +400,7 @@ def bench_steps(args, arch, bs, shape, mesh, names) -> dict:
     data_x, data_y = parallel.replicate((jax.device_put(data_x), jax.device_put(data_y)), mesh)
     step_cfg = train_lib.StepConfig(flip=True, mean=(0.5,) * shape[-1], std=(0.25,) * shape[-1],
                                     accum_steps=args.accum_steps)
-    schedules = train_lib.Schedules(350, 120 * 350, 1, (91, 136), reg_interval=1)
+    schedules = train_lib.Schedules(350, 120 * 350, 1, (91, 136))
     opt = dict(optimizer="sgd", momentum=0.9, weight_decay=1e-4)
     key = jax.random.PRNGKey(args.seed)
     tx = {"dense": train_lib.make_optimizer(**opt, masked=False)}
@@ -399,23 +408,26 @@ def bench_steps(args, arch, bs, shape, mesh, names) -> dict:
     full = masks_lib.init_masks(base.params)
     weight = masks_lib.random_prune(jax.random.fold_in(key, 1), full, 0.5)
     channel = half_channels(full, key)
-    hyper = train_lib.Hyper.make(0.01, "x", 1e-3)
-    variants = {"dense": ("dense", None, None)}
+    variants = {"dense": ("dense", None, None, train_lib.Hyper.make(0.01))}
+    schedule = {"dense": None, "masked": None}  # the lambda schedule of each program
     for name, method in method_variants().items():
         if name not in names:
             continue
         m_cfg = cfg.replace(struct=method.name, mask_bn=False)  # the masks as given
-        transform = method.transform(m_cfg)
-        prog = "masked" if transform is None else name
-        tx.setdefault(prog, train_lib.make_optimizer(**opt, penalty=transform))
-        m, s_ = method.example_masks(weight, channel)
-        t = method.targets(None, None, m_cfg.prune, m, s_)
-        variants[name] = (prog, m, rounds.no_targets(full) if t is None else t)
+        penalty = method.penalty(m_cfg)
+        prog = "masked" if penalty is None else name
+        tx.setdefault(prog, train_lib.make_optimizer(
+            **opt, penalty=None if penalty is None else penalty.transform))
+        schedule.setdefault(prog, None if penalty is None else penalty.schedule)
+        m, s_ = example_masks(method, m_cfg, weight, channel)
+        t = method.targets(m_cfg, rounds.Network(model, shape), m, s_)
+        variants[name] = (prog, m, rounds.no_targets(full) if t is None else t,
+                          train_lib.Hyper.make(0.01, None if penalty is None else penalty.values))
     sharding = None if mesh is None else parallel.batch_sharding(mesh)
     programs, compile_s, states, plans = {}, {}, {}, {}
     idx = parallel.shard_batch(np.arange(bs, dtype=np.int32)[None], mesh, 1)
     for name in names:
-        prog, m, t = variants[name]
+        prog, m, t, hyper = variants[name]
         params = base.params if m is None else masks_lib.apply_masks(base.params, m)
         states[name] = parallel.replicate(trees.stack([train_lib.TrainState(
             step=base.step, params=params, batch_stats=base.batch_stats,
@@ -424,7 +436,8 @@ def bench_steps(args, arch, bs, shape, mesh, names) -> dict:
             masks=m, targets=t, reg_scale=jnp.float32(1.0), hyper=hyper)]), mesh)
         if prog not in programs:
             step = train_lib.gather_step(train_lib.make_train_step(
-                model, tx[prog], step_cfg, schedules, batch_sharding=sharding))
+                model, tx[prog], step_cfg, schedules, batch_sharding=sharding,
+                lambda_schedule=schedule[prog]))
             jitted = parallel.jit_train(train_lib.over_tickets(step, 1), mesh, batch_axis=1)
             t0 = time.perf_counter()
             programs[prog] = jitted.lower(states[name], data_x, data_y, idx,

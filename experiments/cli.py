@@ -125,11 +125,11 @@ def run_parser(prog: str = "python -m experiments.run", *, defaults: bool = True
         field, facts = config_lib.field_of(name), config_lib.facts(name)
         default = field.default if defaults else argparse.SUPPRESS
         help_text = facts.help.replace("%", "%%")  # argparse formats help with %
-        kind = str(field.type)
-        if "bool" in kind:
+        kind = config_lib.flag_type(name).base
+        if kind is bool:
             _bool_flag(section, name, field.default, default, help_text)
             continue
-        flag_type = (int if "int" in kind else float if "float" in kind else str)
+        flag_type = kind
         # A registry's values are checked by validation, whose message says how to add one.
         extra = {"choices": allowed[name]} if name in allowed and facts.registry is None else {}
         section.add_argument(f"--{name}", type=flag_type, default=default, help=help_text,
@@ -289,7 +289,7 @@ def flag_value(name: str, text: str) -> Any:
     ConfigError on an unknown flag or a bad value."""
     if name not in config_lib.group_of_flags():
         raise ConfigError(f"experiments.run has no flag --{name}")
-    if "bool" in str(config_lib.field_of(name).type):
+    if config_lib.flag_type(name).base is bool:
         v = text.strip().lower()
         if v in _TRUE or v in _FALSE:
             return v in _TRUE

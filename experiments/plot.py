@@ -3,16 +3,19 @@
 Writes into ``DIR/plots/`` (or ``--out``):
 
 * ``rounds.png``   per round: remaining weights and channel sparsity (left axis) and
-  test accuracy (right axis, the same 0-100 scale; for RSST also the accuracy before
-  removing channels, a hollow circle around the accuracy after);
-* ``lambda.png``   per RSST round, per epoch: the penalty lambda actually applied, the
-  L2 norm of the penalized weights relative to the round's start, and the fraction
-  of them below 1e-3 (skipped for runs without RSST rounds);
+  test accuracy (right axis, the same 0-100 scale; for rounds that ended by removing
+  channels, such as RSST's, also the accuracy before, a hollow circle around the
+  accuracy after);
+* ``method.png``   one panel per epoch metric the run's method declares plotted
+  (``Method.metrics``; RSST: the lambda applied, the L2 norm of the penalized weights
+  relative to the round's start, the fraction of them below 1e-3), one line per round
+  (skipped for runs whose method logs none);
 * ``channels.png`` per prunable layer and round: fraction of output channels kept and
-  of weights kept (read from the ``round_<r>/final`` checkpoints); for RSST, whose
-  final tickets keep whole channels, the second panel is the weights kept by the
-  magnitude mask M the round trained with (``round_<r>/best``), and for Refill, where
-  the two are the same numbers, there is one panel;
+  of weights kept (read from the ``round_<r>/final`` checkpoints); where rounds ended by
+  applying channel masks S (RSST), whose final tickets keep whole channels, the second
+  panel is the weights kept by the kernel mask M the round trained with
+  (``round_<r>/best``), and where the two are the same numbers (Refill) there is one
+  panel;
 * ``epochs.png``   training curves over all epochs of all rounds.
 
 A directory that is not a run stands for the runs inside it (a ``--num_seeds`` SAVE_DIR,
@@ -32,10 +35,11 @@ from typing import Optional, Sequence
 
 from experiments import cli
 from experiments import compare as compare_cmd
+from rsst_jax import metrics as metrics_lib
 from rsst_jax import paths as paths_lib
 from rsst_jax import runs as runs_lib
 
-PLOTS = ("rounds", "lambda", "channels", "epochs")
+PLOTS = ("rounds", "method", "channels", "epochs")
 
 
 def _pyplot():
@@ -71,9 +75,9 @@ ROUND_LINES = (
      "test accuracy at best val %"),
     # Hollow and drawn on top: where removing channels cost nothing, the after-S point
     # (the final test accuracy) shows through it.
-    ("rsst_acc_before", "right", "o", dict(color="C3", markersize=11, fillstyle="none",
-                                           markeredgewidth=1.5, zorder=5),
-     "RSST: test accuracy before removing channels % (after: final test accuracy)"),
+    ("acc_before_s", "right", "o", dict(color="C3", markersize=11, fillstyle="none",
+                                        markeredgewidth=1.5, zorder=5),
+     "test accuracy before removing channels % (after: final test accuracy)"),
 )
 
 Y_LIMITS = (-3, 105)  # both axes of rounds.png: a value reads the same against either
@@ -92,7 +96,7 @@ def round_lines(run: runs_lib.Run) -> tuple[dict, list[int]]:
     rounds = [int(r["round"]) for r in run.summary]
     lines = {}
     for key, *_ in ROUND_LINES:
-        if key == "rsst_acc_before":  # only the rounds that removed channels
+        if key == "acc_before_s":  # only the rounds that removed channels
             pts = [(int(r["round"]), val(r, key)) for r in run.summary if val(r, key) is not None]
             lines[key] = ([p[0] for p in pts], [p[1] for p in pts], None)
         else:
@@ -138,7 +142,7 @@ def rounds_figure(lines: dict, rounds: list[int], title: str, band: Optional[str
     acc = ax.twinx()
     for key, side, fmt, style, label in ROUND_LINES:
         xs, ys, sds = lines[key]
-        if key == "rsst_acc_before" and not xs:
+        if key == "acc_before_s" and not xs:
             continue
         axis = ax if side == "left" else acc
         axis.plot(xs, ys, fmt, label=label, **style)
@@ -169,37 +173,38 @@ def rounds_figure(lines: dict, rounds: list[int], title: str, band: Optional[str
     return fig, labels
 
 
-# --------------------------------------------------------------------------- (b) lambda
+# --------------------------------------------------------------------------- (b) method
 
 
-def rsst_epochs(run: runs_lib.Run) -> dict[int, list[dict]]:
-    """Log rows of each round that logged a penalty (RSST rounds), by round."""
-    out = {}
+def method_panels(run: runs_lib.Run) -> tuple[list, dict[int, list[dict]]]:
+    """(the plotted epoch metrics the run's method declares, log rows by round of the
+    rounds that logged one of them)."""
+    from rsst_jax.methods import find_method
+    panels = [m for m in metrics_lib.of_method(find_method(run.config.get("struct")),
+                                               metrics_lib.EPOCH_ROW) if m.plot]
+    by_round = {}
     for r in sorted({row["round"] for row in run.log}):
-        rows = [row for row in run.epochs(r) if row.get("reg_lambda") is not None]
+        rows = [row for row in run.epochs(r)
+                if any(row.get(m.key) is not None for m in panels)]
         if rows:
-            out[r] = rows
-    return out
+            by_round[r] = rows
+    return panels, by_round
 
 
-def plot_lambda(run: runs_lib.Run, path: pathlib.Path) -> bool:
-    """Penalty per epoch of each RSST round and its effect; False when there is none."""
-    by_round = rsst_epochs(run)
+def plot_method(run: runs_lib.Run, path: pathlib.Path) -> bool:
+    """The method's epoch metrics per round (one panel each); False when there are none."""
+    panels, by_round = method_panels(run)
     if not by_round:
         return False
     plt = _pyplot()
     from matplotlib import cm, colors
     from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.4))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.7 * len(panels), 4.4), squeeze=False)
+    axes = list(axes[0])
     many = len(by_round) > 8
     norm = colors.Normalize(min(by_round), max(by_round))
-    panels = (("reg_lambda", "lambda (penalty coefficient)", "lambda at the end of each epoch"),
-              ("target_norm_rel", "L2 norm / norm at round start",
-               "norm of the penalized weights"),
-              ("target_small_frac", "fraction with |w| < 1e-3",
-               "penalized weights that are ~0"))
-    lambdas = []
+    values: dict[str, list] = {m.key: [] for m in panels}
     styles = ("-", "--", ":", "-.")
     markers = ("o", "s", "^", "v", "D")
     for k, (r, rows) in enumerate(by_round.items()):
@@ -208,28 +213,25 @@ def plot_lambda(run: runs_lib.Run, path: pathlib.Path) -> bool:
         style = dict(linestyle=styles[k % len(styles)], marker=markers[k % len(markers)],
                      markersize=4 + 2 * ((len(by_round) - 1 - k) % 3))
         epochs = [row["epoch"] for row in rows]  # from 1, as on the screen
-        for ax, (key, _, _) in zip(axes, panels):
-            ys = [row.get(key) for row in rows]
+        for ax, m in zip(axes, panels):
+            ys = [row.get(m.key) for row in rows]
             ax.plot(epochs, ys, color=color, label=f"round {r}", **style)
-            if key == "reg_lambda":
-                lambdas += [y for y in ys if y is not None]
-    for ax, (_, ylabel, title) in zip(axes, panels):
+            values[m.key] += [y for y in ys if y is not None]
+    for ax, m in zip(axes, panels):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch of the round")
-        ax.set_ylabel(ylabel)
-        ax.set_title(title, fontsize=10)
+        ax.set_ylabel(m.label)
+        ax.set_title(m.label, fontsize=10)
         ax.grid(True, alpha=0.3)
-    positive = [v for v in lambdas if v > 0]
-    if positive and max(positive) / min(positive) > 100:
-        axes[0].set_yscale("log")
-    axes[1].set_ylim(bottom=0)
-    axes[2].set_ylim(0, 1.02)
+        positive = [v for v in values[m.key] if v > 0]
+        if m.log_scale and positive and max(positive) / min(positive) > 100:
+            ax.set_yscale("log")
     if many:
         fig.colorbar(cm.ScalarMappable(norm=norm, cmap="viridis"), ax=axes, label="round",
                      shrink=0.8)
     else:
         axes[0].legend(fontsize=8)
-    fig.suptitle(f"RSST penalty as applied: {_title(run)}", fontsize=11)
+    fig.suptitle(f"{run.method} as it trained: {_title(run)}", fontsize=11)
     if not many:
         fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -279,18 +281,17 @@ def channel_panels(run: runs_lib.Run) -> tuple:
     """(layers, rounds, [(title, data [layers, rounds])]) of channels.png: channels kept,
     then weights kept where that says something else. A channel-wise final ticket keeps
     whole channels, so its weights kept are its channels kept: for RSST the second panel
-    shows the magnitude mask M the round trained with (its best-validation checkpoint),
-    for Refill there is no second panel."""
+    shows the kernel mask M the round trained with (its best-validation checkpoint)
+    where rounds ended by applying S (RSST), and there is no second panel where the two
+    are the same (Refill)."""
     import numpy as np
 
     layers, rounds, ch, wt = layer_table(run)
     panels = [("fraction of output channels kept", ch)]
-    from rsst_jax.methods import find_method
-    method = find_method(run.config.get("struct"))
-    if method is not None and method.final_masks_differ:
+    if any("acc_after_s" in row for row in run.summary):  # rounds that ended by applying S
         best_layers, best_rounds, _, trained = layer_table(run, paths_lib.BEST)
         if best_layers == layers and best_rounds == rounds:
-            panels.append(("fraction of weights kept by the magnitude mask M the round "
+            panels.append(("fraction of weights kept by the kernel mask M the round "
                            "trained with (the final ticket keeps whole channels)", trained))
     elif not np.array_equal(ch, wt, equal_nan=True):
         panels.append(("fraction of weights kept", wt))
@@ -393,9 +394,9 @@ def plot_run(run: runs_lib.Run, out: pathlib.Path, which: Sequence[str], log=pri
         path = out / f"{name}.png"
         if name == "rounds":
             plot_rounds(run, path)
-        elif name == "lambda":
-            if not plot_lambda(run, path):
-                log(f"{run.name}: no round logged a penalty (lambda), so no lambda.png")
+        elif name == "method":
+            if not plot_method(run, path):
+                log(f"{run.name}: its method logged no epoch metric to plot, so no method.png")
                 continue
         elif name == "channels":
             plot_channels(run, path)
@@ -414,7 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m experiments.plot", epilog=cli.EXIT_CODES + ".",
         description="PNG plots of runs of python -m experiments.run: " + "; ".join((
             "rounds.png (remaining weights, channel sparsity and test accuracy per round)",
-            "lambda.png (RSST penalty per epoch and its effect on the penalized weights)",
+            "method.png (the method's own epoch metrics per round, e.g. RSST's lambda and the "
+            "penalized weights' norm)",
             "channels.png (per-layer fraction of channels and weights kept, per round)",
             "epochs.png (training curves)")))
     p.add_argument("dirs", nargs="+", metavar="DIR",

@@ -28,9 +28,9 @@ def describe_plan(cfg, ds, n_params: int, n_prunable: int) -> str:
         density *= 1.0 - p.rate_at(r)
         kept -= int(round(p.rate_at(r) * kept))  # the count magnitude_prune removes
     from rsst_jax import methods
-    note = methods.of(cfg).dry_run_note(cfg)
-    if note:
-        lines.append("  " + note)
+    if methods.of(cfg).channels and p.pruning_times > 1:
+        lines.append(f"  ({p.struct}: whole channels are kept per layer, so rounds after 0 "
+                     f"keep about these densities, channel-wise)")
     return "\n".join(lines)
 
 
@@ -82,13 +82,13 @@ def dry_run(cfg) -> None:
 
 
 def penalty_lines(cfg, n_train: int) -> list[str]:
-    """What the run would say before training about its method (``Method.startup_lines``;
+    """What the run would say before training about its method (``Method.start``;
     RSST: its penalty's stability and budget)."""
     from rsst_jax import engine, methods
     from rsst_jax import train as train_lib
     schedules = engine.schedules_of(cfg, train_lib.steps_per_epoch(n_train,
                                                                    cfg.optim.batch_size))
-    return methods.of(cfg).startup_lines(cfg, schedules)[1]
+    return methods.of(cfg).start(cfg, schedules)[1]
 
 
 def seed_configs(cfg) -> list:

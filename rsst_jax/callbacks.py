@@ -32,16 +32,16 @@ import numpy as np
 from rsst_jax import checkpoint as ckpt
 from rsst_jax import config as config_lib
 from rsst_jax import paths as paths_lib
-from rsst_jax import methods, runlock, trees
+from rsst_jax import metrics as metrics_lib
+from rsst_jax import runlock, trees
 from rsst_jax.paths import atomic_write  # defined in paths (starting needs it too); kept importable here
 
-def summary_fields() -> tuple[str, ...]:
-    """The columns of summary.csv: every round's, then those the registered methods add
-    (``Method.summary_fields``; RSST: accuracy before and after S, final lambda), then
-    the round's times."""
-    return ("round", "remaining_weight_pct", "channel_sparsity_pct", "best_val_acc",
-            "best_val_epoch", "test_acc_at_best_val", "final_val_acc", "final_test_acc",
-            *methods.union("summary_fields"), "epochs", "round_time_s", "wall_time_s")
+
+def summary_fields(methods=None) -> tuple[str, ...]:
+    """The columns of summary.csv: the round, then every declared round metric
+    (``rsst_jax.metrics``: the core's, then those of ``methods``, by default every
+    registered method's), the round's times last."""
+    return ("round", *(m.key for m in metrics_lib.declared(metrics_lib.ROUND_ROW, methods)))
 
 
 class TrainingDiverged(RuntimeError):
@@ -69,21 +69,25 @@ class Callback:
     def run_end(self, run): pass
 
 
-def epoch_line(row: dict, epochs: int) -> str:
-    lam = f", lambda {row['reg_lambda']:.3g}" if "reg_lambda" in row else ""
+def epoch_line(row: dict, epochs: int, method=None) -> str:
+    """An epoch's line on the screen; ``method``'s declared epoch metrics add their part
+    (``Metric.line``; RSST: lambda)."""
     return (f"round {row['round']} epoch {row['epoch']}/{epochs}: loss {row['train_loss']:.4f}, "
             f"train {row['train_acc']:.2f}%, val {row['val_acc']:.2f}%, test "
-            f"{row['test_acc']:.2f}%{lam}")
+            f"{row['test_acc']:.2f}%"
+            + metrics_lib.line_parts(row, metrics_lib.of_method(method, metrics_lib.EPOCH_ROW)))
 
 
 def round_line(row: dict, method=None) -> str:
-    """A round's line on the screen; ``method`` adds its part (``Method.round_text``)."""
+    """A round's line on the screen: the core's part (with the accuracy before and after
+    removing channels where the round ended so), then ``method``'s declared round
+    metrics (RSST: the norm its penalty left)."""
     text = (f"round {row['round']}: remaining {row['remaining_weight_pct']:.2f}% weights, "
             f"channel sparsity {row['channel_sparsity_pct']:.2f}%, best val "
             f"{row['best_val_acc']:.2f}% (epoch {row['best_val_epoch']}), test at best val "
             f"{row['test_acc_at_best_val']:.2f}%, final test {row['final_test_acc']:.2f}%")
-    if method is not None:
-        text += method.round_text(row)
+    text += metrics_lib.line_parts(row, metrics_lib.ROUND)
+    text += metrics_lib.line_parts(row, metrics_lib.of_method(method, metrics_lib.ROUND_ROW))
     return text + f" ({row['round_time_s']:.0f} s)"
 
 
@@ -92,7 +96,8 @@ def _prefix(run, k: int) -> str:
 
 
 class ProgressBar(Callback):
-    """A bar per epoch (loss, accuracy, lambda) that leaves one line per epoch on screen."""
+    """A bar per epoch (the first ticket's loss, accuracy and, where the method has a
+    lambda schedule, lambda) that leaves one line per epoch on screen."""
 
     def __init__(self, enabled: bool = True):
         self.enabled, self.bar, self.correct = enabled, None, 0
@@ -111,7 +116,8 @@ class ProgressBar(Callback):
         self.correct += int(np.sum(np.asarray(metrics["correct"])[0]))
         post = {"loss": f"{float(np.asarray(metrics['loss'])[0, -1]):.3f}",
                 "acc": f"{100.0 * self.correct / (done * run.batch_size):.1f}"}
-        post.update(run.method.bar_fields(run, metrics))
+        if "reg_lambda" in metrics:
+            post["lambda"] = f"{float(np.asarray(metrics['reg_lambda'])[0, -1]):.3g}"
         self.bar.set_postfix(post, refresh=False)
         self.bar.update(done - self.bar.n)
 
@@ -122,7 +128,7 @@ class ProgressBar(Callback):
         if self.enabled:
             for k, row in enumerate(rows):
                 if row is not None:
-                    run.log(_prefix(run, k) + epoch_line(row, run.epochs))
+                    run.log(_prefix(run, k) + epoch_line(row, run.epochs, run.method))
 
     def run_end(self, run):
         if self.bar is not None:
@@ -228,16 +234,19 @@ class SummaryWriter(Callback):
         for k, (t, row) in enumerate(zip(run.tickets, rows)):
             if row is None:
                 continue
-            write_summary(t.paths, t.progress.rows)
+            write_summary(t.paths, t.progress.rows, run.method)
             run.log(_prefix(run, k) + round_line(row, run.method))
             for line in run.method.round_warnings(row):
                 run.log(_prefix(run, k) + line)
 
 
-def write_summary(paths: paths_lib.RunPaths, rows: list[dict]) -> None:
+def write_summary(paths: paths_lib.RunPaths, rows: list[dict], method=None) -> None:
+    """summary.json (every key of the rows) and summary.csv (the declared round metrics of
+    the core and of ``method``; of every registered method where None)."""
     atomic_write(paths.summary_json, json.dumps(rows, indent=1))
     text = io.StringIO(newline="")
-    w = csv.DictWriter(text, fieldnames=summary_fields(), extrasaction="ignore")
+    w = csv.DictWriter(text, fieldnames=summary_fields(None if method is None else [method]),
+                       extrasaction="ignore")
     w.writeheader()
     for row in rows:
         w.writerow(row)
@@ -268,18 +277,14 @@ class RunLocks(Callback):
 
 
 def epoch_scalars() -> tuple[str, ...]:
-    """The epoch-row keys TensorBoard and W&B draw: every epoch's, then the methods' own
-    (``Method.epoch_fields``; RSST: lambda and the penalized weights' norm)."""
-    return ("train_loss", "train_acc", "val_acc", "test_acc", "val_loss", "test_loss", "lr",
-            *methods.union("epoch_fields"))
+    """The epoch-row keys TensorBoard and W&B draw: every declared epoch metric."""
+    return tuple(m.key for m in metrics_lib.declared(metrics_lib.EPOCH_ROW))
 
 
 def round_scalars() -> tuple[str, ...]:
-    """The summary-row keys TensorBoard and W&B draw per round (``Method.round_scalars``;
-    RSST: test accuracy before and after S)."""
-    return ("remaining_weight_pct", "channel_sparsity_pct", "best_val_acc",
-            "test_acc_at_best_val", "final_val_acc", "final_test_acc",
-            *methods.union("round_scalars"))
+    """The summary-row keys TensorBoard and W&B draw per round: every declared round
+    metric."""
+    return tuple(m.key for m in metrics_lib.declared(metrics_lib.ROUND_ROW))
 
 
 class TensorBoard(Callback):

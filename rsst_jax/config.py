@@ -18,9 +18,12 @@ the file system.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import math
 import re
+import types
+import typing
 from typing import Any, Mapping, Optional
 
 
@@ -43,7 +46,9 @@ class Flag:
     ``groupable``: tickets trained as one program may differ in it (no shape or compiled
     code depends on it). ``semantic``: it changes what a run computes (a resumed run
     must agree on it). ``finite``: a number that must be finite. ``seed_like``: runs of
-    one configuration and different seeds differ in it."""
+    one configuration and different seeds differ in it. ``method_only``: a flag of a
+    method's own group that acts only with that method (RSST's ``--block_loss_grad``):
+    given away from its default with another ``--struct``, validation refuses it."""
     help: str
     choices: Optional[str] = None
     registry: Optional[str] = None
@@ -51,6 +56,7 @@ class Flag:
     semantic: bool = True
     finite: bool = False
     seed_like: bool = False
+    method_only: bool = False
 
     def allowed(self) -> Optional[tuple]:
         if self.choices is None:
@@ -271,6 +277,12 @@ def register_group(name: str, cls: type) -> type:
         if f.name in taken:
             raise ValueError(f"{cls.__name__}.{f.name}: flag --{f.name} already exists")
     _GROUPS[name] = cls
+    try:  # a type no command line can parse is refused here, at the plugin's import
+        for f in dataclasses.fields(cls):
+            flag_type(f.name)
+    except ConfigError as e:
+        del _GROUPS[name]
+        raise ValueError(str(e)) from None
     return cls
 
 
@@ -298,6 +310,49 @@ def field_of(name: str) -> dataclasses.Field:
 def facts(name: str) -> Flag:
     """The :class:`Flag` facts of flag ``name``."""
     return field_of(name).metadata["flag"]
+
+
+@dataclasses.dataclass(frozen=True)
+class FlagType:
+    """What a flag's annotation says: its ``base`` type (bool, int, float or str),
+    whether None is allowed (``Optional[X]``, ``X | None``) and the values of a
+    ``Literal[...]`` (its choices), read with ``typing.get_type_hints``, so with or
+    without ``from __future__ import annotations`` in the module declaring it."""
+    base: type
+    optional: bool = False
+    literal: Optional[tuple] = None
+
+
+@functools.lru_cache(maxsize=None)
+def _hints(cls: type) -> dict:
+    try:
+        return typing.get_type_hints(cls)
+    except Exception as e:  # noqa: BLE001  a name the annotation uses is not importable
+        raise ConfigError(f"cannot read the flag types of {cls.__module__}.{cls.__name__}: "
+                          f"{e}") from None
+
+
+def flag_type(name: str) -> FlagType:
+    """The :class:`FlagType` of flag ``name``; ConfigError for an annotation other than
+    bool, int, float, str, Optional[...] of one of them, or a Literal of one kind."""
+    group = groups()[group_of_flags()[name]]
+    hint = _hints(group)[name]
+    optional = False
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        rest = [a for a in args if a is not type(None)]
+        optional = len(rest) < len(args)
+        hint = rest[0] if len(rest) == 1 else hint
+    if typing.get_origin(hint) is typing.Literal:
+        values = typing.get_args(hint)
+        kinds = {type(v) for v in values}
+        if len(kinds) == 1 and kinds <= {bool, int, float, str}:
+            return FlagType(kinds.pop(), optional, tuple(values))
+    elif hint in (bool, int, float, str):
+        return FlagType(hint, optional)
+    raise ConfigError(f"--{name} ({group.__module__}.{group.__name__}): flags are bool, int, "
+                      f"float, str, Optional[...] of one of them or a Literal[...] of one "
+                      f"kind; got {hint!r}")
 
 
 def names_where(**wanted) -> tuple[str, ...]:
@@ -431,10 +486,16 @@ def parse_layer_rates(text: str) -> dict[str, float]:
     return out
 
 
-def choices() -> dict[str, tuple[str, ...]]:
-    """The allowed values of every enumerated flag, read from the modules that own them."""
-    return {name: facts(name).allowed() for name in flag_names()
-            if facts(name).choices is not None}
+def choices() -> dict[str, tuple]:
+    """The allowed values of every enumerated flag: read from the modules that own them
+    (``Flag.choices``), or the values of its ``Literal[...]`` annotation."""
+    out = {}
+    for name in flag_names():
+        if facts(name).choices is not None:
+            out[name] = facts(name).allowed()
+        elif flag_type(name).literal is not None:
+            out[name] = flag_type(name).literal
+    return out
 
 
 def plugin_modules(cfg: "Config") -> list[str]:
@@ -453,17 +514,17 @@ def plugin_modules(cfg: "Config") -> list[str]:
 def _checked_value(name: str, value: Any, allowed: Optional[tuple]) -> Any:
     """``value`` as the type of flag ``name`` (values from --config files arrive untyped);
     ConfigError when it cannot be one."""
-    field = field_of(name)
-    flag, kind = f"--{name}", str(field.type)
-    if value is None and kind.startswith("Optional"):
+    kind = flag_type(name)
+    flag = f"--{name}"
+    if value is None and kind.optional:
         return None
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if "bool" in kind:
+    if kind.base is bool:
         ok, out, want = isinstance(value, bool), value, "true or false"
-    elif "int" in kind:
+    elif kind.base is int:
         integral = number and (isinstance(value, int) or value.is_integer())
         ok, out, want = integral, int(value) if integral else value, "an integer"
-    elif "float" in kind:
+    elif kind.base is float:
         ok, out, want = number, float(value) if number else value, "a number"
     else:  # str; YAML turns "91" into 91 and "91,136" may be written as a list
         if isinstance(value, (list, tuple)) and all(
@@ -478,9 +539,8 @@ def _checked_value(name: str, value: Any, allowed: Optional[tuple]) -> Any:
             how = (f"; or register your own with {registry} in a module and pass --import "
                    f"MODULE" if "." in registry else "")
             raise ConfigError(f"unknown {flag} {out!r}; choose one of: {', '.join(allowed)}{how}")
-        raise ConfigError(f"{flag} must be one of {', '.join(allowed)}, got {out!r}")
+        raise ConfigError(f"{flag} must be one of {', '.join(map(str, allowed))}, got {out!r}")
     return out
-
 
 
 def validate(cfg: Config) -> Config:
@@ -565,8 +625,13 @@ def validate(cfg: Config) -> Config:
     need(p.fillback_rate == 0 or method.channels,
          f"--fillback_rate refills channels, which needs --struct "
          f"{', '.join(names[:-1]) + ' or ' if len(names) > 1 else ''}{names[-1]}")
-    for other in methods.registered():
-        other.check(cfg, need, chosen=other is method)
+    method.check(cfg, need)  # the run's method only: another's flags cannot break this run
+    own = method.settings[0] if method.settings else None
+    for name, group in group_of_flags().items():
+        if facts(name).method_only and group != own and flat[name] != field_of(name).default:
+            owners = [m.name for m in methods.registered() if (m.settings or (None,))[0] == group]
+            need(False, f"--{name} acts only with --struct {owners[0] if owners else group} "
+                 f"(got --struct {p.struct}); leave it out")
     need(o.batch_size % o.accum_steps == 0, f"--batch_size {o.batch_size} must be a "
          f"multiple of --accum_steps {o.accum_steps} (the micro-batches are equal)")
     need(r.fused_steps is None or r.fused_steps >= 1, "--fused_steps must be >= 1")
@@ -576,7 +641,8 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-__all__ = ["ConfigError", "Config", "Flag", "flag", "DataConfig", "ModelConfig",
+__all__ = ["ConfigError", "Config", "Flag", "FlagType", "flag", "flag_type", "DataConfig",
+           "ModelConfig",
            "OptimConfig", "PruneConfig", "RunConfig", "register_group", "groups",
            "group_of_flags", "flag_names", "field_of", "facts", "names_where",
            "semantic_diffs", "check_groupable", "parse_int_list", "parse_float_list",

@@ -4,12 +4,14 @@
 differ only in groupable settings: seeds, learning rate, lambda schedule, rates,
 criteria) as one program on an :class:`engine.Engine`; each ticket writes an ordinary
 run directory (``paths.RunPaths``) that resumes, analyses and compares on its own. Per
-round: train the epochs (``Engine.train_epoch``), evaluate, then the method finishes
-the round (``Method.finish_round``: RSST applies S), chooses and plans the next
-(``starting.next_round``), and the tickets rewind. Side effects are
-callbacks (``rsst_jax.callbacks``); where a run stands is each ticket's ``Progress``,
-saved with every checkpoint, so a resumed run continues where it stopped and ends
-with the numbers of an uninterrupted one.
+round: train the epochs (``Engine.train_epoch``), evaluate, end the round (where the
+plan says so, apply the channel masks S: accuracy before and after, BatchNorm
+re-estimation), then the method chooses the next round's masks
+(``starting.next_round``) and the tickets rewind. The method's hooks get values of one
+ticket (``methods.TicketValues``) and return values; side effects are callbacks
+(``rsst_jax.callbacks``). Where a run stands is each ticket's ``Progress`` (with the
+method's host state), saved with every checkpoint, so a resumed run continues where it
+stopped and ends with the numbers of an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rsst_jax import callbacks as cb
 from rsst_jax import config as config_lib
@@ -44,8 +47,7 @@ class Progress:
     best: Optional[dict] = None
     elapsed: float = 0.0           # training wall time so far, seconds
     round_start: float = 0.0
-    last_val_acc: Optional[float] = None
-    target_norm0: Optional[float] = None
+    method_info: dict = dataclasses.field(default_factory=dict)  # the method's host state
 
 
 @dataclasses.dataclass
@@ -56,7 +58,6 @@ class LiveTicket:
     paths: paths_lib.RunPaths
     progress: Progress
     failed: Optional[BaseException] = None
-    predicted: Optional[float] = None  # the method's start-up prediction (RSST: norm kept)
 
     @property
     def seed(self) -> int:
@@ -107,6 +108,13 @@ class RunState:
         return dict(dataclasses.asdict(t.progress), has_channel_masks=self.plan.applies_s,
                     config=t.cfg.to_dict(), **self.ticket_meta(k))
 
+    def values(self, k: int, history: Optional[list] = None):
+        """Ticket k as its method's hooks see it (``methods.TicketValues``)."""
+        t = self.tickets[k]
+        return starting.ticket_values(self.engine, t, trees.ticket(self.states, k),
+                                      trees.ticket(self.plan, k), round_idx=t.progress.round,
+                                      epoch=t.progress.epoch, history=history)
+
     def recalibrate_bn(self, after_s: bool = False) -> Optional[float]:
         """--bn_recalibrate N in a round that applies S (or, ``after_s``, one that has
         just applied it): every ticket's BatchNorm statistics re-estimated over N training
@@ -144,8 +152,8 @@ def run(configs, *, callbacks: Optional[Sequence[cb.Callback]] = None, progress:
     try:
         begun = starting.start(engine, tickets, log, Progress)
         r.states, r.plan, r.rewind, r.teacher = begun.states, begun.plan, begun.rewind, begun.teacher
-        for t, p, predicted in zip(tickets, begun.progress, begun.predicted):
-            t.progress, t.predicted = p, predicted
+        for t, p in zip(tickets, begun.progress):
+            t.progress = p
         for c in callbacks:
             c.run_start(r)
         while r.live_tickets() and r.lead.round < r.rounds:
@@ -175,8 +183,7 @@ def _train_round(run: RunState, callbacks) -> None:
             p = t.progress
             p.best = {"val_acc": -1.0, "epoch": -1, "test_acc": None}
             p.round_start = p.elapsed
-            p.target_norm0 = None
-            run.method.round_start(run, k)
+            p.method_info = dict(run.method.round_start(run.values(k)))
     for epoch in range(run.lead.epoch + 1, run.epochs + 1):
         _train_epoch(run, callbacks, r, epoch)
         if not run.live_tickets():
@@ -207,7 +214,7 @@ def _train_epoch(run: RunState, callbacks, r: int, epoch: int) -> None:
     """Epoch ``epoch`` (from 1) of round r for every ticket: train, evaluate, record."""
     eng, ticks = run.engine, run.tickets
     t0 = time.time()
-    scales = [run.method.epoch_scale(t.cfg, t.progress) for t in ticks]
+    scales = [run.method.epoch_scale(run.values(k)) for k in range(len(ticks))]
     run.plan = run.plan.replace(step=run.plan.step.replace(
         reg_scale=jnp.asarray(scales, jnp.float32)))
     perms = eng.epoch_perms([t.seed for t in ticks], r, epoch - 1)
@@ -230,7 +237,7 @@ def _train_epoch(run: RunState, callbacks, r: int, epoch: int) -> None:
         if t.failed is not None:
             rows.append(None)
             continue
-        rows.append(_epoch_row(run, k, r, epoch, metrics, val[k], test[k], scales[k], t0))
+        rows.append(_epoch_row(run, k, r, epoch, metrics, val[k], test[k], t0))
         if bn_time is not None:
             rows[-1]["bn_time_s"] = bn_time
     for c in callbacks:
@@ -241,7 +248,7 @@ def _params_finite(run: RunState, k: int) -> bool:
     return train_lib.tree_is_finite(trees.ticket(run.states.params, k))
 
 
-def _epoch_row(run: RunState, k: int, r: int, epoch: int, metrics, val, test, scale, t0) -> dict:
+def _epoch_row(run: RunState, k: int, r: int, epoch: int, metrics, val, test, t0) -> dict:
     t, p = run.tickets[k], run.tickets[k].progress
     finite = metrics["finite"][k].astype(bool)
     loss, correct = metrics["loss"][k], metrics["correct"][k]
@@ -251,8 +258,8 @@ def _epoch_row(run: RunState, k: int, r: int, epoch: int, metrics, val, test, sc
            / max(1, int(finite.sum()) * run.batch_size),
            "val_acc": val["acc"], "val_loss": val["loss"], "test_acc": test["acc"],
            "test_loss": test["loss"], "lr": float(metrics["lr"][k, -1])}
-    p.last_val_acc = val["acc"]
-    row.update(run.method.epoch_fields_of(run, k, metrics, scale))
+    row.update(run.method.epoch_values(run.values(k), {key: np.asarray(v[k])
+                                                       for key, v in metrics.items()}))
     if val["acc"] > p.best["val_acc"]:  # the Checkpointer saves round_<r>/best
         p.best = {"val_acc": val["acc"], "epoch": epoch, "test_acc": test["acc"]}
     if r == 0 and t.cfg.prune.prune_type == "rewind_lt" and epoch == t.cfg.prune.rewind_epoch:
@@ -266,18 +273,48 @@ def _epoch_row(run: RunState, k: int, r: int, epoch: int, metrics, val, test, sc
 
 
 def _finish_round(run: RunState, r: int) -> list:
-    """The round's summary rows: what training tells, what the method's end of the round
-    adds (RSST: S applied, accuracy before and after), the final masks' densities."""
+    """The round's summary rows: what training tells; for a round that ends by applying
+    the channel masks S (its plan's ``applies_s``), S applied to every ticket with the test
+    accuracy before and after (and the BatchNorm statistics re-estimated first with
+    --bn_recalibrate); what the method adds; the final masks' densities."""
     rows = [None if t.failed is not None else
             rounds.summary_row(r, run.epochs, t.progress.best, t.progress.history[-1])
             for t in run.tickets]
-    run.method.finish_round(run, rows)
+    values = [None if row is None else run.values(k) for k, row in enumerate(rows)]
+    if run.plan.applies_s:
+        _apply_channel_masks(run, rows)
+    for k, row in enumerate(rows):
+        if row is None:
+            continue
+        row.update(run.method.round_values(values[k], dict(row)))
+        m = trees.ticket(run.plan.masks, k)
+        row.update(remaining_weight_pct=100.0 * masks_lib.density(m),
+                   channel_sparsity_pct=100.0 * masks_lib.channel_sparsity(m),
+                   devices=run.engine.device_count)
+    return rows
+
+
+def _apply_channel_masks(run: RunState, rows: list) -> None:
+    """The end of a round that applies S: record the test accuracy before, apply S
+    (M := S) to every ticket, re-estimate BatchNorm statistics (--bn_recalibrate),
+    evaluate again."""
+    eng, ticks = run.engine, run.tickets
+    for t, row in zip(ticks, rows):
+        if row is not None:
+            row["acc_before_s"] = t.progress.history[-1]["test_acc"]
+    run.states, run.plan = trees.for_each(
+        lambda k, s, pl: rounds.apply_channel_masks(eng.net, eng.param_shapes,
+                                                    ticks[k].cfg.prune, s, pl),
+        len(ticks), run.states, run.plan)
+    recalibrated = run.recalibrate_bn(after_s=True) is not None
+    val = eng.evaluate(run.states.variables, "val")
+    test = eng.evaluate(run.states.variables, "test")
     for k, row in enumerate(rows):
         if row is not None:
-            m = trees.ticket(run.plan.masks, k)
-            row.update(remaining_weight_pct=100.0 * masks_lib.density(m),
-                       channel_sparsity_pct=100.0 * masks_lib.channel_sparsity(m))
-    return rows
+            row.update(final_val_acc=val[k]["acc"], final_test_acc=test[k]["acc"],
+                       acc_after_s=test[k]["acc"])
+            if recalibrated:
+                row["bn_recalibrate"] = ticks[k].cfg.optim.bn_recalibrate
 
 
 __all__ = ["run", "RunState", "LiveTicket", "Progress", "TrainingDiverged", "RunError"]

@@ -44,24 +44,30 @@ def build_model(model_cfg, num_classes: int, **kwargs):
     return nets.get_net(model_cfg.arch, num_classes, **model_options(model_cfg), **kwargs)
 
 
+def penalty_of(cfg):
+    """What ``cfg``'s method adds to the train step (``methods.Penalty``), or None."""
+    return methods.of(cfg).penalty(cfg)
+
+
 def hyper_of(cfg) -> train_lib.Hyper:
-    """A ticket's schedule values (``train.Hyper``) from its configuration (its method's)."""
-    return methods.of(cfg).hyper(cfg)
+    """A ticket's schedule values (``train.Hyper``): its learning rate and the values its
+    method's lambda schedule reads."""
+    penalty = penalty_of(cfg)
+    return train_lib.Hyper.make(cfg.optim.lr, None if penalty is None else penalty.values)
 
 
 def optimizer_of(cfg):
     """The optax chain of ``cfg`` (the method's transformation, weight decay, masks,
     SGD/Adam/AdamW)."""
-    o = cfg.optim
+    o, penalty = cfg.optim, penalty_of(cfg)
     return train_lib.make_optimizer(optimizer=o.optimizer, momentum=o.momentum,
                                     weight_decay=o.weight_decay,
-                                    penalty=methods.of(cfg).transform(cfg))
+                                    penalty=None if penalty is None else penalty.transform)
 
 
 def schedules_of(cfg, steps_per_epoch: int) -> train_lib.Schedules:
-    """A round's learning-rate and lambda schedules (``train.Schedules``) of ``cfg``."""
-    return train_lib.Schedules.of(cfg.optim, steps_per_epoch,
-                                  **methods.of(cfg).penalty_schedule(cfg))
+    """A round's step counts and learning-rate schedule (``train.Schedules``) of ``cfg``."""
+    return train_lib.Schedules.of(cfg.optim, steps_per_epoch)
 
 
 def step_config_of(cfg, ds: data_lib.Dataset) -> train_lib.StepConfig:
@@ -116,11 +122,13 @@ class Engine:
         self.net = rounds.Network(self.model, self.ds.image_shape)
         self.steps_per_epoch = train_lib.steps_per_epoch(self.ds.train_x.shape[0], o.batch_size)
         self.method = methods.of(cfg)
+        self.penalty = penalty_of(cfg)
         self.schedules = schedules_of(cfg, self.steps_per_epoch)
         self.tx, self.step_cfg = optimizer_of(cfg), step_config_of(cfg, self.ds)
         sharding = None if self.mesh is None else parallel.batch_sharding(self.mesh)
         step = train_lib.gather_step(train_lib.make_train_step(
-            self.model, self.tx, self.step_cfg, self.schedules, batch_sharding=sharding))
+            self.model, self.tx, self.step_cfg, self.schedules, batch_sharding=sharding,
+            lambda_schedule=None if self.penalty is None else self.penalty.schedule))
         self.step_traces = 0  # JAX traces (so compiles) of the step, alone or in a chunk
 
         def counted(*args):
@@ -149,6 +157,36 @@ class Engine:
     def hyper(self, cfg) -> train_lib.Hyper:
         """Ticket ``cfg``'s schedule values."""
         return hyper_of(cfg)
+
+    def plan(self, cfg, masks, channel_masks=None) -> rounds.RoundPlan:
+        """The plan of ticket ``cfg``'s round trained with kernel masks M = ``masks``,
+        ending by applying ``channel_masks`` S where given (``rounds.plan_round``), its
+        penalty acting on its method's targets (``Method.targets``)."""
+        method = methods.of(cfg)
+        return rounds.plan_round(self.net, self.param_shapes, cfg.prune, masks, channel_masks,
+                                 targets=lambda alive, alive_s: method.targets(
+                                     cfg, self.net, alive, alive_s),
+                                 hyper=self.hyper(cfg))
+
+    def penalty_state(self, opt_state):
+        """The state of the method's transformation inside ``opt_state`` (first in the
+        chain, ``train.make_optimizer``), or None without a penalty."""
+        return None if self.penalty is None else opt_state[0]
+
+    def devices_text(self) -> str:
+        """Where the tickets train, for the start line: '1 device', 'K tickets over t
+        devices', 'batches split over n devices'."""
+        if self.ticket_mesh is not None:
+            return f"{self.k} tickets over {self.ticket_devices} device(s)"
+        n = 1 if self.mesh is None else self.mesh.size
+        return "1 device" if n == 1 else f"batches split over {n} devices"
+
+    @property
+    def device_count(self) -> int:
+        """How many devices the programs use (recorded in config.json)."""
+        if self.ticket_mesh is not None:
+            return self.ticket_devices
+        return 1 if self.mesh is None else self.mesh.size
 
     def fresh_state(self, seed: int) -> train_lib.TrainState:
         """A ticket's initial state: W0 drawn from ``seed``, a fresh optimizer."""
@@ -192,6 +230,11 @@ class Engine:
         states, m = self.train_step(trees.stack([state]), images, labels,
                                     parallel.shard_batch(idx, self.mesh, 1), trees.stack([plan]))
         return trees.ticket(states, 0), trees.ticket(m, 0)
+
+    def recalibrated(self, state, n: int):
+        """One ticket's ``state`` with its BatchNorm statistics re-estimated over ``n``
+        training batches (``recalibrate_bn``), as a run does where it applies S."""
+        return trees.ticket(recalibrate_bn(self, trees.stack([state]), n), 0)
 
     def accuracy(self, variables, split: str) -> float:
         """Accuracy (%) of one ticket's ``variables`` on the ``val`` or ``test`` split."""
@@ -266,6 +309,7 @@ def recalibrate_bn(engine: Engine, states, n: int):
     return states.replace(batch_stats=stats)
 
 
-__all__ = ["Engine", "EngineError", "build_model", "model_options", "hyper_of", "optimizer_of",
+__all__ = ["Engine", "EngineError", "build_model", "model_options", "hyper_of", "penalty_of",
+           "optimizer_of",
            "schedules_of", "ticket_meta",
            "step_config_of", "eval_program", "bn_batches", "recalibrate_bn"]

@@ -55,6 +55,9 @@ __all__ = [
     "refill",
     "refill_channels",
     "rsst_targets",
+    "live_channels",
+    "remove_units",
+    "remove_channels",
     "density",
     "channel_sparsity",
     "LayerRow",
@@ -550,6 +553,66 @@ def rsst_targets(masks: PyTree, channel_masks: PyTree) -> PyTree:
     """
     _check_mask_pair(masks, channel_masks, "channel_masks")
     return map_prunable(lambda m, s: jnp.logical_and(m, jnp.logical_not(s)), masks, channel_masks)
+
+
+# ------------------------------------------------------------------ whole channels
+
+
+def live_channels(masks: PyTree) -> dict[str, np.ndarray]:
+    """{path: bool [C]} of each prunable leaf: output channels with any kept entry
+    (host side, concrete masks)."""
+    out = {}
+    for path, m in _items(masks):
+        if m is not None:
+            m = np.asarray(m, bool)
+            out[path] = m.reshape(-1, m.shape[-1]).any(axis=0) if m.ndim else m.reshape(1)
+    return out
+
+
+def remove_units(masks: PyTree, units: Sequence[tuple[float, Sequence[tuple[str, int]]]],
+                 count: int) -> PyTree:
+    """``masks`` without the ``count`` lowest-scoring ``units`` (score, members): a unit
+    is the output channels (path, channel) that go together (one channel, or channels
+    coupled through a residual addition), all of each member's entries set False.
+
+    Ascending score, ties by the order of ``units``; a unit is skipped where removing it
+    would leave one of its layers without a live channel (so fewer than ``count`` may go).
+    Host side: concrete masks, numpy."""
+    live = live_channels(masks)
+    unknown = {p for _, members in units for p, _ in members} - set(live)
+    if unknown:
+        raise ValueError(f"remove_units: {sorted(unknown)[:3]} are not prunable leaves of the "
+                         f"masks")
+    order = sorted(range(len(units)), key=lambda i: (float(units[i][0]), i))
+    removed = 0
+    for i in order:
+        if removed >= count:
+            break
+        members = units[i][1]
+        if not any(live[p][c] for p, c in members):
+            continue  # already gone
+        lost: dict[str, int] = {}
+        for p, c in members:
+            lost[p] = lost.get(p, 0) + int(live[p][c])
+        if any(lost[p] >= live[p].sum() for p in lost):
+            continue  # a layer would lose its last channel
+        for p, c in members:
+            live[p][c] = False
+        removed += 1
+    return jax.tree_util.tree_map_with_path(
+        lambda path, m: None if m is None else jnp.logical_and(
+            m, jnp.asarray(live[trees.join(path)])), masks, is_leaf=_is_none)
+
+
+def remove_channels(masks: PyTree, scores: Mapping[str, Any], rate: float) -> PyTree:
+    """``masks`` without ``round(rate * n)`` of their n live output channels over the
+    whole network: those with the lowest ``scores`` ({path: [C]} for the prunable leaves
+    that may lose channels; a leaf not in it keeps its channels), never a layer's last
+    live channel (``remove_units``; ties by leaf order, then lower channel index)."""
+    live = live_channels(masks)
+    units = [(float(np.asarray(scores[p])[c]), [(p, c)])
+             for p, alive in live.items() if p in scores for c in np.flatnonzero(alive)]
+    return remove_units(masks, units, int(round(_check_rate(rate) * len(units))))
 
 
 # -------------------------------------------------------------------------- reports

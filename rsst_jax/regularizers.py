@@ -334,33 +334,36 @@ PENALTY_BUDGET = 0.03
 SUGGESTION_TARGET = 0.001
 
 
-def schedule_values(schedules, hyper) -> tuple:
-    """(lambda, lr) at every step of a round, host float64 arrays."""
+def schedule_values(schedules, schedule, values: dict, lr) -> tuple:
+    """(lambda, lr) at every step of a round, host float64 arrays: ``schedule(step,
+    values, schedules)`` (RSST's ``lambda_schedule``) and the learning rate from base
+    ``lr``."""
     steps = jnp.arange(schedules.total_steps, dtype=jnp.int32)
-    lam = jax.vmap(lambda t: schedules.reg_lambda(t, hyper))(steps)
-    lr = jax.vmap(lambda t: schedules.lr(t, hyper.lr))(steps)
-    return np.asarray(lam, np.float64), np.asarray(lr, np.float64)
+    base = jnp.float32(lr)
+    lam = jax.vmap(lambda t: schedule(t, values, schedules))(steps)
+    lrs = jax.vmap(lambda t: schedules.lr(t, base))(steps)
+    return np.asarray(lam, np.float64), np.asarray(lrs, np.float64)
 
 
-def predicted_norm_fraction(schedules, hyper, optim_cfg) -> float:
+def predicted_norm_fraction(schedules, schedule, values: dict, optim_cfg) -> float:
     """The fraction of their norm the RSST penalty alone leaves to the penalized
     weights by the end of a round (``remaining_norm_fraction``)."""
-    lam, lr = schedule_values(schedules, hyper)
-    return remaining_norm_fraction(lr, lam, optim_cfg.momentum,
-                                                optim_cfg.weight_decay)
+    lam, lr = schedule_values(schedules, schedule, values, optim_cfg.lr)
+    return remaining_norm_fraction(lr, lam, optim_cfg.momentum, optim_cfg.weight_decay)
 
 
-def suggest_granularity(schedules, hyper, optim_cfg, target: float) -> Optional[float]:
-    """The smallest ``--reg_granularity_prune`` (to 2 significant digits) whose round
-    leaves at most ``target`` of the norm and stays stable; None if none does."""
+def suggest_granularity(schedules, schedule, values: dict, optim_cfg,
+                        target: float) -> Optional[float]:
+    """The smallest ``--reg_granularity_prune`` (``values["g"]``, to 2 significant
+    digits) whose round leaves at most ``target`` of the norm and stays stable; None if
+    none does."""
     def frac(g):
-        h = hyper.replace(reg_g=jnp.float32(g))
-        lam, lr = schedule_values(schedules, h)
+        lam, lr = schedule_values(schedules, schedule, dict(values, g=jnp.float32(g)),
+                                  optim_cfg.lr)
         if first_unstable_step(lam, lr, optim_cfg.momentum, len(lr)) is not None:
             return None
-        return remaining_norm_fraction(lr, lam, optim_cfg.momentum,
-                                                    optim_cfg.weight_decay)
-    g = float(hyper.reg_g) or 1e-3
+        return remaining_norm_fraction(lr, lam, optim_cfg.momentum, optim_cfg.weight_decay)
+    g = float(values["g"]) or 1e-3
     for _ in range(40):  # double until it reaches the target (or turns unstable)
         f = frac(g)
         if f is None:
@@ -388,17 +391,18 @@ def suggest_granularity(schedules, hyper, optim_cfg, target: float) -> Optional[
     return hi
 
 
-def penalty_report(schedules, hyper, cfg, values=None) -> tuple[float, Optional[str]]:
+def penalty_report(schedules, schedule, values: dict, cfg,
+                   computed=None) -> tuple[float, Optional[str]]:
     """(predicted fraction, a warning line or None) for an RSST configuration on SGD;
-    ``values``: ``schedule_values(schedules, hyper)`` when already computed."""
-    lam, lr = values if values is not None else schedule_values(schedules, hyper)
-    frac = remaining_norm_fraction(lr, lam, cfg.optim.momentum,
-                                                cfg.optim.weight_decay)
+    ``computed``: ``schedule_values(...)`` when already computed."""
+    lam, lr = computed if computed is not None else schedule_values(
+        schedules, schedule, values, cfg.optim.lr)
+    frac = remaining_norm_fraction(lr, lam, cfg.optim.momentum, cfg.optim.weight_decay)
     if frac <= PENALTY_BUDGET:
         return frac, None
-    g = suggest_granularity(schedules, hyper, cfg.optim, SUGGESTION_TARGET)
+    g = suggest_granularity(schedules, schedule, values, cfg.optim, SUGGESTION_TARGET)
     fix = (f"pass --reg_granularity_prune {g:g} (the penalty alone then leaves "
-           f"{100 * predicted_norm_fraction(schedules, hyper.replace(reg_g=jnp.float32(g)), cfg.optim):.2f}%)"
+           f"{100 * predicted_norm_fraction(schedules, schedule, dict(values, g=jnp.float32(g)), cfg.optim):.2f}%)"
            if g is not None else "raise --reg_granularity_prune")
     return frac, (f"warning: the RSST penalty alone leaves the penalized weights "
                   f"{100 * frac:.1f}% of their norm by the end of each round (above "
@@ -407,23 +411,37 @@ def penalty_report(schedules, hyper, cfg, values=None) -> tuple[float, Optional[
                   f"(--decreasing_lr {cfg.optim.decreasing_lr} now)")
 
 
-def penalty_check(cfg, schedules, hyper) -> tuple[float, list[str]]:
+def penalty_check(cfg, schedules, schedule, values: dict) -> tuple[float, list[str]]:
     """What a run of SGD (and its --dry_run) says of its RSST penalty before training:
     the stability of SGD under it and what it leaves of the penalized weights' norm by
     each round's end. (predicted fraction, lines)."""
-    lam, lr = schedule_values(schedules, hyper)
+    lam, lr = schedule_values(schedules, schedule, values, cfg.optim.lr)
     lines = []
     step = first_unstable_step(lam, lr, cfg.optim.momentum, schedules.total_steps)
     if step is not None:
         lines.append(f"warning: lr * lambda crosses 2 * (1 + momentum) at step {step} of "
                      f"{schedules.total_steps} in each RSST round; SGD will diverge there. "
                      f"Set --reg_upper_limit or a smaller --reg_granularity_prune")
-    frac, warning = penalty_report(schedules, hyper, cfg, (lam, lr))
+    frac, warning = penalty_report(schedules, schedule, values, cfg, (lam, lr))
     lines.append(f"RSST penalty: by the end of each round the penalty alone leaves the "
                  f"penalized weights {100 * frac:.2f}% of their norm (at most "
                  f"{100 * PENALTY_BUDGET:.0f}% wanted; a round's line shows the measured "
                  f"fraction)")
     return frac, lines + ([warning] if warning else [])
+
+
+def target_stats(params, targets) -> tuple[float, float, int]:
+    """(L2 norm of the targeted weights, fraction of them below 1e-3, count); host side."""
+    sq, small, count = 0.0, 0, 0
+    for w, t in zip(jax.tree_util.tree_leaves(params),
+                    jax.tree_util.tree_leaves(targets, is_leaf=lambda x: x is None)):
+        if t is None:
+            continue
+        w, t = np.asarray(w), np.asarray(t)
+        sq += float(np.sum((w * t) ** 2))
+        small += int(np.sum((np.abs(w) < 1e-3) & t))
+        count += int(t.sum())
+    return float(np.sqrt(sq)), (small / count if count else 0.0), count
 
 
 def adaptive_scale(last_val_acc: Optional[float], target_acc: float) -> float:
@@ -436,3 +454,63 @@ def adaptive_scale(last_val_acc: Optional[float], target_acc: float) -> float:
     if last_val_acc is None:
         return 1.0
     return 0.5 if float(last_val_acc) < float(target_acc) else 1.0
+
+
+# --------------------------------------------------------------------------- group lasso
+
+def group_lasso(strength: float) -> optax.GradientTransformationExtraArgs:
+    """The gradient of ``strength * sum_g ||w_g||_2`` added to the gradient: for every
+    entry of group g, ``strength * w / ||w_g||`` (0 where ``||w_g|| = 0``, the
+    subgradient at the origin).
+
+    ``update(updates, state, params, *, reg_targets, **extra)``: ``reg_targets`` has the
+    structure of ``params`` with an int32 array per prunable leaf (None elsewhere): each
+    entry's group id, -1 for none; ids lie in ``[0, n)`` with n the sum of the last-axis
+    sizes of those arrays (one id per output channel is the usual grouping: Wen et al.,
+    NeurIPS 2016). A group may span leaves (a channel's kernel slice with its BatchNorm
+    scale and bias, channels coupled through a residual addition)."""
+
+    def init(params):
+        del params
+        return optax.EmptyState()
+
+    def update(updates, state, params=None, *, reg_targets=None, **extra):
+        del extra
+        if reg_targets is None:
+            return updates, state
+        ids, treedef = jax.tree_util.tree_flatten(reg_targets, is_leaf=lambda x: x is None)
+        ws = treedef.flatten_up_to(params)
+        gs = treedef.flatten_up_to(updates)
+        n = sum(int(t.shape[-1]) if t.ndim else 1 for t in ids if t is not None)
+        sq = jnp.zeros((n + 1,), jnp.float32)
+        for t, w in zip(ids, ws):
+            if t is not None:
+                seg = jnp.where(t >= 0, t, n).reshape(-1)
+                sq = sq + jax.ops.segment_sum(jnp.square(w.astype(jnp.float32)).reshape(-1),
+                                              seg, num_segments=n + 1)
+        norm = jnp.sqrt(sq)
+
+        def add(t, g, w):
+            if t is None:
+                return g
+            nw = norm[jnp.where(t >= 0, t, n)]
+            pen = jnp.where((t >= 0) & (nw > 0), strength * w / jnp.where(nw > 0, nw, 1.0), 0.0)
+            return g + pen.astype(g.dtype)
+
+        return treedef.unflatten([add(t, g, w) for t, g, w in zip(ids, gs, ws)]), state
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def group_norms(params, group_ids) -> np.ndarray:
+    """Host side: ``||w_g||_2`` of every group id of ``group_ids`` (``group_lasso``'s
+    layout), a float64 array indexed by id."""
+    ids, sq = [], []
+    for t, w in zip(jax.tree_util.tree_leaves(group_ids, is_leaf=lambda x: x is None),
+                    jax.tree_util.tree_leaves(params)):
+        if t is not None:
+            t, w = np.asarray(t).reshape(-1), np.asarray(w, np.float64).reshape(-1)
+            ids.append(t[t >= 0])
+            sq.append(w[t >= 0] ** 2)
+    ids = np.concatenate(ids) if ids else np.zeros(0, int)
+    return np.sqrt(np.bincount(ids, np.concatenate(sq) if sq else None))

@@ -4,10 +4,10 @@ section 2).
 What every method shares: the network's prunable kernels and their BatchNorm extension,
 a round's plan (:class:`RoundPlan`, built by :func:`plan_round` from the masks and the
 penalty targets a method chose), the channel scores a method may rank with, rewinding,
-a round's fresh optimizer and its batch order, and the records of a round. What differs
-between IMP, Refill, RSST and your own method (how the next round's masks are chosen,
-what the train step adds, what a round's end does) is the method's
-(``rsst_jax.methods``). Everything here is a function of values: no files, no printing,
+a round's fresh optimizer and its batch order, the channel masks S applied at a round's
+end, and the records of a round. What differs between IMP, Refill, RSST and your own
+method (how the next round's masks are chosen, what the train step adds, what it
+records) is the method's (``rsst_jax.methods``). Everything here is a function of values: no files, no printing,
 no globals. The driver (``rsst_jax.driver``) calls these and does the side effects;
 ``docs/api.md`` uses them in a custom loop.
 
@@ -91,17 +91,19 @@ def no_targets(masks) -> PyTree:
 
 
 def plan_round(net: Network, params_like, prune_cfg, masks, channel_masks=None, *,
-               targets_of: Optional[Callable[[PyTree], Optional[PyTree]]] = None,
+               targets: Optional[Callable[[PyTree, Optional[PyTree]], Optional[PyTree]]] = None,
                hyper: train_lib.Hyper, reg_scale: float = 1.0, teacher=None,
                kd_alpha: float = 0.0) -> RoundPlan:
     """The plan of a round trained with kernel masks M = ``masks`` (``train_masks``: with
     --mask_bn also the BatchNorm of dead channels), ending by applying ``channel_masks``
-    S where given, its penalty acting on ``targets_of(training masks)`` (a tree of that
-    structure; None, or no ``targets_of``: nothing penalized). A method's ``make_plan``
-    chooses the targets."""
+    S where given, its penalty acting on ``targets(alive, alive_s)`` (``Method.targets``:
+    the training masks of M and of S, None without S; a tree shaped like ``alive``, or
+    None, as without ``targets``: nothing penalized)."""
     alive = train_masks(net, params_like, masks, prune_cfg)
-    targets = None if targets_of is None else targets_of(alive)
-    step = train_lib.Plan(masks=alive, targets=no_targets(alive) if targets is None else targets,
+    alive_s = None if channel_masks is None else train_masks(net, params_like, channel_masks,
+                                                             prune_cfg)
+    chosen = None if targets is None else targets(alive, alive_s)
+    step = train_lib.Plan(masks=alive, targets=no_targets(alive) if chosen is None else chosen,
                           reg_scale=jnp.float32(reg_scale), hyper=hyper, teacher=teacher,
                           kd_alpha=jnp.float32(kd_alpha))
     return RoundPlan(masks=masks, channel_masks=masks if channel_masks is None else channel_masks,
@@ -181,20 +183,6 @@ def apply_channel_masks(net: Network, params_like, prune_cfg, state, plan: Round
 
 # --------------------------------------------------------------------------- records
 
-def target_stats(params, targets) -> tuple[float, float, int]:
-    """(L2 norm of the targeted weights, fraction of them below 1e-3, count)."""
-    sq, small, count = 0.0, 0, 0
-    for w, t in zip(jax.tree_util.tree_leaves(params),
-                    jax.tree_util.tree_leaves(targets, is_leaf=trees.is_none)):
-        if t is None:
-            continue
-        w, t = np.asarray(w), np.asarray(t)
-        sq += float(np.sum((w * t) ** 2))
-        small += int(np.sum((np.abs(w) < 1e-3) & t))
-        count += int(t.sum())
-    return float(np.sqrt(sq)), (small / count if count else 0.0), count
-
-
 def summary_row(round_idx: int, epochs: int, best: dict, last: dict) -> dict:
     """A round's summary row as far as training tells it: the best validation epoch
     (from 1), the test accuracy there, the final accuracies."""
@@ -207,4 +195,4 @@ def summary_row(round_idx: int, epochs: int, best: dict, last: dict) -> dict:
 __all__ = ["PRUNE_TYPES", "Network", "RoundPlan", "initial_masks", "train_masks", "no_targets",
            "plan_round", "criteria_batches", "score_channels", "rewind_to", "start_round",
            "epoch_key", "epoch_indices", "epoch_batches", "apply_channel_masks",
-           "target_stats", "summary_row"]
+           "summary_row"]

@@ -16,6 +16,7 @@ import pathlib
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 from rsst_jax import config as config_lib
+from rsst_jax import metrics as metrics_lib
 from rsst_jax import paths as paths_lib
 from rsst_jax.methods import registry as methods
 # Defined beside the layout (rsst_jax.tickets needs them too; no import cycle); read here.
@@ -165,7 +166,7 @@ def load_run(path: str | pathlib.Path, *, need_summary: bool = True) -> Run:
     if need_summary and not summary:
         raise RunDirError(f"{p} has no finished round yet ({paths_lib.SUMMARY_JSON} is missing "
                           f"or empty); wait for round 0 to finish or resume it with --resume")
-    summary = sorted(summary, key=lambda r: r["round"])
+    summary = sorted((metrics_lib.renamed(r) for r in summary), key=lambda r: r["round"])
     return Run(path=p, config=config, summary=summary, log=read_log(run.log))
 
 

@@ -63,9 +63,14 @@ def resume_source(cfg) -> Optional[pathlib.Path]:
                        f"point --save_dir/--checkpoint at an existing run")
     for step in reversed(ckpt.steps(source)):
         try:
-            saved = ckpt.read_meta(source, step).get("config", {})
+            meta = ckpt.read_meta(source, step)
         except ckpt.CheckpointError:
             continue
+        if "method_info" not in meta:
+            raise RunError(f"--resume: {source} was written by an earlier version of rsst-jax "
+                           f"(before a method kept its own state in the checkpoints); finish "
+                           f"it with that version, or start a new --save_dir")
+        saved = meta.get("config", {})
         listed = config_lib.semantic_diffs(saved, cfg.to_dict())
         if listed:
             raise RunError(f"--resume: {source} was made with a different configuration: "
@@ -90,13 +95,12 @@ def _finite_state(tree, meta) -> Optional[str]:
 class Start:
     """Where a run's tickets begin: stacked ``states``, ``plan`` (``rounds.RoundPlan``)
     and ``rewind`` points placed where the programs read them, each ticket's
-    ``progress`` and its method's start-up ``predicted`` value, and the ``teacher``
+    ``progress`` (with its method's host state, ``method_info``) and the ``teacher``
     (--distill after round 0)."""
     states: Any
     plan: Any
     rewind: Any
     progress: list
-    predicted: list
     teacher: Any = None
 
 
@@ -115,13 +119,13 @@ def start(engine, tickets, log: Callable[[str], None], progress_cls) -> Start:
         per = [_fresh(engine, t, log) for t in tickets]
         progress = [progress_cls() for _ in tickets]
     states, plan, rewind = (trees.stack([p[i] for p in per]) for i in range(3))
-    predicted = []
-    for t in tickets:
+    for t, p in zip(tickets, progress):
         resolved = dict(t.cfg.to_dict(), seed=t.seed, resume=False, checkpoint=None)
         if parallel.is_primary():
             atomic_write(t.paths.config, json.dumps(resolved, indent=1))
-        value, lines = methods.of(t.cfg).startup_lines(t.cfg, engine.schedules)
-        predicted.append(value)
+        info, lines = methods.of(t.cfg).start(t.cfg, engine.schedules)
+        if not all(sources):  # a resumed ticket keeps the state its checkpoint holds
+            p.method_info = info
         for line in lines:
             log((f"seed {t.seed}: " if len(tickets) > 1 else "") + line)
     round_idx = progress[0].round
@@ -130,7 +134,7 @@ def start(engine, tickets, log: Callable[[str], None], progress_cls) -> Start:
         teacher = load_teacher(engine, tickets[0])
     plan = with_teacher(plan, states, teacher, tickets[0].cfg, round_idx)
     states, plan, rewind = engine.place((states, plan, rewind))
-    return Start(states, plan, rewind, progress, predicted, teacher)
+    return Start(states, plan, rewind, progress, teacher)
 
 
 def _startup_line(engine, tickets) -> str:
@@ -141,15 +145,15 @@ def _startup_line(engine, tickets) -> str:
             f"{len(ds.test_y)} test images {'x'.join(map(str, ds.image_shape))}, "
             f"{ds.num_classes} classes; {cfg.model.arch}; {cfg.prune.pruning_times} round(s) x "
             f"{cfg.optim.epochs} epochs, struct {cfg.prune.struct}; {len(tickets)} ticket(s) "
-            f"writing to {where}. Compiling (a minute or two on a CPU)...")
+            f"on {engine.devices_text()} ({jax.default_backend()}) writing to {where}. "
+            f"Compiling (a minute or two on a CPU)...")
 
 
 def _fresh(engine, t, log):
     template = engine.fresh_state(t.seed)
     masks = rounds.initial_masks(engine.net, template.params, t.cfg.prune)
     state = _load_or_make_init(engine, t, template, log)
-    plan = methods.of(t.cfg).make_plan(engine.net, engine.param_shapes, t.cfg.prune, masks,
-                                       hyper=engine.hyper(t.cfg))
+    plan = engine.plan(t.cfg, masks)
     state = state.replace(params=masks_lib.apply_masks(state.params, plan.step.masks))
     rewind = snapshot(state)
     state = rounds.start_round(state, engine.tx, jax.random.PRNGKey(t.seed), 0)
@@ -205,10 +209,8 @@ def _resume(engine, tickets, sources, log, progress_cls):
         tree, meta, step = found[k]
         if step != target:
             tree, meta = ckpt.restore(source, templates[k], step=target)
-        plan = methods.of(t.cfg).make_plan(
-            engine.net, engine.param_shapes, t.cfg.prune, tree["masks"],
-            tree["channel_masks"] if meta["has_channel_masks"] else None,
-            hyper=engine.hyper(t.cfg))
+        plan = engine.plan(t.cfg, tree["masks"],
+                           tree["channel_masks"] if meta["has_channel_masks"] else None)
         progress.append(progress_cls(**{key: v for key, v in meta.items() if key in fields}))
         per.append((tree["state"], plan, tree["rewind"]))
         log(f"resuming {t.paths.root} at round {progress[-1].round}, epoch {progress[-1].epoch}")
@@ -244,18 +246,30 @@ def with_teacher(plan, states, teacher, cfg, round_idx: int):
         teacher=variables, kd_alpha=jnp.full((k,), alpha, jnp.float32)))
 
 
+def ticket_values(engine, t, state, plan, *, round_idx: int, epoch: int, history=None):
+    """What a method's hooks see of ticket ``t`` (``methods.TicketValues``): its
+    configuration, weights, masks, penalty targets and state, and its epoch rows."""
+    p = t.progress
+    return methods.TicketValues(
+        cfg=t.cfg, net=engine.net, round=round_idx, epoch=epoch, variables=state.variables,
+        masks=plan.masks, channel_masks=plan.channel_masks if plan.applies_s else None,
+        targets=plan.step.targets, penalty_state=engine.penalty_state(state.opt_state),
+        info=dict(p.method_info), history=tuple(p.history if history is None else history))
+
+
 def next_round(engine, tickets, states, plan, rewind, r: int, teacher=None):
     """After round r: each live ticket's method chooses round r+1's masks, which are
     planned; the ticket is rewound. Returns the stacked (states, plan), placed."""
     def one(k, state, plan_k, rewind_k):
         t = tickets[k]
         method = methods.of(t.cfg)
+        scoring = methods.Scoring(
+            batches=lambda: engine.score_batches(t.seed, r, t.cfg.prune.criteria_batches),
+            key=jax.random.PRNGKey(t.seed), mean=engine.ds.mean, std=engine.ds.std)
         masks, channel = method.next_masks(
-            engine.net, state.variables, plan_k.masks, t.cfg.prune, r,
-            key=jax.random.PRNGKey(t.seed), mean=engine.ds.mean, std=engine.ds.std,
-            score_batches=lambda: engine.score_batches(t.seed, r, t.cfg.prune.criteria_batches))
-        nxt = method.make_plan(engine.net, engine.param_shapes, t.cfg.prune, masks, channel,
-                               hyper=engine.hyper(t.cfg))
+            ticket_values(engine, t, state, plan_k, round_idx=r, epoch=t.progress.epoch),
+            scoring)
+        nxt = engine.plan(t.cfg, masks, channel)
         point = rounds.rewind_to(trees.copy(rewind_k), nxt)
         state = state.replace(params=point["params"], batch_stats=point["batch_stats"])
         return rounds.start_round(state, engine.tx, jax.random.PRNGKey(t.seed), r + 1), nxt
@@ -273,5 +287,6 @@ def next_round(engine, tickets, states, plan, rewind, r: int, teacher=None):
     return engine.place((states, plan))
 
 
-__all__ = ["RunError", "Start", "start", "resume_source", "next_round", "load_teacher",
+__all__ = ["RunError", "Start", "start", "resume_source", "next_round", "ticket_values",
+           "load_teacher",
            "with_teacher", "snapshot", "print_flushed"]

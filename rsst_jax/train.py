@@ -16,7 +16,7 @@ import optax
 
 from rsst_jax import data as data_lib
 from rsst_jax import masks as masks_lib
-from rsst_jax import regularizers, trees
+from rsst_jax import trees
 
 Array = jax.Array
 PyTree = Any
@@ -45,21 +45,15 @@ class TrainState:
 @flax.struct.dataclass
 class Hyper:
     """A ticket's schedule values, traced so that tickets trained as one program may
-    each have their own: the base learning rate and the lambda schedule's kind (an index
-    into ``regularizers.SCHEDULES``), scale g, exponent and cap (inf: none)."""
+    each have their own: the base learning rate and the values the method's lambda
+    schedule reads (``Penalty.values``, e.g. RSST's schedule kind, scale, exponent and
+    cap; empty for a method without a schedule)."""
     lr: Array
-    reg_kind: Array
-    reg_g: Array
-    reg_exponents: Array
-    reg_upper: Array
+    penalty: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def make(cls, lr: float, schedule: str = "exp_custom_exponents", granularity: float = 1.0,
-             exponents: float = 4.0, upper_limit: Optional[float] = None) -> "Hyper":
-        return cls(lr=jnp.float32(lr),
-                   reg_kind=jnp.int32(regularizers.SCHEDULES.index(schedule)),
-                   reg_g=jnp.float32(granularity), reg_exponents=jnp.float32(exponents),
-                   reg_upper=jnp.float32(np.inf if upper_limit is None else upper_limit))
+    def make(cls, lr: float, penalty: Optional[dict] = None) -> "Hyper":
+        return cls(lr=jnp.float32(lr), penalty=dict(penalty or {}))
 
 
 @flax.struct.dataclass
@@ -67,9 +61,10 @@ class Plan:
     """What the train step applies, one pytree so that one compiled program serves every
     round: ``masks`` (bool per prunable leaf, None elsewhere: the weights kept, and with
     --mask_bn the BatchNorm scale/bias of live channels), the method's penalty ``targets``
-    (same structure; all False outside RSST rounds), ``reg_scale`` (float32 multiplier
-    of lambda, e.g. 0.5 while --reg_adaptive halves it), the ticket's ``hyper``
-    values, and with distillation the ``teacher`` variables and ``kd_alpha``."""
+    (same structure; all False where the method penalizes nothing this round),
+    ``reg_scale`` (float32 multiplier of lambda, e.g. 0.5 while RSST's --reg_adaptive
+    halves it), the ticket's ``hyper`` values, and with distillation the ``teacher``
+    variables and ``kd_alpha``."""
     masks: PyTree
     targets: PyTree
     reg_scale: Array
@@ -93,27 +88,24 @@ class StepConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Schedules:
-    """The step counts of a round's learning-rate and lambda schedules (static, shared
-    by tickets trained together); the values they scale are the ticket's ``Hyper``.
+    """A round's step counts and learning-rate schedule (static, shared by tickets
+    trained together); the base learning rate it scales is the ticket's ``Hyper.lr``.
+    A method's lambda schedule reads the step counts (``Penalty.schedule``).
 
     lr: linear per-step warm-up over ``warmup_epochs``, then x``gamma`` at each milestone
-    epoch. lambda: ``regularizers.lambda_at`` over ``total_steps`` steps.
+    epoch.
     """
     steps_per_epoch: int
     total_steps: int
     warmup_epochs: int = 0
     milestones: tuple = ()
     gamma: float = 0.1
-    reg_interval: Optional[int] = None   # default: one epoch
-    reg_progress: str = "round"
 
     @classmethod
-    def of(cls, optim_cfg, steps_per_epoch: int, *, reg_interval: Optional[int] = None,
-           reg_progress: str = "round") -> "Schedules":
-        """A round's schedules from the ``optim`` configuration group and the static
-        settings of the method's lambda schedule (``Method.penalty_schedule``)."""
+    def of(cls, optim_cfg, steps_per_epoch: int) -> "Schedules":
+        """A round's schedules from the ``optim`` configuration group."""
         return cls(steps_per_epoch, steps_per_epoch * optim_cfg.epochs, optim_cfg.warmup,
-                   optim_cfg.milestones, reg_interval=reg_interval, reg_progress=reg_progress)
+                   optim_cfg.milestones)
 
     def lr(self, step, base_lr):
         step = jnp.asarray(step)
@@ -124,13 +116,6 @@ class Schedules:
         if warmup_steps > 0:
             lr = jnp.where(step < warmup_steps, base_lr * (step + 1) / warmup_steps, lr)
         return lr
-
-    def reg_lambda(self, step, hyper: Hyper):
-        return regularizers.lambda_at(
-            step, kind=hyper.reg_kind, granularity=hyper.reg_g, exponents=hyper.reg_exponents,
-            upper_limit=hyper.reg_upper, total_steps=self.total_steps,
-            update_interval=self.reg_interval or self.steps_per_epoch,
-            progress=self.reg_progress, steps_per_epoch=self.steps_per_epoch)
 
 
 class ScaleByLRState(NamedTuple):
@@ -159,12 +144,9 @@ def make_optimizer(*, optimizer: str, momentum: float, weight_decay: float,
                    masked: bool = True) -> optax.GradientTransformationExtraArgs:
     """penalty -> weight decay -> keep pruned -> optimizer -> keep pruned.
 
-    ``penalty``: what the method adds to the train step (``Method.transform``, e.g.
-    ``regularizers.rsst_penalty``). None, a method that adds nothing: the place holds
-    ``rsst_penalty()``, which changes no update where the plan targets nothing (the
-    plans of such a method target nothing). It stays so that every method's compiled
-    step and optimizer state are the ones earlier versions ran: without it XLA fuses the
-    step differently and float rounding changes (Refill's numbers did, measured).
+    ``penalty``: what the method adds to the train step (``Penalty.transform``, e.g.
+    ``regularizers.rsst_penalty``), or None: nothing (the chain then starts at weight
+    decay).
 
     ``update(grads, state, params, masks=, reg_targets=, reg_lambda=, learning_rate=)``:
     the learning rate and lambda are arguments, so tickets trained as one program may
@@ -175,7 +157,7 @@ def make_optimizer(*, optimizer: str, momentum: float, weight_decay: float,
     ``masked=False`` leaves out the penalty and both masks: the plain dense optimizer
     the benchmark compares against.
     """
-    parts = [penalty if penalty is not None else regularizers.rsst_penalty()] if masked else []
+    parts = [penalty] if masked and penalty is not None else []
     if optimizer in ("sgd", "adam") and weight_decay > 0:
         parts.append(optax.add_decayed_weights(weight_decay))
     if masked:
@@ -271,16 +253,20 @@ def distillation_loss(student_logits, teacher_logits, temperature: float):
     return temperature ** 2 * jnp.mean(jnp.sum(jnp.exp(t) * (t - s), axis=-1))
 
 
-def make_train_step(model, tx, cfg: StepConfig, schedules: Schedules, *, batch_sharding=None):
+def make_train_step(model, tx, cfg: StepConfig, schedules: Schedules, *,
+                    lambda_schedule=None, batch_sharding=None):
     """Returns ``train_step(state, batch, plan) -> (state, metrics)``, one SGD step.
 
     ``batch`` is ``(images, labels)``: uint8 NHWC images as the data set holds them (the
     step normalizes with ``cfg.mean``/``cfg.std`` and augments: random crop after
     ``cfg.pad``-pixel padding, flips if ``cfg.flip``) and int labels, host numpy arrays
     from any iterator or device arrays. ``plan`` is a :class:`Plan`. The learning rate
-    and lambda at this step come from ``schedules`` and ``plan.hyper``.
-    ``metrics``: ``loss``, ``correct`` (count), ``finite`` (loss and gradients), and the
-    ``lr`` and ``reg_lambda`` applied (lambda after ``plan.reg_scale``).
+    at this step comes from ``schedules`` and ``plan.hyper.lr``; with a
+    ``lambda_schedule`` (the method's ``Penalty.schedule``) lambda is
+    ``lambda_schedule(step, plan.hyper.penalty, schedules) * plan.reg_scale``, passed to
+    the optimizer as ``reg_lambda``; without one, no lambda is computed.
+    ``metrics``: ``loss``, ``correct`` (count), ``finite`` (loss and gradients), the
+    ``lr`` applied and, with a lambda schedule, ``reg_lambda``.
 
     With ``cfg.accum_steps = N > 1`` the augmented batch is split into N micro-batches
     (rows ``m, m+N, ...``) scanned in order: BatchNorm statistics update per micro-batch,
@@ -339,11 +325,12 @@ def make_train_step(model, tx, cfg: StepConfig, schedules: Schedules, *, batch_s
         loss, correct, new_stats, grads = grad_fn(state.params, state.batch_stats, x, y,
                                                   plan.teacher, plan.kd_alpha)
         lr = schedules.lr(state.step, plan.hyper.lr)
-        lam = schedules.reg_lambda(state.step, plan.hyper) * jnp.asarray(plan.reg_scale,
-                                                                          jnp.float32)
+        extra = {}
+        if lambda_schedule is not None:
+            extra["reg_lambda"] = lambda_schedule(state.step, plan.hyper.penalty, schedules) \
+                * jnp.asarray(plan.reg_scale, jnp.float32)
         updates, new_opt = tx.update(grads, state.opt_state, state.params, masks=plan.masks,
-                                     reg_targets=plan.targets, reg_lambda=lam,
-                                     learning_rate=lr)
+                                     reg_targets=plan.targets, learning_rate=lr, **extra)
         new_params = optax.apply_updates(state.params, updates)
         # A NaN activation can vanish in a ReLU and leave the loss finite: check the gradients too.
         finite = jnp.isfinite(loss) & all_finite(grads)
@@ -354,7 +341,7 @@ def make_train_step(model, tx, cfg: StepConfig, schedules: Schedules, *, batch_s
             new_state = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new_state,
                                                state.replace(step=state.step + 1))
         return new_state, {"loss": loss, "correct": correct, "finite": finite,
-                           "lr": jnp.asarray(lr, jnp.float32), "reg_lambda": lam}
+                           "lr": jnp.asarray(lr, jnp.float32), **extra}
 
     return train_step
 

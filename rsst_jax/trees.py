@@ -20,6 +20,25 @@ def is_none(x: Any) -> bool:
     return x is None
 
 
+def map_masks(fn: Callable, tree: PyTree, *rest: PyTree) -> PyTree:
+    """``fn`` over the leaves of mask-like trees, None leaves kept None."""
+    return jax.tree_util.tree_map(lambda m, *o: None if m is None else fn(m, *o), tree, *rest,
+                                  is_leaf=is_none)
+
+
+def update_masked(fn: Callable, masks: PyTree, tree: PyTree, *rest: PyTree) -> PyTree:
+    """``tree`` with ``fn(mask, leaf, *other leaves)`` where ``masks`` has a leaf; the
+    leaves of ``tree`` unchanged where the mask is None (a penalty on a gradient)."""
+    return jax.tree_util.tree_map(lambda m, x, *o: x if m is None else fn(m, x, *o), masks,
+                                  tree, *rest, is_leaf=is_none)
+
+
+def map_masks_with_path(fn: Callable, tree: PyTree) -> PyTree:
+    """``fn(path, leaf)`` over a mask-like tree ('/'-joined path), None leaves kept None."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, m: None if m is None else fn(join(path), m), tree, is_leaf=is_none)
+
+
 # --------------------------------------------------------------------------- paths
 
 def key_str(key: Any) -> str:
@@ -128,6 +147,6 @@ def copy(tree: PyTree) -> PyTree:
     return jax.tree_util.tree_map(jnp.copy, tree)
 
 
-__all__ = ["is_none", "key_str", "join", "path_tuple", "items", "tree_paths",
+__all__ = ["is_none", "map_masks", "update_masked", "map_masks_with_path", "key_str", "join", "path_tuple", "items", "tree_paths",
            "insertion_order_items", "flat_dict", "stack", "ticket", "for_each",
            "replace_ticket", "copy"]

@@ -107,8 +107,8 @@ def rmtree(path, *a, **kw):
 shutil.rmtree = rmtree
 
 _summary = callbacks.write_summary
-def write_summary(paths, rows):
-    _summary(paths, rows)
+def write_summary(paths, rows, *a, **kw):
+    _summary(paths, rows, *a, **kw)
     hit("summary", paths.root)
 callbacks.write_summary = write_summary
 

@@ -1,63 +1,116 @@
-"""What a pruning method is: :class:`Method`, the protocol IMP, Refill, RSST and yours
-implement (docs/methods.md).
+"""What a pruning method is: :class:`Method`, the protocol every method implements
+(docs/methods.md documents each member).
 
 A method is one object, registered under the name ``--struct`` takes
-(``register_method``). The driver, the engine, the run readers, compare, plot, bench
-and sweep ask it; nothing outside a method's module tests which method runs. Every hook
-has a default that does nothing special, so a method overrides only what it changes:
+(``register_method``). Its hooks receive plain values of one ticket (its configuration,
+weights, masks, metrics and the method's own state: :class:`TicketValues`) and return
+values; none receives the driver, whose loop (``rsst_jax.driver``) does everything else
+for every method alike: it trains, evaluates, checkpoints, rewinds, and ends a round by
+applying the channel masks S where the method chose them (accuracy before and after,
+BatchNorm re-estimation). Every hook has a default, so a method overrides only what it
+changes. Its display is data: the :class:`~rsst_jax.metrics.Metric` declarations of
+``metrics``.
 
-- **settings**: ``settings = (group name, frozen dataclass)`` of its own flags, each
-  declared with ``rsst_jax.config.flag`` (they join the command line, config.json,
-  validation and the README's table); :meth:`check` validates them.
-- **planning the next round** from the trained weights: :meth:`next_masks` returns the
-  kernel masks M and, for a round that ends by applying them, channel masks S;
-  :meth:`make_plan` builds the round's plan, with the penalty targets of
-  :meth:`targets`.
-- **the train step**: :meth:`transform`, an optax transformation placed first in the
-  optimizer chain (before weight decay and the masks), called with the extra arguments
-  ``reg_targets`` (the plan's targets) and ``reg_lambda`` (lambda at this step, from
-  :meth:`hyper` and :meth:`penalty_schedule`), or nothing.
-- **the run**: :meth:`startup_lines`, :meth:`round_start`, :meth:`epoch_scale`,
-  :meth:`epoch_fields`, :meth:`finish_round` (RSST applies S there and records the
-  accuracy before and after), :meth:`round_text`, :meth:`round_warnings`,
-  :meth:`bar_fields`; the keys it adds to the epoch log (``epoch_fields``), the summary
-  rows (``summary_fields``) and the round scalars (``round_scalars``).
-- **reading runs**: :meth:`label` and :meth:`describe` (compare's table), ``markers``
-  (compare's picture) and ``final_masks_differ`` (channels.png's second panel).
+A method's state, per ticket, has two parts, both saved in every checkpoint and
+restored on resume:
+
+- what the compiled step needs and changes: the state of its penalty's optax
+  transformation (:class:`Penalty`), part of the optimizer state, restarted with the
+  optimizer at each round's start (GReg's growing per-channel lambda lives there);
+- what the host needs: ``info``, a JSON dict the driver keeps (RSST's norm of the
+  penalized weights at the round's start), set by :meth:`Method.start` and
+  :meth:`Method.round_start`.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
-
-from rsst_jax import rounds
-from rsst_jax import train as train_lib
+import dataclasses
+from typing import Any, Callable, Optional
 
 PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class TicketValues:
+    """One ticket as a method's hooks see it: values, nothing to change.
+
+    ``cfg`` its configuration; ``net`` the network (``rounds.Network``: the model and
+    one image's shape); ``round`` and ``epoch`` (epochs finished in the round);
+    ``variables`` its weights (``{"params", "batch_stats"}``); ``masks`` the kernel
+    masks M it trains with; ``channel_masks`` the channel masks S the round ends by
+    applying (None where it does not); ``targets`` what its penalty acts on (None:
+    nothing); ``penalty_state`` the state of the method's transformation (None without
+    one); ``info`` the method's host state; ``history`` its epoch rows of every round
+    so far (log.jsonl's rows)."""
+    cfg: Any
+    net: Any
+    round: int
+    epoch: int
+    variables: dict
+    masks: PyTree
+    channel_masks: Optional[PyTree] = None
+    targets: Optional[PyTree] = None
+    penalty_state: Any = None
+    info: dict = dataclasses.field(default_factory=dict)
+    history: tuple = ()
+
+    @property
+    def params(self):
+        return self.variables["params"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Scoring:
+    """What ranking channels may read after a round: ``batches()`` gives the criterion's
+    (training batches of raw uint8 images and labels, key), to be called only when
+    scores need them; ``key`` the ticket's random key; ``mean``/``std`` the data set's
+    normalization."""
+    batches: Callable[[], tuple]
+    key: Any
+    mean: Any
+    std: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Penalty:
+    """What a method adds to the train step.
+
+    ``transform``: an optax ``GradientTransformationExtraArgs`` placed first in the
+    optimizer chain (before weight decay and the masks). Its ``update`` receives the
+    extra arguments ``reg_targets`` (the round's targets, :meth:`Method.targets`) and,
+    with a ``schedule``, ``reg_lambda``; its state is the method's compiled state.
+    ``schedule(step, values, steps)``: lambda at the round's optimizer step ``step``
+    (traced int32) from ``values`` and ``steps`` (``train.Schedules``: steps per epoch
+    and in the round), logged as the step metric ``reg_lambda``; None: no lambda.
+    ``values``: this ticket's traced settings the schedule reads (a dict of scalars;
+    tickets of one program may differ in them, so flags that go here may be declared
+    groupable). The transform and schedule are built once per program, from its first
+    ticket: what they close over must be a non-groupable flag."""
+    transform: Any
+    schedule: Optional[Callable] = None
+    values: dict = dataclasses.field(default_factory=dict)
 
 
 class Method:
     """A pruning method; subclass it, set ``name``, override what differs, register it."""
 
+    # ------------------------------------------------------------------ what it is
     name: str = ""                 # the value of --struct
     title: str = ""                # its name in tables (compare, analyze)
     summary: str = ""              # one line for docs and --help
+    paper: str = ""                # the paper it implements (docs/baselines.md)
     channels: bool = False         # keeps whole channels: --mask_bn on by default, ranks
     #                                channels with --criteria, refuses --prune_method filter
     settings: Optional[tuple[str, type]] = None   # (group, dataclass) of its own flags
-    epoch_fields: tuple = ()       # keys it adds to an epoch's log row (also plotted)
-    summary_fields: tuple = ()     # keys it adds to a round's summary row (summary.csv)
-    round_scalars: tuple = ()      # of those, the ones TensorBoard and W&B draw
-    final_masks_differ: bool = False  # the final ticket's masks differ from M trained with
+    metrics: tuple = ()            # its rsst_jax.metrics.Metric declarations
     markers: dict = {}             # compare's plot marker per label (default "o")
-    field_labels: dict = {}        # summary key -> how analyze names it
 
-    # ---------------------------------------------------------------- configuration
-    def check(self, cfg, need, *, chosen: bool) -> None:
-        """Validate this method's flags: ``need(condition, message)`` raises the message.
-        Called for every registered method; ``chosen``: it is the run's method."""
+    # ------------------------------------------------------------------ configuration
+    def check(self, cfg, need) -> None:
+        """Validate a configuration that runs this method: ``need(condition, message)``
+        refuses it with the message. Called for the run's method only."""
 
     def label(self, config: dict) -> str:
-        """The method's name in compare's table for a run's ``config.json``."""
+        """The method's name in compare's table, from a run's ``config.json``."""
         return self.title or self.name
 
     def describe(self, config: dict) -> dict:
@@ -65,95 +118,56 @@ class Method:
         crit = str(config.get("criteria", "?")) if self.channels else "-"
         return {"criteria": crit, "schedule": "-"}
 
-    # ---------------------------------------------------------------- the train step
-    def transform(self, cfg):
-        """An optax ``GradientTransformationExtraArgs`` that acts on the gradient before
-        weight decay and the masks (reads ``reg_targets``, ``reg_lambda``), or None:
-        nothing (``train.make_optimizer`` keeps an inert penalty in its place)."""
-        return None
-
-    def hyper(self, cfg) -> train_lib.Hyper:
-        """A ticket's traced schedule values: its learning rate and lambda schedule."""
-        return train_lib.Hyper.make(cfg.optim.lr)
-
-    def penalty_schedule(self, cfg) -> dict:
-        """Static settings of the lambda schedule (``train.Schedules`` keywords)."""
-        return {}
-
-    # ---------------------------------------------------------------- planning
-    def next_masks(self, net, variables, masks, prune_cfg, round_idx: int, *, key,
-                   score_batches, mean, std) -> tuple[PyTree, Optional[PyTree]]:
-        """After round ``round_idx``: the next round's kernel masks M and channel masks S
-        (None unless the round ends by applying them). ``score_batches()`` gives the
-        criterion's (batches, key), to be called only when channel scores are needed."""
+    # ------------------------------------------------------------------ a round's masks
+    def next_masks(self, ticket: TicketValues, scoring: Scoring
+                   ) -> tuple[PyTree, Optional[PyTree]]:
+        """After round ``ticket.round``, from its trained weights: the next round's
+        kernel masks M and channel masks S (None unless that round ends by applying
+        them; the driver then removes the channels S drops at its end)."""
         raise NotImplementedError(f"method {self.name!r} does not define next_masks")
 
-    def example_masks(self, weight_masks, channel_masks) -> tuple[PyTree, Optional[PyTree]]:
-        """(M, S) of a typical round of this method, from a weight mask and a channel mask
-        (what ``experiments.bench`` times): the weight mask, or the channel mask where the
-        method keeps whole channels."""
-        return (channel_masks if self.channels else weight_masks), None
-
-    def targets(self, net, params_like, prune_cfg, alive, channel_masks) -> Optional[PyTree]:
-        """What the penalty of a round acts on: a bool tree with the structure of
-        ``alive``, the round's training masks (M and, with --mask_bn, the BatchNorm of its
-        live channels; ``rounds.train_masks``), given S = ``channel_masks``; or None:
-        nothing."""
+    def targets(self, cfg, net, alive: PyTree, alive_s: Optional[PyTree]) -> Optional[PyTree]:
+        """What the penalty of a round acts on, given ``alive`` (the round's training
+        masks: M and, with --mask_bn, the BatchNorm of its live channels) and ``alive_s``
+        (the same of S, or None where the round does not end by applying S): a tree of
+        arrays shaped like ``alive`` (None leaves where it is None) that the penalty's
+        transformation reads as ``reg_targets`` (RSST: bool, the weights to push to zero;
+        a group lasso: int32 group ids), the same kind in every round; None: nothing
+        (an all-False bool tree)."""
         return None
 
-    def make_plan(self, net, params_like, prune_cfg, masks, channel_masks=None, *,
-                  hyper: train_lib.Hyper, reg_scale: float = 1.0, teacher=None,
-                  kd_alpha: float = 0.0) -> rounds.RoundPlan:
-        """The plan of a round trained with M = ``masks`` (and S = ``channel_masks``)."""
-        return rounds.plan_round(
-            net, params_like, prune_cfg, masks, channel_masks,
-            targets_of=lambda alive: self.targets(net, params_like, prune_cfg, alive,
-                                                  channel_masks),
-            hyper=hyper, reg_scale=reg_scale, teacher=teacher, kd_alpha=kd_alpha)
+    def penalty(self, cfg) -> Optional[Penalty]:
+        """What the train step adds (:class:`Penalty`), or None: nothing."""
+        return None
 
-    # ---------------------------------------------------------------- the run
-    def startup_lines(self, cfg, schedules) -> tuple[Optional[float], list[str]]:
-        """(a prediction the round lines compare with, lines to print before training)."""
-        return None, []
+    # ------------------------------------------------------------------ the run
+    def start(self, cfg, schedules) -> tuple[dict, list[str]]:
+        """A ticket's initial ``info`` and the lines printed before training (and by
+        ``--dry_run``); ``schedules`` are the round's step counts and learning rate
+        (``train.Schedules``)."""
+        return {}, []
 
-    def round_start(self, run, k: int) -> None:
-        """Round start of ticket k (``run`` is the driver's ``RunState``)."""
+    def round_start(self, ticket: TicketValues) -> dict:
+        """``info`` for the round that starts (its weights rewound, its plan made)."""
+        return ticket.info
 
-    def epoch_scale(self, cfg, progress) -> float:
-        """The multiplier of lambda for ticket ``cfg``'s next epoch."""
+    def epoch_scale(self, ticket: TicketValues) -> float:
+        """The multiplier of lambda in the ticket's next epoch."""
         return 1.0
 
-    def epoch_fields_of(self, run, k: int, metrics, scale: float) -> dict:
-        """Values this method adds to ticket k's epoch row (``metrics``: [K, steps])."""
+    def epoch_values(self, ticket: TicketValues, metrics: dict) -> dict:
+        """Values added to the ticket's epoch row (log.jsonl), after the epoch trained;
+        ``metrics``: its step metrics as numpy arrays [steps]."""
         return {}
 
-    def finish_round(self, run, rows: list) -> None:
-        """At a round's end, before the rows get the final masks' densities: change the
-        tickets (``run.states``, ``run.plan``) and add to the summary ``rows``."""
-
-    def round_text(self, row: dict) -> str:
-        """What this method adds to a round's line on the screen."""
-        return ""
+    def round_values(self, ticket: TicketValues, row: dict) -> dict:
+        """Values added to the ticket's summary row at the round's end (``row``: the
+        row so far, after S was applied where the round applies it)."""
+        return {}
 
     def round_warnings(self, row: dict) -> list[str]:
-        """Warnings printed after a round's line."""
+        """Lines printed after a round's line."""
         return []
 
-    def bar_fields(self, run, metrics) -> dict:
-        """What the progress bar shows besides loss and accuracy."""
-        return {}
 
-    def zero_weights_reason(self, summary_row: dict) -> Optional[str]:
-        """Why a round's final ticket (its ``summary_row``) keeps weights that are exactly
-        zero, for ``experiments.analyze``; None: no reason of this method's."""
-        return None
-
-    def dry_run_note(self, cfg) -> Optional[str]:
-        """A line of ``--dry_run``'s plan about this method, or None."""
-        if self.channels and cfg.prune.pruning_times > 1:
-            return (f"({cfg.prune.struct}: whole channels are kept per layer, so rounds after "
-                    f"0 keep about these densities, channel-wise)")
-        return None
-
-
-__all__ = ["Method"]
+__all__ = ["Method", "TicketValues", "Scoring", "Penalty"]

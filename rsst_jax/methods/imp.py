@@ -35,15 +35,17 @@ class IMP(Method):
     title = "IMP"
     summary = "iterative magnitude pruning: unstructured weight masks"
     markers = {"IMP": "o", "filter": "v", "random": "x"}
+    paper = ("Frankle and Carbin, The Lottery Ticket Hypothesis: Finding Sparse, Trainable "
+             "Neural Networks, ICLR 2019")
 
     def label(self, config: dict) -> str:
         """IMP, or the baseline --prune_method (filter, random)."""
         method = config.get("prune_method")
         return method if method in ("filter", "random") else self.title
 
-    def next_masks(self, net, variables, masks, prune_cfg, round_idx, *, key, score_batches,
-                   mean, std):
-        return prune_weights(variables["params"], masks, prune_cfg, round_idx, key), None
+    def next_masks(self, ticket, scoring):
+        return prune_weights(ticket.params, ticket.masks, ticket.cfg.prune, ticket.round,
+                             scoring.key), None
 
 
 __all__ = ["IMP", "prune_weights"]

@@ -16,13 +16,15 @@ from rsst_jax.methods.imp import prune_weights
 from rsst_jax.methods.registry import register_method
 
 
-def refilled(net, variables, masks, prune_cfg, round_idx: int, *, key, score_batches, mean,
-             std):
-    """(the IMP-pruned masks, their channel-wise refill by ``--criteria``)."""
-    pruned = prune_weights(variables["params"], masks, prune_cfg, round_idx, key)
-    batches, crit_key = score_batches()
-    scores = rounds.score_channels(net, variables, masks, pruned, prune_cfg, batches,
-                                   key=crit_key, mean=mean, std=std)
+def refilled(ticket, scoring):
+    """(the IMP-pruned masks, their channel-wise refill by ``--criteria``) of a trained
+    ticket (``TicketValues``)."""
+    prune_cfg = ticket.cfg.prune
+    pruned = prune_weights(ticket.params, ticket.masks, prune_cfg, ticket.round, scoring.key)
+    batches, crit_key = scoring.batches()
+    scores = rounds.score_channels(ticket.net, ticket.variables, ticket.masks, pruned,
+                                   prune_cfg, batches, key=crit_key, mean=scoring.mean,
+                                   std=scoring.std)
     return pruned, masks_lib.refill(pruned, scores, prune_cfg.fillback_rate)
 
 
@@ -33,15 +35,14 @@ class Refill(Method):
     summary = "IMP's prune made channel-wise: whole channels chosen by --criteria"
     channels = True
     markers = {"Refill": "s", "Refill+": "D"}
+    paper = ("Chen et al., Coarsening the Granularity: Towards Structurally Sparse Lottery "
+             "Tickets, ICML 2022")
 
     def label(self, config: dict) -> str:
         return "Refill+" if float(config.get("fillback_rate") or 0) > 0 else self.title
 
-    def next_masks(self, net, variables, masks, prune_cfg, round_idx, *, key, score_batches,
-                   mean, std):
-        _, channel = refilled(net, variables, masks, prune_cfg, round_idx, key=key,
-                              score_batches=score_batches, mean=mean, std=std)
-        return channel, None
+    def next_masks(self, ticket, scoring):
+        return refilled(ticket, scoring)[1], None
 
 
 __all__ = ["Refill", "refilled"]

@@ -4,30 +4,30 @@ After each round RSST chooses the next round's kernel masks M as IMP does and ch
 masks S as Refill does, but trains with M: a penalty ``lambda(t) * w`` pushes the
 weights M keeps and S removes (and, with --mask_bn, the BatchNorm of those channels)
 towards zero while the round trains, lambda growing by ``--RST_schedule``. At the
-round's end S is applied; the summary row records the test accuracy before and after.
-Its flags are the ``rsst`` group below (``cfg.rsst``); the penalty and its budget maths
-are ``rsst_jax.regularizers``.
+round's end the driver applies S; the summary row records the test accuracy before and
+after. Its flags are the ``rsst`` group below (``cfg.rsst``); the penalty, its schedules
+and its budget maths are ``rsst_jax.regularizers``.
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Optional
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 
 from rsst_jax import config as config_lib
-from rsst_jax import regularizers, rounds, trees
-from rsst_jax import train as train_lib
+from rsst_jax import regularizers, trees
 from rsst_jax.config import flag
+from rsst_jax.methods.base import Penalty
 from rsst_jax.methods.refill import Refill, refilled
 from rsst_jax.methods.registry import register_method
+from rsst_jax.metrics import ROUND_ROW, Metric
 
 
 @dataclasses.dataclass(frozen=True)
 class RSSTConfig:
-    block_loss_grad: bool = flag(False, "drop the loss gradient of penalized weights")
+    block_loss_grad: bool = flag(False, "drop the loss gradient of penalized weights",
+                                 method_only=True)
     RST_schedule: str = flag("exp_custom_exponents", "penalty schedule lambda(t)",
                              groupable=True, choices="rsst_jax.regularizers:SCHEDULES")
     reg_granularity_prune: float = flag(1.0, "penalty scale g", groupable=True, finite=True)
@@ -41,12 +41,34 @@ class RSSTConfig:
                              "every epoch as in the reference",
                              choices="rsst_jax.regularizers:PROGRESS")
     reg_adaptive: bool = flag(False, "(new) halve lambda while validation accuracy < "
-                              "--target_acc")
+                              "--target_acc", method_only=True)
     target_acc: Optional[float] = flag(None, "(new) target validation accuracy (%) for "
                                        "--reg_adaptive", finite=True)
 
 
 config_lib.register_group("rsst", RSSTConfig)
+
+
+def penalty_values(cfg) -> dict:
+    """The ticket's traced lambda-schedule settings (``regularizers.lambda_at``'s)."""
+    s = cfg.rsst
+    return {"kind": jnp.int32(regularizers.SCHEDULES.index(s.RST_schedule)),
+            "g": jnp.float32(s.reg_granularity_prune), "exponents": jnp.float32(s.exponents),
+            "upper": jnp.float32(jnp.inf if s.reg_upper_limit is None else s.reg_upper_limit)}
+
+
+def lambda_schedule(cfg):
+    """``schedule(step, values, steps)``: lambda of ``--RST_schedule`` at ``step``; the
+    update interval and the progress mode (not groupable) are closed over."""
+    interval, progress = cfg.rsst.update_reg_interval, cfg.rsst.reg_progress
+
+    def schedule(step, values, steps):
+        return regularizers.lambda_at(
+            step, kind=values["kind"], granularity=values["g"], exponents=values["exponents"],
+            upper_limit=values["upper"], total_steps=steps.total_steps,
+            update_interval=interval or steps.steps_per_epoch, progress=progress,
+            steps_per_epoch=steps.steps_per_epoch)
+    return schedule
 
 
 @register_method
@@ -55,15 +77,26 @@ class RSST(Refill):
     title = "RSST"
     summary = ("Refill's channels reached by a growing penalty on the weights they remove, "
                "applied at the round's end")
+    paper = ("regularized structured sparse training, the PyTorch research code this "
+             "project reimplements (docs/SPEC.md)")
     settings = ("rsst", RSSTConfig)
-    epoch_fields = ("reg_lambda", "target_norm_rel")
-    summary_fields = ("rsst_acc_before", "rsst_acc_after", "final_lambda")
-    round_scalars = ("rsst_acc_before", "rsst_acc_after")
-    final_masks_differ = True
+    metrics = (
+        Metric("reg_lambda", "lambda (penalty coefficient)", line="lambda {reg_lambda:.3g}",
+               log_scale=True),
+        Metric("target_norm_rel", "penalized weights' L2 norm / norm at round start"),
+        Metric("target_small_frac", "fraction of penalized weights with |w| < 1e-3"),
+        Metric("reg_scale", "multiplier of lambda (--reg_adaptive)", plot=False),
+        Metric("target_count", "penalized weights", plot=False),
+        Metric("final_lambda", "lambda at the round's end", per=ROUND_ROW, plot=False),
+        Metric("target_norm_rel", "penalized weights' norm kept at the round's end",
+               per=ROUND_ROW, plot=False,
+               line="penalized weights keep {target_norm_rel:.1%} of their norm"),
+        Metric("predicted_norm_rel", "norm kept, predicted before training", per=ROUND_ROW,
+               plot=False, line="(predicted {predicted_norm_rel:.1%})"),
+    )
     markers = {"RSST": "^"}
-    field_labels = {"rsst_acc_before": "RSST before removing channels", "rsst_acc_after": "after"}
 
-    def check(self, cfg, need, *, chosen):
+    def check(self, cfg, need):
         s = cfg.rsst
         need(s.reg_granularity_prune >= 0, "--reg_granularity_prune must be >= 0")
         need(s.reg_upper_limit is None or s.reg_upper_limit > 0, "--reg_upper_limit must be > 0")
@@ -75,10 +108,6 @@ class RSST(Refill):
         need(s.target_acc is None or 0 <= s.target_acc <= 100,
              "--target_acc is a percentage in [0, 100]")
         need(s.exponents > 0, f"--exponents must be > 0, got {s.exponents}")
-        for flag_name, on in (("--block_loss_grad", s.block_loss_grad),
-                              ("--reg_adaptive", s.reg_adaptive)):
-            need(chosen or not on, f"{flag_name} acts on the RSST penalty; it needs "
-                 f"--struct rsst (got --struct {cfg.prune.struct})")
 
     def describe(self, config: dict) -> dict:
         text = str(config.get("RST_schedule", "?"))
@@ -88,127 +117,67 @@ class RSST(Refill):
             text += " adaptive"
         return dict(super().describe(config), schedule=text)
 
-    def transform(self, cfg):
-        return regularizers.rsst_penalty(block_loss_grad=cfg.rsst.block_loss_grad)
+    def penalty(self, cfg):
+        return Penalty(regularizers.rsst_penalty(block_loss_grad=cfg.rsst.block_loss_grad),
+                       schedule=lambda_schedule(cfg), values=penalty_values(cfg))
 
-    def hyper(self, cfg) -> train_lib.Hyper:
-        s = cfg.rsst
-        return train_lib.Hyper.make(cfg.optim.lr, s.RST_schedule, s.reg_granularity_prune,
-                                    s.exponents, s.reg_upper_limit)
+    def next_masks(self, ticket, scoring):
+        return refilled(ticket, scoring)
 
-    def penalty_schedule(self, cfg) -> dict:
-        return {"reg_interval": cfg.rsst.update_reg_interval,
-                "reg_progress": cfg.rsst.reg_progress}
-
-    def next_masks(self, net, variables, masks, prune_cfg, round_idx, *, key, score_batches,
-                   mean, std):
-        return refilled(net, variables, masks, prune_cfg, round_idx, key=key,
-                        score_batches=score_batches, mean=mean, std=std)
-
-    def example_masks(self, weight_masks, channel_masks):
-        return weight_masks, channel_masks
-
-    def targets(self, net, params_like, prune_cfg, alive, channel_masks):
+    def targets(self, cfg, net, alive, alive_s):
         """The weights M keeps and S removes; with --mask_bn also the BatchNorm scale and
         bias of the channels S removes, because BatchNorm undoes any shrinking of a conv
         channel's weights until they reach zero."""
-        if channel_masks is None:
+        if alive_s is None:
             return None
-        alive_s = rounds.train_masks(net, params_like, channel_masks, prune_cfg)
-        return jax.tree_util.tree_map(
-            lambda m, s: None if m is None else jnp.logical_and(m, jnp.logical_not(s)),
-            alive, alive_s, is_leaf=trees.is_none)
+        return trees.map_masks(lambda m, s: jnp.logical_and(m, jnp.logical_not(s)),
+                               alive, alive_s)
 
-    def startup_lines(self, cfg, schedules):
+    def start(self, cfg, schedules):
         if cfg.optim.optimizer != "sgd" or cfg.prune.pruning_times < 2:
-            return None, []
-        return regularizers.penalty_check(cfg, schedules, self.hyper(cfg))
+            return {}, []
+        frac, lines = regularizers.penalty_check(cfg, schedules, lambda_schedule(cfg),
+                                                 penalty_values(cfg))
+        return {"predicted_norm_rel": frac}, lines
 
-    def round_start(self, run, k):
-        if run.plan.applies_s:
-            run.tickets[k].progress.target_norm0 = rounds.target_stats(
-                trees.ticket(run.states, k).params, trees.ticket(run.plan.step.targets, k))[0]
+    def round_start(self, ticket):
+        norm0 = None
+        if ticket.channel_masks is not None:
+            norm0 = regularizers.target_stats(ticket.params, ticket.targets)[0]
+        return dict(ticket.info, target_norm0=norm0)
 
-    def epoch_scale(self, cfg, progress):
-        if not cfg.rsst.reg_adaptive:
+    def epoch_scale(self, ticket):
+        if not ticket.cfg.rsst.reg_adaptive:
             return 1.0
-        return regularizers.adaptive_scale(progress.last_val_acc, cfg.rsst.target_acc)
+        last = ticket.history[-1]["val_acc"] if ticket.history else None
+        return regularizers.adaptive_scale(last, ticket.cfg.rsst.target_acc)
 
-    def epoch_fields_of(self, run, k, metrics, scale):
-        if not run.plan.applies_s:
+    def epoch_values(self, ticket, metrics):
+        if ticket.channel_masks is None:
             return {}
-        norm, small, count = rounds.target_stats(trees.ticket(run.states.params, k),
-                                                 trees.ticket(run.plan.step.targets, k))
-        norm0 = run.tickets[k].progress.target_norm0
-        return dict(reg_lambda=float(metrics["reg_lambda"][k, -1]), reg_scale=scale,
-                    target_count=count, target_small_frac=small,
-                    target_norm_rel=norm / norm0 if norm0 else 0.0)
+        norm, small, count = regularizers.target_stats(ticket.params, ticket.targets)
+        norm0 = ticket.info.get("target_norm0")
+        return dict(reg_lambda=float(metrics["reg_lambda"][-1]),
+                    reg_scale=self.epoch_scale(ticket), target_count=count,
+                    target_small_frac=small, target_norm_rel=norm / norm0 if norm0 else 0.0)
 
-    def finish_round(self, run, rows):
-        """Apply S (M := S) and evaluate again: accuracy before and after."""
-        if run.plan.applies_s:
-            apply_s(run, rows)
-
-    def round_text(self, row):
-        if "rsst_acc_after" not in row:
-            return ""
-        text = f", RSST before/after S {row['rsst_acc_before']:.2f}/{row['rsst_acc_after']:.2f}%"
-        if row.get("target_norm_rel") is not None:
-            text += f", penalized weights keep {100 * row['target_norm_rel']:.1f}% of their norm"
-            if row.get("predicted_norm_rel") is not None:
-                text += f" (predicted {100 * row['predicted_norm_rel']:.1f}%)"
-        if row.get("bn_recalibrate"):
-            text += f", BatchNorm statistics from {row['bn_recalibrate']} batches"
-        return text
+    def round_values(self, ticket, row):
+        if "acc_after_s" not in row or not ticket.history:
+            return {}
+        last = ticket.history[-1]
+        return dict(final_lambda=last.get("reg_lambda"),
+                    target_norm_rel=last.get("target_norm_rel"),
+                    predicted_norm_rel=ticket.info.get("predicted_norm_rel"))
 
     def round_warnings(self, row):
         kept, budget = row.get("target_norm_rel"), regularizers.PENALTY_BUDGET
-        if kept is None or kept <= budget:
+        if kept is None or kept <= budget or "acc_after_s" not in row:
             return []
-        cost = row["rsst_acc_before"] - row["rsst_acc_after"]
+        cost = row["acc_before_s"] - row["acc_after_s"]
         return [f"warning: round {row['round']}'s penalized weights kept {100 * kept:.1f}% of "
                 f"their norm (above {100 * budget:.0f}%; the loss gradient holds them against "
                 f"the penalty), and removing them cost {cost:.2f} points; a larger "
                 f"--reg_granularity_prune (or --block_loss_grad) shrinks them further"]
 
-    def zero_weights_reason(self, summary_row):
-        if "rsst_acc_after" not in summary_row:
-            return None
-        return ("an RSST round ends by setting its mask to the channel mask S, which keeps "
-                "whole channels, but it trained with the magnitude mask M, which held the "
-                "weights it prunes inside those channels at zero; they count as kept because "
-                "their channels stay")
 
-    def bar_fields(self, run, metrics):
-        if not run.plan.applies_s:
-            return {}
-        return {"lambda": f"{float(np.asarray(metrics['reg_lambda'])[0, -1]):.3g}"}
-
-
-def apply_s(run, rows) -> None:
-    """The end of an RSST round: record the accuracy before, apply S (M := S) to every
-    ticket, re-estimate BatchNorm statistics (--bn_recalibrate), evaluate again."""
-    eng, ticks = run.engine, run.tickets
-    for t, row in zip(ticks, rows):
-        if row is not None:
-            last = t.progress.history[-1]
-            row.update(rsst_acc_before=last["test_acc"], final_lambda=last.get("reg_lambda"),
-                       target_norm_rel=last.get("target_norm_rel"),
-                       predicted_norm_rel=t.predicted)
-    run.states, run.plan = trees.for_each(
-        lambda k, s, pl: rounds.apply_channel_masks(eng.net, eng.param_shapes,
-                                                    ticks[k].cfg.prune, s, pl),
-        len(ticks), run.states, run.plan)
-    if run.recalibrate_bn(after_s=True) is not None:
-        for row in rows:
-            if row is not None:
-                row["bn_recalibrate"] = ticks[0].cfg.optim.bn_recalibrate
-    val, test = eng.evaluate(run.states.variables, "val"), eng.evaluate(
-        run.states.variables, "test")
-    for k, row in enumerate(rows):
-        if row is not None:
-            row.update(final_val_acc=val[k]["acc"], final_test_acc=test[k]["acc"],
-                       rsst_acc_after=test[k]["acc"])
-
-
-__all__ = ["RSST", "RSSTConfig", "apply_s"]
+__all__ = ["RSST", "RSSTConfig", "lambda_schedule", "penalty_values"]
