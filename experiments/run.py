@@ -63,7 +63,8 @@ def dry_run(cfg) -> None:
     from rsst_jax import engine
     from rsst_jax import masks as masks_lib
     from rsst_jax import model_masks
-    ds = data_lib.load_dataset(cfg.data.dataset, cfg.data.data)
+    ds = data_lib.train_subset(data_lib.load_dataset(cfg.data.dataset, cfg.data.data),
+                               cfg.data.train_subset)
     model = engine.build_model(cfg.model, ds.num_classes)
     shapes = jax.eval_shape(lambda: model.init(
         jax.random.PRNGKey(0), np.zeros((1, *ds.image_shape), np.float32), train=False))

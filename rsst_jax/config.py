@@ -81,6 +81,10 @@ class DataConfig:
     dataset: str = flag(
         "cifar100", "data set: digits (bundled, always works), fashion_mnist, cifar10, "
         "cifar100, tiny-imagenet", choices="rsst_jax.data:DATASETS", registry="dataset")
+    train_subset: Optional[int] = flag(
+        None, "(new) train on a fixed stratified subset of this many training images (the "
+        "same images for every seed and run; validation and test unchanged); default: the "
+        "whole training split")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,10 +115,10 @@ class OptimConfig:
     eval_batch_size: int = flag(500, "(new) evaluation batch size", groupable=True,
                                 semantic=False)
     bn_recalibrate: int = flag(
-        0, "(new) before each evaluation in rounds that end by removing channels (RSST: "
-        "every epoch, and after applying S) re-estimate the BatchNorm running statistics as "
-        "the mean over this many training batches (a fixed set, not augmented); the saved "
-        "tickets keep them; 0: off")
+        1, "(new) before each evaluation in rounds that end by removing channels (RSST, "
+        "GReg: every epoch, and after applying S) re-estimate the BatchNorm running "
+        "statistics as the mean over this many training batches (a fixed set, not "
+        "augmented); the saved tickets keep them; 0: off")
     accum_steps: int = flag(1, "(new) gradient accumulation micro-batches per step")
     distill: bool = flag(False, "(new) distil from the dense round-0 network in later rounds")
     kd_alpha: float = flag(0.5, "(new) weight of the distillation loss", finite=True)
@@ -575,6 +579,8 @@ def validate(cfg: Config) -> Config:
     need(0.0 <= p.rate < 1.0, f"--rate must be in [0, 1), got {p.rate}")
     need(0.0 <= p.fillback_rate <= 1.0, f"--fillback_rate must be in [0, 1], got {p.fillback_rate}")
     need(o.batch_size >= 1, f"--batch_size must be >= 1, got {o.batch_size}")
+    need(cfg.data.train_subset is None or cfg.data.train_subset >= 1,
+         f"--train_subset must be >= 1 image, got {cfg.data.train_subset}")
     need(o.eval_batch_size >= 1, f"--eval_batch_size must be >= 1, got {o.eval_batch_size}")
     need(o.bn_recalibrate >= 0, f"--bn_recalibrate must be >= 0 batches, got {o.bn_recalibrate}")
     need(o.epochs >= 1, f"--epochs must be >= 1, got {o.epochs}")

@@ -130,6 +130,30 @@ def load_dataset(name: str, data_dir: str | None = None, *, seed: int = 0) -> Da
     return _load_tiny_imagenet(data_dir)
 
 
+def train_subset(ds: Dataset, n: int | None) -> Dataset:
+    """``ds`` training on a fixed stratified subset of ``n`` of its training images (None,
+    or ``n`` at least the split's size: ``ds`` itself); validation and test splits are
+    unchanged. Each class keeps its share (largest remainders get the leftover images),
+    chosen by a fixed permutation: the same images for every seed and every run, so runs
+    compare on the same data. Mean and std are those of the subset."""
+    total = len(ds.train_y)
+    if n is None or n >= total:
+        return ds
+    if n < 1:
+        raise ValueError(f"--train_subset must be >= 1 image, got {n}")
+    classes, counts = np.unique(ds.train_y, return_counts=True)
+    share = counts * n / total
+    take = np.floor(share).astype(int)
+    for i in np.argsort(-(share - take), kind="stable")[: n - int(take.sum())]:
+        take[i] += 1
+    perm = np.random.default_rng(_SPLIT_SEED + 1).permutation(total)
+    keep = np.concatenate([perm[ds.train_y[perm] == c][:k] for c, k in zip(classes, take)])
+    keep = np.sort(keep)
+    return _make_dataset(f"{ds.name}[{n}]", ds.train_x[keep], ds.train_y[keep], ds.val_x,
+                         ds.val_y, ds.test_x, ds.test_y, num_classes=ds.num_classes,
+                         flip=ds.flip)
+
+
 def _load_digits() -> Dataset:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split

@@ -102,8 +102,10 @@ class Engine:
         cfg = configs[0]
         self.configs, self.k = list(configs), len(configs)
         o, r = cfg.optim, cfg.run
-        self.ds = dataset if dataset is not None else data_lib.load_dataset(cfg.data.dataset,
-                                                                            cfg.data.data)
+        self.ds = data_lib.train_subset(
+            dataset if dataset is not None else data_lib.load_dataset(cfg.data.dataset,
+                                                                      cfg.data.data),
+            cfg.data.train_subset)
         # One ticket: batches split over a data-parallel mesh; K tickets: spread over
         # the devices, K/t on each of t (no mesh where t = 1).
         self.mesh = parallel.data_mesh(devices, batch_size=o.batch_size // o.accum_steps) \

@@ -148,8 +148,8 @@ def test_plot_wrote_each_runs_pictures(quick):
     for cell in CELLS:
         for name in ("rounds", "channels", "epochs"):
             _check_png(quick / cell / "plots" / f"{name}.png")
-    _check_png(quick / "struct=rsst" / "plots" / "lambda.png")
-    assert not (quick / "struct=none" / "plots" / "lambda.png").exists()  # no RSST round
+    _check_png(quick / "struct=rsst" / "plots" / "method.png")
+    assert not (quick / "struct=none" / "plots" / "method.png").exists()  # IMP logs none
 
 
 def _leaf(tree, path):
@@ -208,7 +208,7 @@ def test_analyze_final_ticket_counts(quick, res8_registered, capsys):
     assert result["params"]["channel_sparsity_pct"] == pytest.approx(row["channel_sparsity_pct"], abs=1e-9)
     c = result["compact"]
     assert c["compact_params"] < c["params"] and c["compact_flops"] < c["flops"]
-    assert result["accuracy"]["rsst_acc_after"] == row["rsst_acc_after"]
+    assert result["accuracy"]["acc_after_s"] == row["acc_after_s"]
     # The same, told the network by flags after the checkpoint was copied out of its run.
     alone = quick.parent / "alone"
     shutil.copytree(quick / "struct=rsst" / "round_1" / "best", alone, dirs_exist_ok=True)

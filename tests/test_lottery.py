@@ -10,6 +10,7 @@ import pytest
 from rsst_jax import checkpoint as ckpt
 from rsst_jax import driver
 from rsst_jax import masks as masks_lib
+from rsst_jax import methods
 
 from tiny import quiet_run, tiny_config, use_tiny_data
 
@@ -81,10 +82,11 @@ def test_refill_rounds_are_channelwise_with_spec_k(tmp_path, monkeypatch):
     pruned = masks_lib.magnitude_prune(variables["params"], masks, 0.3)
     eng = run.engine
     m_next, _ = eng.method.next_masks(
-        eng.net, variables, masks, cfg.prune, 1, key=jax.random.PRNGKey(0), mean=eng.ds.mean,
-        std=eng.ds.std, score_batches=lambda: eng.score_batches(0, 1, 1))
-    plan = eng.method.make_plan(eng.net, eng.param_shapes, cfg.prune, m_next,
-                                hyper=eng.hyper(cfg))
+        methods.TicketValues(cfg=cfg, net=eng.net, round=1, epoch=cfg.optim.epochs,
+                             variables=variables, masks=masks),
+        methods.Scoring(batches=lambda: eng.score_batches(0, 1, 1), key=jax.random.PRNGKey(0),
+                        mean=eng.ds.mean, std=eng.ds.std))
+    plan = eng.plan(cfg, m_next)
     for (path, _, m_imp), (_, _, m_s) in zip(
             _kernels_and_masks({"params": variables["params"], "masks": pruned}),
             _kernels_and_masks({"params": variables["params"], "masks": plan.masks})):
@@ -106,7 +108,7 @@ def test_rsst_penalty_shrinks_targets_and_applies_channel_mask(tmp_path, monkeyp
     assert len(round1) == 3 and round1[0]["target_count"] > 0
     assert round1[-1]["target_norm_rel"] <= 0.1
     assert round1[-1]["reg_lambda"] == pytest.approx(3 * run.engine.steps_per_epoch)
-    assert "rsst_acc_before" in rows[1] and "rsst_acc_after" in rows[1]
+    assert "acc_before_s" in rows[1] and "acc_after_s" in rows[1]
     tree, _ = _final(tmp_path / "rsst", 1)
     for path, w, m in _kernels_and_masks(tree):  # S applied: channel-wise and zero outside
         per_channel = m.reshape(-1, m.shape[-1])
@@ -130,7 +132,7 @@ def test_rsst_penalty_shrinks_targets_and_applies_channel_mask(tmp_path, monkeyp
     m = masks_lib.init_masks(params)
     s = jax.tree_util.tree_map(lambda x: x, m, is_leaf=lambda x: x is None)
     s["conv2"]["kernel"] = s["conv2"]["kernel"].at[..., 3].set(False)
-    plan = eng.method.make_plan(eng.net, eng.param_shapes, cfg.prune, m, s, hyper=eng.hyper(cfg))
+    plan = eng.plan(cfg, m, s)
     t = plan.step.targets
     assert np.asarray(t["conv2"]["kernel"]).sum() == 3 * 3 * 8
     assert np.flatnonzero(np.asarray(t["bn2"]["scale"])).tolist() == [3]
@@ -288,6 +290,7 @@ def test_predicted_and_measured_penalized_norm_agree(tmp_path, monkeypatch):
 def test_penalty_budget_warns_with_a_granularity_that_fixes_it():
     """The recurrence by hand on a 3-step round, and the suggested g reaching the budget."""
     from rsst_jax import config as config_lib, regularizers, train
+    from rsst_jax.methods import rsst
     lr, lam, mom, wd = [0.1, 0.1, 0.05], [1.0, 2.0, 4.0], 0.9, 0.0
     w, v = 1.0, 0.0
     for a, b in zip(lr, lam):
@@ -297,13 +300,13 @@ def test_penalty_budget_warns_with_a_granularity_that_fixes_it():
     cfg = config_lib.Config.from_dict(dict(epochs=10, decreasing_lr="6,8", lr=0.05, warmup=0,
                                            batch_size=32))
     sched = train.Schedules.of(cfg.optim, 1257 // 32)
-    frac, warning = regularizers.penalty_report(sched, train.Hyper.make(0.05), cfg)
+    schedule, values = rsst.lambda_schedule(cfg), rsst.penalty_values(cfg)
+    frac, warning = regularizers.penalty_report(sched, schedule, values, cfg)
     assert frac > regularizers.PENALTY_BUDGET and "--reg_granularity_prune" in warning
     g = float(warning.split("--reg_granularity_prune ")[1].split()[0])
-    fixed = regularizers.predicted_norm_fraction(
-        sched, train.Hyper.make(0.05, granularity=g), cfg.optim)
+    fixed = regularizers.predicted_norm_fraction(sched, schedule, dict(values, g=g), cfg.optim)
     assert fixed <= regularizers.SUGGESTION_TARGET
     late = cfg.replace(decreasing_lr="8,9")
     frac, warning = regularizers.penalty_report(
-        train.Schedules.of(late.optim, 1257 // 32), train.Hyper.make(0.05), late)
+        train.Schedules.of(late.optim, 1257 // 32), schedule, values, late)
     assert frac < regularizers.PENALTY_BUDGET and warning is None

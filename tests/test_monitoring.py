@@ -92,8 +92,8 @@ def test_each_ticket_writes_its_events_and_they_match_the_log_after_a_resume(tmp
                         "final_test_acc"):
                 want[f"round/{key}", row["round"]] = row[key]
             if row["round"] == 1:
-                want["round/rsst_acc_before", 1] = row["rsst_acc_before"]
-                want["round/rsst_acc_after", 1] = row["rsst_acc_after"]
+                want["round/acc_before_s", 1] = row["acc_before_s"]
+                want["round/acc_after_s", 1] = row["acc_after_s"]
             final = tickets.load(root, round_idx=row["round"])
             for layer in masks_lib.report(final.masks):
                 want[f"density/{layer.path}", row["round"]] = layer.density

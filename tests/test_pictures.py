@@ -46,11 +46,11 @@ def test_rounds_png_has_one_scale_and_the_before_s_marker_lets_the_after_show(rs
         left.transData.transform((0, 25.9))[1], abs=1e-6)
     by_label = {line.get_label(): line for line in right.get_lines()}
     after = by_label["final test accuracy %"]
-    before = next(v for k, v in by_label.items() if k.startswith("RSST: test accuracy before"))
+    before = next(v for k, v in by_label.items() if k.startswith("test accuracy before"))
     assert list(before.get_xdata()) == [1]  # the round that removed channels
     assert before.get_fillstyle() == "none" and before.get_zorder() > after.get_zorder()
     summary = json.loads((rsst_run / "summary.json").read_text())
-    assert list(before.get_ydata()) == [summary[1]["rsst_acc_before"]]
+    assert list(before.get_ydata()) == [summary[1]["acc_before_s"]]
     assert list(after.get_ydata()) == [r["final_test_acc"] for r in summary]
     plt.close(fig)
 

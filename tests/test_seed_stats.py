@@ -121,7 +121,7 @@ def test_round_stats_are_numpys_mean_and_sample_std(num_seeds_dir):
         assert list(stats) == [0, 1, 2]
         for r, s in stats.items():
             assert s == runs.SeedStat(float(np.mean(table[:, r])), std(table[:, r]), 3, 3)
-    before = runs.round_stats(group, "rsst_acc_before")
+    before = runs.round_stats(group, "acc_before_s")  # the rows hold the legacy rsst_acc_*
     assert list(before) == [1, 2] and before[2].mean == float(np.mean(ACC[:, 2] + 0.4))
     assert runs.seed_stat([None, 2.5], of=3) == runs.SeedStat(2.5, None, 1, 3)
     assert runs.seed_stat([None]) is None
@@ -233,11 +233,11 @@ def test_accuracy_chart_draws_a_seed_group_as_one_line_with_a_band(sweep_dir, tm
 
 
 def test_plot_of_a_num_seeds_dir(num_seeds_dir, capsys):
-    assert plot.main([str(num_seeds_dir), "--only", "rounds,lambda,epochs"]) == 0
+    assert plot.main([str(num_seeds_dir), "--only", "rounds,method,epochs"]) == 0
     group = num_seeds_dir / "plots" / "rounds.png"
     assert f"wrote {group}" in capsys.readouterr().out
     for path in [group] + [num_seeds_dir / f"seed_{s}" / "plots" / f"{name}.png"
-                           for s in range(3) for name in ("rounds", "lambda", "epochs")]:
+                           for s in range(3) for name in ("rounds", "method", "epochs")]:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
     group_runs = [runs.load_run(num_seeds_dir / f"seed_{s}") for s in range(3)]
     labels = plot.plot_seed_rounds(group_runs, "rsst", num_seeds_dir / "x.png")

@@ -206,8 +206,7 @@ _PARALLEL_SCRIPT = textwrap.dedent("""
     out = dict(devices=jax.device_count(), mesh=None if run.mesh is None else run.mesh.size)
     state = run.fresh_state(0)
     if run.mesh is not None:
-        plan = run.method.make_plan(run.net, run.param_shapes, cfg.prune,
-                                    masks_lib.init_masks(state.params), hyper=run.hyper(cfg))
+        plan = run.plan(cfg, masks_lib.init_masks(state.params))
         plan = parallel.replicate(trees.stack([plan.step]), run.mesh)
         st = parallel.replicate(trees.stack([state]), run.mesh)
         idx = parallel.shard_batch(np.arange(cfg.optim.batch_size, dtype=np.int32)[None],
