@@ -78,6 +78,33 @@ def matched_accuracy(points: Sequence[tuple[float, float, int]], level: float) -
     return None
 
 
+def matched_channel_accuracy(points: Sequence[tuple[float, float, int]], level: float
+                             ) -> Optional[float]:
+    """Accuracy at ``level`` % channel sparsity (``points``: channel sparsity, accuracy,
+    round), linear between the two rounds that bracket it; None outside the run's range
+    (a run that removes no channel has none). A round within 0.01 points returns its value
+    (the last such round)."""
+    for xv, yv, _ in reversed(points):
+        if abs(xv - level) <= 0.01:
+            return yv
+    ordered = sorted((xv, yv) for xv, yv, _ in points)
+    for (x0, y0), (x1, y1) in zip(ordered, ordered[1:]):
+        if x0 < level < x1:
+            return y0 + (level - x0) / (x1 - x0) * (y1 - y0)
+    return None
+
+
+def default_channel_levels(runs: Sequence[runs_lib.Run]) -> list[float]:
+    """Nominal channel sparsities ``100 (1 - (1 - rate)^k)`` (k = 1..R-1) of the first run
+    with a rate (what a method removing ``rate`` of the live channels per round reaches),
+    thinned as ``default_levels``."""
+    return [round(100.0 - level, 2) for level in default_levels(runs)]
+
+
+def channel_column(level: float) -> str:
+    return f"acc@ch{level:g}%"
+
+
 def default_levels(runs: Sequence[runs_lib.Run]) -> list[float]:
     """Nominal remaining-weight levels ``100 (1 - rate)^k`` (k = 1..R-1) of the first run
     with a rate, thinned to at most five evenly spaced ones (the sparsest always kept)."""
@@ -120,7 +147,7 @@ def seeds_label(group: Sequence[runs_lib.Run]) -> str:
 
 
 def seed_group_row(group: Sequence[runs_lib.Run], name: str, metric: str,
-                   levels: Sequence[float]) -> dict:
+                   levels: Sequence[float], channel_levels: Sequence[float] = ()) -> dict:
     """The table row of a seed group: each number a ``SeedStat`` over its seeds (the last
     round's sparsities over the seeds that finished it; the best round by mean accuracy;
     accuracy at a level matched per seed, then averaged)."""
@@ -148,6 +175,10 @@ def seed_group_row(group: Sequence[runs_lib.Run], name: str, metric: str,
     for level in levels:
         row[level_column(level)] = runs_lib.seed_stat(
             [matched_accuracy(curve(run, metric), level) for run in group], of=of)
+    for level in channel_levels:
+        row[channel_column(level)] = runs_lib.seed_stat(
+            [matched_channel_accuracy(curve(run, metric, "channel_sparsity_pct"), level)
+             for run in group], of=of)
     row["path"] = ";".join(str(run.path) for run in group)
     row["seeds"] = of
     return row
@@ -173,14 +204,14 @@ def partial_note(name: str, group: Sequence[runs_lib.Run]) -> Optional[str]:
 
 
 def comparison_rows(runs: Sequence[Entry], names: Sequence[str], metric: str,
-                    levels: Sequence[float]) -> list[dict]:
+                    levels: Sequence[float], channel_levels: Sequence[float] = ()) -> list[dict]:
     """One dict per run, or per seed group (a sequence of runs; its numbers are
     ``SeedStat``s), with the table's values (numbers unrounded, None where unknown)."""
     rows = []
     for entry, name in zip(runs, names):
         group = members(entry)
         if len(group) > 1:
-            rows.append(seed_group_row(group, name, metric, levels))
+            rows.append(seed_group_row(group, name, metric, levels, channel_levels))
             continue
         run = group[0]
         last = run.summary[-1] if run.summary else {}
@@ -200,6 +231,9 @@ def comparison_rows(runs: Sequence[Entry], names: Sequence[str], metric: str,
         }
         for level in levels:
             row[level_column(level)] = matched_accuracy(points, level)
+        for level in channel_levels:
+            row[channel_column(level)] = matched_channel_accuracy(
+                curve(run, metric, "channel_sparsity_pct"), level)
         row["path"] = str(run.path)
         row["seeds"] = 1
         rows.append(row)
@@ -511,6 +545,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="remaining-weight levels (%%) for the matched-accuracy columns, e.g. "
                         "80,51.2,10.7; 'auto': the nominal levels of the first run's rate (at most 5); "
                         "'' for none")
+    p.add_argument("--channel_levels", default="",
+                   help="channel-sparsity levels (%%) for matched-accuracy columns acc@chX%%, "
+                        "interpolated linearly between the rounds that bracket X, e.g. 35,58; "
+                        "'auto': the nominal levels of the first run's rate, 100 (1 - (1 - "
+                        "rate)^k) (default: none)")
     p.add_argument("--names", default=None,
                    help="comma-separated names for the runs, in order, or one per row where "
                         "runs differing only in seed form one row (default: the directory "
@@ -526,15 +565,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_levels(text: str, runs) -> list[float]:
+def parse_levels(text: str, runs, flag: str = "--levels", auto=default_levels) -> list[float]:
     if text == "auto":
-        return default_levels(runs)
+        return auto(runs)
     try:
         levels = [float(t) for t in text.replace(" ", "").split(",") if t]
     except ValueError:
-        raise cli.BadInput(f"--levels wants comma-separated percentages, got {text!r}") from None
-    if any(not 0 < v <= 100 for v in levels):
+        raise cli.BadInput(f"{flag} wants comma-separated percentages, got {text!r}") from None
+    if flag == "--levels" and any(not 0 < v <= 100 for v in levels):
         raise cli.BadInput(f"--levels must lie in (0, 100], got {text!r}")
+    if any(not 0 <= v < 100 for v in levels):
+        raise cli.BadInput(f"{flag} must lie in [0, 100), got {text!r}")
     return levels
 
 
@@ -583,10 +624,13 @@ def compare(args) -> int:
             rows_too = f" ({len(entries)} rows)" if len(entries) != len(runs) else ""
             raise cli.BadInput(f"--names has {len(given)} names for {len(runs)} runs{rows_too}")
     levels = parse_levels(args.levels, runs)
-    rows = comparison_rows(entries, entry_names, args.metric, levels)
+    channel_levels = parse_levels(args.channel_levels, runs, "--channel_levels",
+                                  default_channel_levels)
+    rows = comparison_rows(entries, entry_names, args.metric, levels, channel_levels)
+    chan = "; acc@chX%: interpolated at X% channel sparsity" if channel_levels else ""
     notes = [n for n in (partial_note(name, e) for e, name in zip(entries, entry_names)) if n]
     print(f"accuracy: {METRIC_LABELS[args.metric]}; acc@X%: interpolated at X% remaining weights"
-          + (f"; seed groups: {STAT_NOTE}" if has_seed_groups(rows) else ""))
+          + chan + (f"; seed groups: {STAT_NOTE}" if has_seed_groups(rows) else ""))
     print(format_table(rows), end="")
     for line in notes:
         print(line)
@@ -599,7 +643,9 @@ def compare(args) -> int:
                      f"seeds that have the value." if has_seed_groups(rows) else "")
             out.with_name(out.name + ".md").write_text(
                 f"Accuracy: {METRIC_LABELS[args.metric]}. `acc@X%`: interpolated at X% "
-                f"remaining weights.{seeds}\n\n" + format_table(rows, markdown=True)
+                f"remaining weights."
+                + (" `acc@chX%`: interpolated at X% channel sparsity." if channel_levels else "")
+                + f"{seeds}\n\n" + format_table(rows, markdown=True)
                 + "".join(f"\nNote{line[len('note'):]}\n" for line in notes))
             print(f"wrote {out}.csv and {out}.md")
         if args.plot:

@@ -604,44 +604,51 @@ def _python_blocks(text: str) -> list[str]:
 
 
 def test_the_methods_page_shows_the_example_file_whole():
-    """docs/methods.md's worked example is examples/slimming.py, to the character."""
+    """docs/methods.md's worked example is examples/taylor.py, to the character."""
     page = (ROOT / "docs" / "methods.md").read_text()
-    assert (ROOT / "examples" / "slimming.py").read_text() in _python_blocks(page)
+    assert (ROOT / "examples" / "taylor.py").read_text() in _python_blocks(page)
 
 
 @pytest.mark.slow
-def test_the_methods_page_slimming_runs_resumes_and_reads_everywhere(tmp_path):
+def test_the_methods_page_example_runs_resumes_and_reads_everywhere(tmp_path):
     """The page's method, a file outside the package, through experiments.run --import:
-    two rounds on digits (with a network of the user's module too), stopped after its
-    third checkpoint and resumed to the numbers of an uninterrupted run; its own flag and
-    log field are where the page says; compare, analyze and compact read the result."""
+    two rounds on digits (with a network of the user's module too), killed with SIGKILL in
+    round 1 and resumed to the numbers of an uninterrupted run (its importance, summed in
+    the method's own state while the round trains, continues exactly); its own flag and
+    log field are where the page says; compare, plot, analyze and compact read the result."""
     (tmp_path / "myplugin.py").write_text(PLUGIN)
-    flags = ("--import examples.slimming --import myplugin --struct slimming --dataset digits "
+    flags = ("--import examples.taylor --import myplugin --struct taylor --dataset digits "
              "--arch plugin_cnn3 --epochs 2 --pruning_times 2 --batch_size 128 --lr 0.1 "
              "--warmup 0 --decreasing_lr 100 --eval_batch_size 270 --rate 0.3 "
-             "--slim_lambda 0.001")
+             "--taylor_skip 1")
     runs = {}
-    for name, stop in (("whole", None), ("stopped", "3")):
-        extra = {"RSST_JAX_STOP_AFTER": stop} if stop else {}
-        proc = shell(f"experiments.run {flags} --save_dir {name}", tmp_path, **extra)
-        out, err = proc.communicate(timeout=900)
-        if stop:
-            assert proc.returncode == 75, err[-3000:]
-            assert not (tmp_path / name / "summary.json").exists() or len(json.loads(
-                (tmp_path / name / "summary.json").read_text())) < 2
+    for name, kill in (("whole", False), ("killed", True)):
+        proc = shell(f"experiments.run {flags} --save_dir {name}", tmp_path)
+        if kill:  # SIGKILL once round 1's first epoch is in log.jsonl (its state mid-sum)
+            log = tmp_path / name / "log.jsonl"
+            deadline = time.time() + 900
+            while time.time() < deadline and proc.poll() is None and not (
+                    log.is_file() and '"round": 1' in log.read_text()):
+                time.sleep(0.2)
+            proc.kill()
+            proc.communicate(timeout=60)
+            assert '"round": 1, "epoch": 1' in log.read_text()
             proc = shell(f"experiments.run {flags} --save_dir {name} --resume", tmp_path)
-            out, err = proc.communicate(timeout=900)
+        out, err = proc.communicate(timeout=900)
         assert proc.returncode == 0, err[-3000:]
-        runs[name] = json.loads((tmp_path / name / "summary.json").read_text())
+        runs[name] = (json.loads((tmp_path / name / "summary.json").read_text()),
+                      [json.loads(x) for x in (tmp_path / name / "log.jsonl").read_text()
+                       .splitlines()])
     strip = lambda rows: [{k: v for k, v in r.items() if not k.endswith("time_s")}  # noqa: E731
                           for r in rows]
-    assert strip(runs["stopped"]) == strip(runs["whole"]) and len(runs["whole"]) == 2
-    first, second = runs["whole"]
+    assert strip(runs["killed"][0]) == strip(runs["whole"][0]) and len(runs["whole"][0]) == 2
+    assert strip(runs["killed"][1]) == strip(runs["whole"][1])
+    first, second = runs["whole"][0]
     assert first["channel_sparsity_pct"] == 0 and second["channel_sparsity_pct"] > 0
     config = json.loads((tmp_path / "whole" / "config.json").read_text())
-    assert config["struct"] == "slimming" and config["slim_lambda"] == 0.001
-    log = [json.loads(line) for line in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
-    assert len(log) == 4 and all(row["bn_scale_l1"] > 0 for row in log)
+    assert config["struct"] == "taylor" and config["taylor_skip"] == 1
+    log = runs["whole"][1]
+    assert len(log) == 4 and all(row["taylor_importance"] > 0 for row in log)
     # The removed channels are whole: every prunable kernel keeps or drops a channel alike.
     from rsst_jax import checkpoint as ckpt
     tree, _ = ckpt.restore_raw(tmp_path / "whole" / "round_1" / "final")
@@ -652,12 +659,48 @@ def test_the_methods_page_slimming_runs_resumes_and_reads_everywhere(tmp_path):
         assert np.all(m.all(0) | ~m.any(0)), layer
         kept_channels.append(int(m.any(0).sum()))
     assert sum(kept_channels) < 8 + 16
-    for command in ("experiments.compare --import examples.slimming whole stopped",
-                    "experiments.analyze --import examples.slimming --import myplugin whole",
-                    "experiments.compact --import examples.slimming --import myplugin whole "
+    for command in ("experiments.compare --import examples.taylor whole killed",
+                    "experiments.plot --import examples.taylor --import myplugin whole",
+                    "experiments.analyze --import examples.taylor --import myplugin whole",
+                    "experiments.compact --import examples.taylor --import myplugin whole "
                     "--out small --runs 1 --batch_sizes 1 --eval_images 16"):
         proc = shell(command, tmp_path)
         out, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, (command, err[-2000:])
         if command.startswith("experiments.compare"):
-            assert "Slimming" in out and "BatchNorm scale" in out, out
+            assert "Taylor" in out and "Taylor (BatchNorm)" in out, out
+    assert (tmp_path / "whole" / "plots" / "method.png").is_file()  # its declared metric
+
+
+@pytest.mark.slow
+def test_the_baselines_page_command_runs(tmp_path, monkeypatch):
+    """docs/baselines.md's sweep and compare, as written but on a tiny configuration
+    (the tiny network, 1-epoch rounds, 2 of them) and in this process: all seven methods
+    x 3 seeds, each method's seeds one program, one compare row per method."""
+    from tiny import use_tiny_data
+    use_tiny_data(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    page = (ROOT / "docs" / "baselines.md").read_text()
+    block = page.split("```bash\n", 1)[1].split("```", 1)[0]
+    lines = [shlex.split(line) for line in block.strip().splitlines()]
+    assert [line[:3] for line in lines] == [[".venv/bin/python", "-m", "experiments.sweep"],
+                                            [".venv/bin/python", "-m", "experiments.compare"]]
+    argv = lines[0][3:]
+    base = argv.index("--base") + 1
+    argv[base] += (" --dataset digits --arch tiny_cnn --epochs 1 --pruning_times 2 "
+                   "--batch_size 64 --train_subset 256 --eval_batch_size 100 --decreasing_lr 100")
+    grids = [argv[i + 1] for i, a in enumerate(argv) if a == "--grid"]
+    assert grids == ["struct=none,refill,rsst,slimming,ssl,greg,group", "seed=0,1,2"]
+    assert sweep.main(argv + ["--mode", "inprocess", "--import", "tiny", "--no_compare"]) == 0
+    out = tmp_path / "runs" / "baselines"
+    cells = sorted(p.name for p in out.iterdir() if (p / "summary.json").is_file())
+    assert len(cells) == 21
+    record = json.loads((out / "sweep.json").read_text())
+    assert len({c["program"] for c in record["cells"]}) == 7, record["cells"][:2]
+    compare_argv = [a.replace("docs/images/", "") for a in lines[1][3:]]
+    assert compare.main(compare_argv) == 0
+    table = (out / "table.md").read_text()
+    for title in ("IMP", "Refill", "RSST", "Slimming", "SSL", "GReg", "DepGraph"):
+        assert f"| {title} |" in table, table
+    assert table.count("(3 seeds)") == 7 and "acc@ch35%" in table
+    assert (tmp_path / "baselines.png").stat().st_size > 10_000

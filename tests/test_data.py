@@ -408,3 +408,26 @@ def test_to_device(digits):
 def test_dataset_arrays_are_read_only(digits):
     with pytest.raises(ValueError):
         digits.train_x[0, 0, 0, 0] = 1
+
+
+def test_train_subset_is_stratified_fixed_and_exact():
+    """--train_subset N: exactly N training images, each class its share (within one
+    image), the same images whatever the seed, validation and test untouched, mean and std
+    of the subset; N at least the split is the split itself."""
+    from rsst_jax import config as config_lib
+    ds = data.load_dataset("digits")
+    sub = data.train_subset(ds, 500)
+    assert len(sub.train_y) == 500 and sub.val_x is ds.val_x and sub.test_y is ds.test_y
+    share = np.bincount(ds.train_y, minlength=10) * 500 / len(ds.train_y)
+    assert np.all(np.abs(np.bincount(sub.train_y, minlength=10) - share) < 1)
+    rows = {r.tobytes() for r in ds.train_x.reshape(len(ds.train_y), -1)}
+    assert all(r.tobytes() in rows for r in sub.train_x.reshape(500, -1))  # drawn from train
+    again = data.train_subset(data.load_dataset("digits", seed=7), 500)
+    np.testing.assert_array_equal(again.train_x, sub.train_x)
+    want = sub.train_x.astype(np.float64) / 255.0
+    assert sub.mean == pytest.approx((want.mean(),)) and sub.std == pytest.approx((want.std(),))
+    assert data.train_subset(ds, 5000) is ds and data.train_subset(ds, None) is ds
+    with pytest.raises(config_lib.ConfigError, match="--train_subset must be >= 1"):
+        config_lib.validate(config_lib.Config.from_dict(dict(train_subset=0)))
+    assert config_lib.facts("train_subset").semantic  # a resume must agree on it
+    assert not config_lib.facts("train_subset").groupable  # one data set per program

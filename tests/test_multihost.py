@@ -86,6 +86,9 @@ def test_two_processes_equal_one_process_with_two_devices_and_resume(tmp_path):
     two CPU devices; process 1 prints nothing of the run and writes no file of its own."""
     one = _one(tmp_path / "one", RSST_JAX_CPU_DEVICES="2")
     assert one.returncode == 0, one.stderr[-3000:]
+    # the start line and the summary say where the ticket trained
+    assert "1 ticket(s) on batches split over 2 devices (cpu)" in one.stdout, one.stdout[:2000]
+    assert [r["devices"] for r in _numbers(tmp_path / "one")] == [2, 2]
 
     stopped = _two(tmp_path / "two", RSST_JAX_STOP_AFTER="3")
     assert [p.returncode for p in stopped] == [75, 75], [p.stderr[-2000:] for p in stopped]

@@ -256,3 +256,23 @@ def test_plot_of_a_sweep_and_no_group_seeds(sweep_dir, tmp_path, capsys):
                       "--no-group-seeds"]) == 0
     assert not (tmp_path / "p" / "lr=0.1").exists()
     capsys.readouterr()
+
+
+def test_accuracy_at_matched_channel_sparsity_interpolates_per_seed(num_seeds_dir):
+    """--channel_levels: each seed's accuracy interpolated linearly in channel sparsity
+    between the rounds that bracket the level, then mean ± sample std over the seeds; a
+    level outside a seed's range counts it out."""
+    group = [runs.load_run(num_seeds_dir / f"seed_{k}") for k in range(3)]
+    level = 30.0  # between rounds 1 and 2 of every seed
+    want = []
+    for k in range(3):
+        x0, x1, y0, y1 = CHANNELS[k, 1], CHANNELS[k, 2], ACC[k, 1], ACC[k, 2]
+        want.append(y0 + (level - x0) / (x1 - x0) * (y1 - y0) if x0 < level < x1 else None)
+    got = compare.seed_group_row(group, "g", "final_test_acc", [], [level])
+    stat = got[compare.channel_column(level)]
+    assert stat == runs.seed_stat(want, of=3)
+    assert compare.matched_channel_accuracy([(0.0, 90.0, 0), (40.0, 80.0, 1)], 10.0) == 87.5
+    assert compare.matched_channel_accuracy([(0.0, 90.0, 0)], 10.0) is None  # IMP's 0%
+    assert compare.default_channel_levels(group) == [
+        round(100.0 - round(100.0 * (1.0 - group[0].config["rate"]) ** k, 2), 2)
+        for k in range(1, group[0].rounds_planned)]
