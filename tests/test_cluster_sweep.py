@@ -286,8 +286,9 @@ def _program_on(root: pathlib.Path, node: str) -> str:
         except OSError:
             continue
         args = [a.decode() for a in cmd]
-        if any("_program_entry" in a for a in args) and "--save_dir" in args:
-            return pathlib.Path(args[args.index("--save_dir") + 1]).name
+        if "experiments.sweep.program" in args:
+            cell = shlex.split(next(a for a in args if a.startswith("--cell="))[len("--cell="):])
+            return pathlib.Path(cell[cell.index("--save_dir") + 1]).name
     return ""
 
 
