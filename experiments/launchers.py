@@ -409,7 +409,10 @@ class Slurm:
         if job_id not in self.jobs:  # a job of an earlier sweep command
             self.jobs[job_id] = slurm_job(self.folder, job_id)
         job = self.jobs[job_id]
-        if not job.done():  # no result, and no accounting to say the job ended: none left
+        # Without accounting, job.done() would ask sacct (an error on stderr each time)
+        # and never say done for a job that left no result: the result's path decides.
+        left = job.done() if self.accounting else job.paths.result_pickle.exists()
+        if not left:
             return None, None
         try:
             value = job.result()
