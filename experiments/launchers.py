@@ -162,7 +162,7 @@ class ProgramCall:
 
     def checkpoint(self, *args, **kwargs):
         """submitit's preemption and time-limit hook: stop, then requeue the same call."""
-        import submitit  # an optional dependency, installed where SLURM jobs run
+        import submitit  # optional (rsst-jax[cluster]): imported where a SLURM job runs only
         if self._proc is not None:
             interrupt([self._proc], wait=10.0)
         return submitit.helpers.DelayedSubmission(ProgramCall(self.program))
@@ -327,7 +327,7 @@ def slurm_accounting() -> bool:
 
 def slurm_job(folder: pathlib.Path, job_id: str):
     """submitit's handle of job ``job_id`` whose files are in ``folder/<job id>/``."""
-    import submitit  # an optional dependency (rsst-jax[cluster])
+    import submitit  # optional (rsst-jax[cluster]): imported for SLURM sweeps only
     return submitit.SlurmJob(folder=pathlib.Path(folder) / "%j", job_id=str(job_id))
 
 
@@ -373,7 +373,7 @@ class Slurm:
                                     f"where SLURM's commands are (a login node), or use "
                                     f"--launcher local")
         extra = parse_sbatch(sbatch)
-        import submitit  # an optional dependency, imported once it is known to be there
+        import submitit  # optional: imported once find_spec above found it
         if mem:
             extra["mem"] = mem
         self.folder = pathlib.Path(folder).resolve()
@@ -460,7 +460,7 @@ class Ray:
             raise LauncherError(f"--ray_address {address}: nothing answered within "
                                 f"{answer_s:.0f} s; start the cluster (ray start --head) or "
                                 f"correct the address")
-        import ray  # an optional dependency, and seconds to import: only once it is used
+        import ray  # optional, and seconds of start-up: imported for Ray sweeps only
         ray.init(address=address, log_to_driver=False, logging_level="ERROR")
         self.ray = ray
         self.remote_call = ray.remote(_run_task).options(
