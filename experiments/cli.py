@@ -34,6 +34,7 @@ import threading
 from typing import Any, Callable, Optional, Sequence
 
 from rsst_jax import config as config_lib
+from rsst_jax import paths
 from rsst_jax.config import ConfigError
 
 
@@ -80,7 +81,15 @@ class OneLineParser(argparse.ArgumentParser):
         super().__init__(*args, formatter_class=formatter_class, **kwargs)
 
     def error(self, message):  # noqa: D401 (argparse API)
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"error: {message} (see {help_command(self.prog)})\n")
+
+
+def help_command(prog: str) -> str:
+    """The command that shows the help of ``prog`` ('python -m experiments.run'), as a
+    shell runs it (``paths.command``: this interpreter, and PYTHONPATH where needed)."""
+    if prog.startswith("python -m "):
+        return paths.command(prog.split()[2], ["--help"])
+    return f"{prog} --help"
 
 
 def one_line(message) -> str:
@@ -197,7 +206,7 @@ def _host_flags(parser, defaults: bool = True) -> None:
 
 class _RaisingParser(argparse.ArgumentParser):
     def error(self, message):
-        raise ConfigError(f"{message} (see python -m experiments.run --help)")
+        raise ConfigError(f"{message} (see {help_command('python -m experiments.run')})")
 
 
 def _outside_config(argv: Optional[Sequence[str]]) -> dict[str, Any]:
@@ -241,7 +250,7 @@ def load_config_file(path: str) -> dict[str, Any]:
     unknown = sorted(set(values) - set(config_lib.flag_names()))
     if unknown:
         raise ConfigError(f"--config {path}: unknown keys {', '.join(unknown)} "
-                          f"(see python -m experiments.run --help)")
+                          f"(see {help_command('python -m experiments.run')})")
     return values
 
 
@@ -327,7 +336,7 @@ def one_line_parse(parser: argparse.ArgumentParser, argv, prog: str) -> argparse
             raise
         lines = [line for line in err.getvalue().splitlines() if line.strip()]
         text = lines[-1].split(": error: ", 1)[-1] if lines else "bad command line"
-        raise ConfigError(f"{text} (see {prog} --help)") from None
+        raise ConfigError(f"{text} (see {help_command(prog)})") from None
 
 
 def check_paths(cfg: config_lib.Config) -> None:
@@ -433,7 +442,6 @@ def resume_command(module: str, argv: Sequence[str], resume_flag: Optional[str] 
     argv = list(argv)
     if resume_flag and resume_flag not in argv:
         argv.append(resume_flag)
-    from rsst_jax import paths
     return paths.command(module, argv)
 
 

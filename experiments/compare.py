@@ -22,7 +22,6 @@ import argparse
 import csv
 import math
 import pathlib
-import re
 import sys
 from typing import Optional, Sequence, Union
 
@@ -142,10 +141,6 @@ def seed_curve(group: Sequence[runs_lib.Run], metric: str, x: str = "remaining_w
     return out
 
 
-def seeds_label(group: Sequence[runs_lib.Run]) -> str:
-    return f"{len(group)} seeds"
-
-
 def seed_group_row(group: Sequence[runs_lib.Run], name: str, metric: str,
                    levels: Sequence[float], channel_levels: Sequence[float] = ()) -> dict:
     """The table row of a seed group: each number a ``SeedStat`` over its seeds (the last
@@ -160,7 +155,7 @@ def seed_group_row(group: Sequence[runs_lib.Run], name: str, metric: str,
     done_text = str(done[0]) if len(done) == 1 else f"{done[0]}-{done[-1]}"
     planned = first.rounds_planned
     row = {
-        "run": f"{name} ({seeds_label(group)})",
+        "run": f"{name} ({runs_lib.seeds_label(group)})",
         "method": first.method,
         "criteria": first.criteria,
         "schedule": first.schedule,
@@ -184,22 +179,13 @@ def seed_group_row(group: Sequence[runs_lib.Run], name: str, metric: str,
     return row
 
 
-def partial_rounds(group: Sequence[runs_lib.Run]) -> dict[int, int]:
-    """Round -> number of seeds that finished it, for the rounds some seed has not."""
-    counts: dict[int, int] = {}
-    for run in group:
-        for row in run.summary:
-            counts[int(row["round"])] = counts.get(int(row["round"]), 0) + 1
-    return {r: n for r, n in sorted(counts.items()) if n < len(group)}
-
-
 def partial_note(name: str, group: Sequence[runs_lib.Run]) -> Optional[str]:
     """One line saying which rounds of a seed group not every seed has finished."""
-    partial = partial_rounds(group)
+    partial = runs_lib.partial_rounds(group)
     if len(group) < 2 or not partial:
         return None
     rounds = ", ".join(f"round {r} by {n}" for r, n in partial.items())
-    return (f"note: {name} ({seeds_label(group)}): not every seed has finished ({rounds} of "
+    return (f"note: {name} ({runs_lib.seeds_label(group)}): not every seed has finished ({rounds} of "
             f"{len(group)} seeds); a round's numbers are over the seeds that finished it")
 
 
@@ -251,29 +237,6 @@ def unique_names(runs: Sequence[runs_lib.Run]) -> list[str]:
     return out
 
 
-# A seed in a name: a sweep cell's ``seed=3`` or a --num_seeds folder's ``seed_3``.
-_SEED_PART = re.compile(r"(?:^|(?<=[ ,/]))seed[=_]-?\d+(?=$|[ ,/])")
-
-
-def strip_seed(name: str) -> str:
-    """``name`` without its seed part: 'struct=rsst seed=2' -> 'struct=rsst', 'seed_2' -> ''."""
-    text = _SEED_PART.sub("", name)
-    return re.sub(r"[ ,/]{2,}", lambda m: m.group(0)[0], text).strip(" ,/")
-
-
-def seed_group_name(group: Sequence[runs_lib.Run], names: Sequence[str]) -> str:
-    """The name of a seed group from its runs' names: their common name without the seed
-    ('struct=rsst seed=0', 'struct=rsst seed=1' -> 'struct=rsst'); for --num_seeds
-    folders (seed_0, seed_1, ...) the folder holding them; else the names joined by '+'."""
-    stripped = list(dict.fromkeys(strip_seed(n) for n in names))
-    if len(stripped) == 1 and stripped[0]:
-        return stripped[0]
-    parents = {run.path.parent for run in group}
-    if stripped == [""] and len(parents) == 1:
-        return next(iter(parents)).name or str(next(iter(parents)))
-    return "+".join(n for n in stripped if n) or "+".join(names)
-
-
 def table_entries(runs: Sequence[runs_lib.Run], names: Sequence[str], *, group: bool = True,
                   note=None) -> tuple[list[list[runs_lib.Run]], list[str]]:
     """The table's entries (seed groups with ``group``, else one per run) and their names
@@ -281,7 +244,7 @@ def table_entries(runs: Sequence[runs_lib.Run], names: Sequence[str], *, group: 
     name_of = {id(run): name for run, name in zip(runs, names)}
     entries = runs_lib.group_seeds(runs, note=note) if group else [[run] for run in runs]
     return entries, [name_of[id(e[0])] if len(e) == 1 else
-                     seed_group_name(e, [name_of[id(r)] for r in e]) for e in entries]
+                     runs_lib.seed_group_name(e, [name_of[id(r)] for r in e]) for e in entries]
 
 
 # --------------------------------------------------------------------------- tables
@@ -432,7 +395,7 @@ def plot_accuracy(runs: Sequence[Entry], names: Sequence[str], metric: str,
         extra = [x for x in (run.method, run.criteria) if x not in ("-", name)]
         if len(group) > 1:
             grouped = True
-            extra.append(seeds_label(group))
+            extra.append(runs_lib.seeds_label(group))
             xs_all += _seed_line(ax_w, seed_curve(group, metric), color, marker,
                                  f"{name} ({', '.join(extra)})")
             _seed_line(ax_c, seed_curve(group, metric, "channel_sparsity_pct"), color, marker,

@@ -34,7 +34,6 @@ import sys
 from typing import Optional, Sequence
 
 from experiments import cli
-from experiments import compare as compare_cmd
 from rsst_jax import metrics as metrics_lib
 from rsst_jax import paths as paths_lib
 from rsst_jax import runs as runs_lib
@@ -114,12 +113,12 @@ def plot_seed_rounds(group: Sequence[runs_lib.Run], name: str, path: pathlib.Pat
         lines[key] = (list(stats), [s.mean for s in stats.values()],
                       [s.std or 0.0 for s in stats.values()])
     rounds = sorted({int(r["round"]) for run in group for r in run.summary})
-    partial = compare_cmd.partial_rounds(group)
-    title = _title(group[0], f"{name} ({compare_cmd.seeds_label(group)})")
+    partial = runs_lib.partial_rounds(group)
+    title = _title(group[0], f"{name} ({runs_lib.seeds_label(group)})")
     if partial:
         title += "\n" + ", ".join(f"round {r}: {n}" for r, n in partial.items()) + \
             f" of {len(group)} seeds finished"
-    band = f"shaded: ± 1 sample standard deviation over the {compare_cmd.seeds_label(group)}"
+    band = f"shaded: ± 1 sample standard deviation over the {runs_lib.seeds_label(group)}"
     return _draw_rounds(lines, rounds, title, path, band=band)
 
 
@@ -438,11 +437,11 @@ def seed_group_dir(group: Sequence[runs_lib.Run], out: Optional[str]) -> pathlib
     """Where a seed group's plots go: OUT/NAME with --out; else the plots folder of the
     folder holding the seeds when they are all of it (a --num_seeds SAVE_DIR), or
     PARENT/plots/NAME (a sweep's seed cells)."""
-    name = compare_cmd.seed_group_name(group, [r.name for r in group])
+    name = runs_lib.seed_group_name(group, [r.name for r in group])
     if out is not None:
         return pathlib.Path(out) / name
     parent = group[0].path.parent
-    whole = all(compare_cmd.strip_seed(r.name) == "" and r.path.parent == parent for r in group)
+    whole = all(runs_lib.strip_seed(r.name) == "" and r.path.parent == parent for r in group)
     return paths_lib.RunPaths.of(parent).plots / ("" if whole else name)
 
 
@@ -470,7 +469,7 @@ def plot(args) -> int:
         for group in groups:
             path = seed_group_dir(group, args.out) / "rounds.png"
             path.parent.mkdir(parents=True, exist_ok=True)
-            plot_seed_rounds(group, compare_cmd.seed_group_name(group, [r.name for r in group]),
+            plot_seed_rounds(group, runs_lib.seed_group_name(group, [r.name for r in group]),
                              path)
             print(f"wrote {path}")
     except OSError as e:

@@ -446,17 +446,29 @@ def semantic_diffs(saved: dict, now: dict, limit: int = 5) -> str:
     return ", ".join(f"--{k} {before(k)!r} (now {now[k]!r})" for k in diffs[:limit])
 
 
+def program_key(cfg) -> Optional[tuple]:
+    """What tickets trained as one program must share: the values of every flag not
+    declared groupable, as a hashable tuple; None for a configuration that trains alone
+    (--distill: one ticket per program). Configurations may train as one program exactly
+    when their keys are equal and not None (the one rule of ``check_groupable`` and of
+    the sweep's grouping of cells)."""
+    if cfg.optim.distill:
+        return None
+    return tuple((k, v) for k, v in cfg.to_dict().items() if not facts(k).groupable)
+
+
 def check_groupable(configs) -> None:
-    """ConfigError unless ``configs`` differ only in groupable flags (tickets trained as
-    one program)."""
-    first = configs[0].to_dict()
-    if len(configs) > 1 and first["distill"]:
+    """ConfigError unless ``configs`` may train as one program (``program_key``)."""
+    key = program_key(configs[0])
+    if len(configs) > 1 and key is None:
         raise ConfigError("--distill trains one ticket per program; run the tickets separately")
+    first = configs[0].to_dict()
     for cfg in configs[1:]:
+        if program_key(cfg) == key:
+            continue
         other = cfg.to_dict()
         diff = sorted(k for k in first if not facts(k).groupable and first[k] != other[k])
-        if diff:
-            raise ConfigError(f"tickets trained as one program must agree on {', '.join(diff)}")
+        raise ConfigError(f"tickets trained as one program must agree on {', '.join(diff)}")
 
 
 # --------------------------------------------------------------------------- parsing values
@@ -651,5 +663,5 @@ __all__ = ["ConfigError", "Config", "Flag", "FlagType", "flag", "flag_type", "Da
            "ModelConfig",
            "OptimConfig", "PruneConfig", "RunConfig", "register_group", "groups",
            "group_of_flags", "flag_names", "field_of", "facts", "names_where",
-           "semantic_diffs", "check_groupable", "parse_int_list", "parse_float_list",
+           "semantic_diffs", "program_key", "check_groupable", "parse_int_list", "parse_float_list",
            "parse_layer_rates", "choices", "validate", "plugin_modules"]

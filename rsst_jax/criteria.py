@@ -34,8 +34,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rsst_jax import trees
-from rsst_jax.train import cross_entropy  # the training loss; saliency and hessian read it
+from rsst_jax import model_masks, trees
+from rsst_jax.losses import cross_entropy  # the training loss; saliency and hessian read it
 
 Path = tuple[str, ...]
 CriterionFn = Callable[..., Mapping[Path, jax.Array]]
@@ -189,7 +189,6 @@ class ScoringContext:
         prunable kernels a BatchNorm follows directly, found by running the network
         abstractly on one image of ``x``'s shape (``model_masks.conv_bn_pairs``: by the
         arrays passed between calls, never by names). Needs ``apply_fn = model.apply``."""
-        from rsst_jax import model_masks
         model = getattr(self.apply_fn, "__self__", None)
         if not isinstance(model, nn.Module):
             raise ValueError("batchnorm_after needs the scores computed with apply_fn = "

@@ -22,10 +22,13 @@ Every path a command reads or writes comes from :class:`RunPaths`.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib.machinery
 import os
 import pathlib
 import shlex
 import shutil
+import subprocess
 import sys
 from typing import Optional, Sequence, Union
 
@@ -160,13 +163,48 @@ def python_command(cwd: Optional[os.PathLike] = None) -> str:
         return exe
 
 
+# Asks this interpreter, started as a new shell would start it (no $PYTHONPATH, the
+# working directory first on the path), whether it finds each module named.
+_FINDS = ("import importlib.util, sys; "
+          "sys.exit(0 if all(importlib.util.find_spec(m) for m in sys.argv[1:]) else 1)")
+
+
+@functools.lru_cache(maxsize=64)
+def _pythonpath_needed(modules: tuple, pythonpath: str, cwd: str) -> tuple:
+    """The folders of ``pythonpath`` that hold ``modules`` where this interpreter does not
+    find them without $PYTHONPATH (e.g. a checkout that is not installed, an --import
+    module beside the data); () where it does."""
+    given = [os.path.abspath(p) for p in pythonpath.split(os.pathsep) if p]
+    if not given or not modules:
+        return ()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    try:
+        found = subprocess.run([sys.executable, "-c", _FINDS, *modules], cwd=cwd, env=env,
+                               capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        found = False
+    if found:
+        return ()
+    holding = [p for p in given if any(importlib.machinery.PathFinder.find_spec(m, [p])
+                                       for m in modules)]
+    return tuple(dict.fromkeys(holding or given))
+
+
 def command(module: str, argv: Sequence[str] = (), imports: Sequence[str] = ()) -> str:
     """The shell command that runs ``python -m module`` with ``--import`` of each of
-    ``imports`` (where they are not in ``argv`` already), then ``argv``."""
+    ``imports`` (where they are not in ``argv`` already), then ``argv``: pasted into a
+    shell in the working directory it runs as this process does, with this interpreter
+    (``python_command``) and, where the packages or the --import modules are found only
+    through $PYTHONPATH, ``PYTHONPATH=...`` before it."""
     argv = list(argv)
     extra = [x for m in imports if m not in argv for x in ("--import", m)]
-    return " ".join([python_command(), "-m", module] + ([shlex.join(extra + argv)]
-                                                          if extra + argv else []))
+    words = extra + argv
+    needed = [module] + [words[i + 1] for i, w in enumerate(words[:-1]) if w == "--import"]
+    tops = tuple(dict.fromkeys(m.split(".")[0] for m in needed))
+    folders = _pythonpath_needed(tops, os.environ.get("PYTHONPATH", ""), os.getcwd())
+    prefix = [f"PYTHONPATH={shlex.quote(os.pathsep.join(folders))}"] if folders else []
+    return " ".join(prefix + [python_command(), "-m", module]
+                    + ([shlex.join(words)] if words else []))
 
 
 __all__ = ["python_command", "command", "RunPaths", "RunDirError", "is_run_dir", "atomic_write", "seed_dir", "checkpoint_step", "round_of", "CONFIG", "INIT", "CHECKPOINTS",

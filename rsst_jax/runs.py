@@ -3,8 +3,10 @@
 A run directory (``--save_dir``, layout in ``rsst_jax.paths``) holds ``config.json``,
 ``log.jsonl`` (one JSON object per epoch), ``summary.json`` (one row per round) and orbax
 checkpoints; ``load_run`` checks that a directory is one and returns its contents
-(checkpoints are opened with ``rsst_jax.tickets``). ``group_seeds`` finds the runs that
-differ only in seed and ``SeedStat`` holds one value over them. No JAX here. Errors are
+(checkpoints are opened with ``rsst_jax.tickets``). Seed grouping, for compare and plot:
+``group_seeds`` finds the runs that differ only in seed, ``seed_group_name`` names such a
+group, ``round_stats`` and ``SeedStat`` hold one value over its seeds and
+``partial_rounds`` says which rounds not every seed has finished. No JAX here. Errors are
 ``RunDirError`` with a one-line message saying what was expected.
 """
 from __future__ import annotations
@@ -13,11 +15,15 @@ import dataclasses
 import json
 import math
 import pathlib
+import re
 from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+import numpy as np
 
 from rsst_jax import config as config_lib
 from rsst_jax import metrics as metrics_lib
 from rsst_jax import paths as paths_lib
+from rsst_jax import tickets
 from rsst_jax.methods import registry as methods
 # Defined beside the layout (rsst_jax.tickets needs them too; no import cycle); read here.
 from rsst_jax.paths import RunDirError, is_run_dir
@@ -125,7 +131,6 @@ class Run:
     # ---------------------------------------------------------------- checkpoints
     def checkpoints(self) -> list:
         """Every round checkpoint (``tickets.CheckpointRef``, final and best), by round."""
-        from rsst_jax import tickets
         return tickets.list_checkpoints(self.path)
 
 
@@ -241,6 +246,43 @@ def group_seeds(runs: Sequence[Run], note: Optional[Callable[[str], None]] = Non
     return groups
 
 
+# A seed in a name: a sweep cell's ``seed=3`` or a --num_seeds folder's ``seed_3``.
+_SEED_PART = re.compile(r"(?:^|(?<=[ ,/]))seed[=_]-?\d+(?=$|[ ,/])")
+
+
+def strip_seed(name: str) -> str:
+    """``name`` without its seed part: 'struct=rsst seed=2' -> 'struct=rsst', 'seed_2' -> ''."""
+    text = _SEED_PART.sub("", name)
+    return re.sub(r"[ ,/]{2,}", lambda m: m.group(0)[0], text).strip(" ,/")
+
+
+def seed_group_name(group: Sequence[Run], names: Sequence[str]) -> str:
+    """The name of a seed group from its runs' names: their common name without the seed
+    ('struct=rsst seed=0', 'struct=rsst seed=1' -> 'struct=rsst'); for --num_seeds
+    folders (seed_0, seed_1, ...) the folder holding them; else the names joined by '+'."""
+    stripped = list(dict.fromkeys(strip_seed(n) for n in names))
+    if len(stripped) == 1 and stripped[0]:
+        return stripped[0]
+    parents = {run.path.parent for run in group}
+    if stripped == [""] and len(parents) == 1:
+        return next(iter(parents)).name or str(next(iter(parents)))
+    return "+".join(n for n in stripped if n) or "+".join(names)
+
+
+def seeds_label(group: Sequence[Run]) -> str:
+    """How a seed group is counted in a title or a table: '3 seeds'."""
+    return f"{len(group)} seeds"
+
+
+def partial_rounds(group: Sequence[Run]) -> dict[int, int]:
+    """Round -> number of seeds that finished it, for the rounds some seed has not."""
+    counts: dict[int, int] = {}
+    for run in group:
+        for row in run.summary:
+            counts[int(row["round"])] = counts.get(int(row["round"]), 0) + 1
+    return {r: n for r, n in sorted(counts.items()) if n < len(group)}
+
+
 class SeedStat(NamedTuple):
     """One number over the seeds of a group: the mean, the sample standard deviation
     (n - 1 in the denominator; None for a single value), the number of seeds it is
@@ -257,8 +299,6 @@ def seed_stat(values: Sequence[Optional[float]], of: Optional[int] = None) -> Op
     """Mean and sample standard deviation of the values that are not None (float64, as
     numpy computes them); None when there is none. ``of``: the group's size (default:
     the number of values given)."""
-    import numpy as np
-
     known = np.asarray([v for v in values if v is not None], dtype=np.float64)
     if known.size == 0:
         return None

@@ -17,6 +17,7 @@ import optax
 from rsst_jax import data as data_lib
 from rsst_jax import masks as masks_lib
 from rsst_jax import trees
+from rsst_jax.losses import cross_entropy  # the loss; also train.cross_entropy
 
 Array = jax.Array
 PyTree = Any
@@ -239,11 +240,6 @@ def create_train_state(model, tx, key: Array, sample_shape: tuple) -> TrainState
 def reset_optimizer(state: TrainState, tx) -> TrainState:
     """New round: fresh optimizer state and step counter (the LR schedule restarts)."""
     return state.replace(step=jnp.zeros((), jnp.int32), opt_state=tx.init(state.params))
-
-
-def cross_entropy(logits, labels):
-    """Mean cross-entropy over the batch (in float32); ``labels`` integer ``[N]``."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
 
 
 def distillation_loss(student_logits, teacher_logits, temperature: float):

@@ -1,6 +1,6 @@
 r"""Start and stop throwaway clusters on this machine: SLURM and Ray.
 
-    python scripts/clusters.py slurm start DIR   # munged, slurmctld, slurmd; prints SLURM_CONF=...
+    python scripts/clusters.py slurm start DIR   # munged, slurmctld, slurmd; prints export SLURM_CONF=...
     python scripts/clusters.py slurm stop DIR
     python scripts/clusters.py ray start DIR     # a head and one worker node; prints the address
     python scripts/clusters.py ray stop DIR
@@ -9,13 +9,18 @@ SLURM: one node named after `hostname`, from Debian's packages (apt-get install
 slurm-wlm munge), with no systemd, cgroups or accounting database: every daemon runs in
 the background with its key, configuration, spool, state and logs under DIR and its own
 free ports. Point sbatch, squeue and scontrol at it with the SLURM_CONF it prints.
-Ray: `ray start` for a head and one worker node on 127.0.0.1 (pip install ray), with
-their temporary files under DIR and a fast health check, so a lost node is noticed in
-about 3 s. Each `stop` ends the processes that its `start` wrote to DIR/pids, by id
-(never `ray stop`, which ends every Ray process of the machine).
+Ray: `ray start` for a head and one worker node on 127.0.0.1 (pip install ray), with a
+fast health check, so a lost node is noticed in about 3 s; their process ids under DIR,
+Ray's temporary files and logs in a new folder /tmp/rsst-ray-XXXXXXXX (Ray's unix sockets
+need a path that short), whose path DIR/ray_tmp holds. Each `stop` ends the
+processes that its `start` wrote to DIR/pids.json, by id (never `ray stop`, which ends
+every Ray process of the machine), and removes Ray's temporary folder.
+
+Exit codes: 0 done, 1 a cluster did not start (one line saying why), 2 bad usage.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import pathlib
@@ -344,20 +349,27 @@ def kill_ray_node(root, node: str = "worker") -> list[int]:
     return pids
 
 
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python scripts/clusters.py",
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description=__doc__.split("\n\n", 1)[1])
+    p.add_argument("kind", choices=("slurm", "ray"), help="which cluster")
+    p.add_argument("action", choices=("start", "stop"), help="start it, or stop what its "
+                   "start began")
+    p.add_argument("dir", metavar="DIR", help="the cluster's folder (created by start)")
+    return p
+
+
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 3 or argv[0] not in ("slurm", "ray") or argv[1] not in ("start", "stop"):
-        print("usage: python scripts/clusters.py slurm|ray start|stop DIR", file=sys.stderr)
-        return 2
-    kind, action, root = argv
-    if action == "stop":
-        stop(root)
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.action == "stop":
+        stop(args.dir)
         return 0
     try:
-        if kind == "slurm":
-            print(f"export SLURM_CONF={start_slurm(root)['SLURM_CONF']}")
+        if args.kind == "slurm":
+            print(f"export SLURM_CONF={start_slurm(args.dir)['SLURM_CONF']}")
         else:
-            print(f"ray address: {start_ray(root)['address']}")
+            print(f"ray address: {start_ray(args.dir)['address']}")
     except ClusterError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -23,7 +23,7 @@ import pytest
 
 from experiments import analyze, compare, plot, sweep
 from rsst_jax import masks as masks_lib
-from rsst_jax import nets, runs, tickets
+from rsst_jax import nets, paths, runs, tickets
 from test_recipes import ROOT, assert_ran, run_doc
 
 QUICK = "runs/quick"
@@ -240,7 +240,8 @@ def test_sweep_resumes_an_unfinished_cell(quick, tmp_path, res8_registered, caps
     assert sweep.main(argv) == 0
     out = capsys.readouterr().out
     assert "struct=none  done" in out and "struct=rsst  partial" in out
-    commands = [line for line in out.splitlines() if line.startswith("python -m experiments.run")]
+    commands = [line for line in out.splitlines()
+                if line.startswith(f"{paths.python_command()} -m experiments.run")]
     assert len(commands) == 1 and "--resume" in commands[0].split() and "struct=rsst" in commands[0]
 
 

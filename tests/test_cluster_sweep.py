@@ -165,8 +165,12 @@ def test_slurm_detached_sweep_with_a_preempted_job_ends_with_the_local_summaries
     assert record["launcher"] == "slurm" and all(jobs) and len(set(jobs)) == 2, record
     for cell, job in zip(CELLS, jobs):
         assert f"submitted {cell} as slurm job {job}" in said, said
-    status = subprocess.run([sys.executable, "-m", "experiments.sweep", "--status", "slurm"],
-                            cwd=work[0], env=dict(work[1], **slurm), capture_output=True, text=True)
+    # the status command it prints, pasted into a shell in the same folder (no PYTHONPATH)
+    printed = said.split("jobs out; ", 1)[1].split(" shows them", 1)[0]
+    assert printed == f"{sys.executable} -m experiments.sweep --status slurm", said
+    pasted = {k: v for k, v in dict(work[1], **slurm).items() if k != "PYTHONPATH"}
+    status = subprocess.run(["bash", "-c", printed], cwd=work[0], env=pasted,
+                            capture_output=True, text=True)
     assert status.returncode == 0, status.stderr
     for cell, job in zip(CELLS, jobs):
         line = next(x for x in status.stdout.splitlines() if x.strip().startswith(cell))
@@ -225,6 +229,43 @@ def test_slurm_failed_job_shows_in_status_and_a_rerun_submits_it_again(work, slu
     assert "submitted seed=0 as slurm job" in again.stdout, again.stdout
     assert "resuming" in paths.RunPaths.of(cell).output.read_text()
     assert strip_times(read_rows(paths.RunPaths.of(cell).summary_json)) == reference["seed=0"]
+
+
+SLEEPER = "import sys, time\ntime.sleep(float(sys.argv[1]))\nsys.exit(int(sys.argv[2]))\n"
+
+
+def test_slurm_jobs_through_submitits_api_without_accounting(work, slurm, monkeypatch):
+    """The local cluster keeps no accounting (sacct cannot answer): the launcher follows
+    its jobs with squeue, reads an exit code through submitit's job.result(), and has
+    none for a job cancelled before it wrote one (its cell then fails)."""
+    from experiments import launchers
+    monkeypatch.setenv("SLURM_CONF", slurm["SLURM_CONF"])
+    assert subprocess.run(["sacct", "-n"], capture_output=True).returncode != 0
+    assert not launchers.slurm_accounting()
+    root = work[0] / "sleepers"
+    root.mkdir()
+    (root / "sleeper.py").write_text(SLEEPER)
+    slurm_launcher = launchers.Slurm(root / "jobs", time_min=5)
+
+    def program(name, seconds, code):
+        return launchers.Program(name=name, module="sleeper", args=[str(seconds), str(code)],
+                                 env={"PYTHONPATH": str(root)}, cwd=str(root),
+                                 logs=[str(root / f"{name}.log")])
+    quick, slow = (slurm_launcher.submit(program("quick", 0, 3)),
+                   slurm_launcher.submit(program("slow", 120, 0)))
+    wait_for("the slow job running", lambda: slurm_launcher.phases([slow])[slow] == "running",
+             every=0.2)
+    wait_for("the quick job ending", lambda: slurm_launcher.phases([quick])[quick] == "ended",
+             every=0.2)
+    assert slurm_launcher.outcome(quick) == (3, None)
+    subprocess.run(["scancel", slow], check=True)
+    wait_for("the cancelled job ending", lambda: slurm_launcher.phases([slow])[slow] == "ended",
+             every=0.2)
+    assert slurm_launcher.outcome(slow) == (None, None)
+    # a job of an earlier command, known only by its id: the same answers
+    again = launchers.Slurm(root / "jobs", time_min=5)
+    assert again.phases([quick, slow]) == {quick: "ended", slow: "ended"}
+    assert again.outcome(quick) == (3, None)
 
 
 def test_srun_step_of_two_tasks_trains_one_ticket_over_two_processes(slurm, tmp_path):
@@ -286,8 +327,9 @@ def _program_on(root: pathlib.Path, node: str) -> str:
         except OSError:
             continue
         args = [a.decode() for a in cmd]
-        if any("_program_entry" in a for a in args) and "--save_dir" in args:
-            return pathlib.Path(args[args.index("--save_dir") + 1]).name
+        if "experiments.sweep.program" in args:
+            cell = shlex.split(next(a for a in args if a.startswith("--cell="))[len("--cell="):])
+            return pathlib.Path(cell[cell.index("--save_dir") + 1]).name
     return ""
 
 

@@ -291,9 +291,10 @@ def test_one_table_of_image_shapes_and_run_paths_from_one_module():
     assert data_lib.load_dataset("digits").image_shape == data_lib.IMAGE_SHAPES["digits"]
     names = {paths.CONFIG, paths.CHECKPOINTS, paths.LOG, paths.SUMMARY_JSON, paths.SUMMARY_CSV,
              paths.LOCK, paths.OUTPUT, paths.PLOTS, paths.ROUND_PREFIX}
+    sweep_files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "experiments" / "sweep").glob("*.py"))
     for rel in ("rsst_jax/runs.py", "rsst_jax/tickets.py", "rsst_jax/pretrained.py",
                 "experiments/analyze.py", "experiments/compact.py", "experiments/plot.py",
-                "experiments/compare.py", "experiments/sweep.py"):
+                "experiments/compare.py", *sweep_files):
         tree = ast.parse((ROOT / rel).read_text())
         literals = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant)
                     and isinstance(n.value, str)}

@@ -89,6 +89,20 @@ def test_library_parses_no_command_line_and_imports_no_experiments(rel):
     assert not bad, f"{rel} imports {bad}"
 
 
+# The pruning core: functions on pytrees that the training module uses, never the reverse
+# (the loss they differentiate is rsst_jax.losses, which both import).
+PRUNING_CORE = ["rsst_jax/masks.py", "rsst_jax/criteria.py", "rsst_jax/regularizers.py",
+                "rsst_jax/losses.py", "rsst_jax/trees.py"]
+
+
+@pytest.mark.parametrize("rel", _checked(PRUNING_CORE))
+def test_the_pruning_core_does_not_import_the_training_module(rel):
+    bad = sorted(n for n in imported_modules(ROOT / rel)
+                 if any(_is_within(n, m) for m in ("rsst_jax.train", "rsst_jax.engine",
+                                                    "rsst_jax.driver")))
+    assert not bad, f"{rel} imports {bad}"
+
+
 def test_channel_flow_and_model_masks_stand_below_compact():
     for rel, below in (("rsst_jax/channel_flow.py", ("rsst_jax.compact", "rsst_jax.counting")),
                        ("rsst_jax/model_masks.py", ("rsst_jax.counting",) + COMPACTION)):

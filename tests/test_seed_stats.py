@@ -107,10 +107,10 @@ def test_runs_differing_only_in_seed_are_one_group(sweep_dir, num_seeds_dir):
 
 
 def test_seed_names():
-    assert compare.strip_seed("struct=rsst,seed=2") == "struct=rsst"
-    assert compare.strip_seed("struct=rsst seed=2 criteria=l1") == "struct=rsst criteria=l1"
-    assert compare.strip_seed("seed_12") == "" and compare.strip_seed("rsst/seed_1") == "rsst"
-    assert compare.strip_seed("seeds=3,lr=0.1") == "seeds=3,lr=0.1"  # not a seed
+    assert runs.strip_seed("struct=rsst,seed=2") == "struct=rsst"
+    assert runs.strip_seed("struct=rsst seed=2 criteria=l1") == "struct=rsst criteria=l1"
+    assert runs.strip_seed("seed_12") == "" and runs.strip_seed("rsst/seed_1") == "rsst"
+    assert runs.strip_seed("seeds=3,lr=0.1") == "seeds=3,lr=0.1"  # not a seed
 
 
 def test_round_stats_are_numpys_mean_and_sample_std(num_seeds_dir):
