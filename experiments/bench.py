@@ -269,7 +269,7 @@ def time_epochs(args, arch, batch_size, shape, setups, ds=None, memory: bool = F
         states, plan = _epoch_state(eng, cfgs)
         seeds = [c.run.resolved_seed for c in cfgs]
         t0 = time.perf_counter()
-        states, m = eng.train_epoch(states, plan, eng.epoch_perms(seeds, 0, 0))
+        states, m = eng.train_epoch(states, plan, engine_lib.epoch_perms(eng, seeds, 0, 0))
         jax.block_until_ready(states)
         if not m["finite"].all():
             raise BenchError(f"{arch}: the loss became non-finite on the generated data; "
@@ -279,7 +279,7 @@ def time_epochs(args, arch, batch_size, shape, setups, ds=None, memory: bool = F
         for label in ready:
             eng, states, plan, seeds, _, times = ready[label]
             t0 = time.perf_counter()
-            states, _ = eng.train_epoch(states, plan, eng.epoch_perms(seeds, 0, e + 1))
+            states, _ = eng.train_epoch(states, plan, engine_lib.epoch_perms(eng, seeds, 0, e + 1))
             jax.block_until_ready(states)
             times.append(time.perf_counter() - t0)
             ready[label][1] = states
@@ -298,8 +298,9 @@ def _program_memory(eng, states, plan, seeds):
     """XLA's estimate of the train program's memory (arguments + outputs + temporaries)."""
     import numpy as np
 
+    from rsst_jax import engine as engine_lib
     from rsst_jax import parallel
-    perms = eng.epoch_perms(seeds, 0, 0)
+    perms = engine_lib.epoch_perms(eng, seeds, 0, 0)
     prog = eng.train_chunk if eng.fused else eng.train_step
     idx = perms[:, :min(eng.fused_steps, perms.shape[1])] if eng.fused else perms[:, 0]
     try:

@@ -405,9 +405,10 @@ class Config:
         ConfigError on unknown names."""
         unknown = sorted(set(values) - set(group_of_flags()))
         if unknown:
-            raise ConfigError(f"unknown settings {', '.join(unknown)} (see python -m "
-                              f"experiments.run --help; a method's own flags need --import of "
-                              f"the module that registers it)")
+            from rsst_jax.paths import command  # the error path only: paths runs a probe
+            raise ConfigError(f"unknown settings {', '.join(unknown)} (see "
+                              f"{command('experiments.run', ['--help'])}; a method's own flags "
+                              f"need --import of the module that registers it)")
         return cls().replace(**values)
 
     def to_dict(self) -> dict[str, Any]:

@@ -217,7 +217,7 @@ def _train_epoch(run: RunState, callbacks, r: int, epoch: int) -> None:
     scales = [run.method.epoch_scale(run.values(k)) for k in range(len(ticks))]
     run.plan = run.plan.replace(step=run.plan.step.replace(
         reg_scale=jnp.asarray(scales, jnp.float32)))
-    perms = eng.epoch_perms([t.seed for t in ticks], r, epoch - 1)
+    perms = engine_lib.epoch_perms(eng, [t.seed for t in ticks], r, epoch - 1)
     for c in callbacks:
         c.epoch_start(run, r, epoch, perms.shape[1])
     run.states, metrics = eng.train_epoch(

@@ -102,10 +102,8 @@ class Engine:
         cfg = configs[0]
         self.configs, self.k = list(configs), len(configs)
         o, r = cfg.optim, cfg.run
-        self.ds = data_lib.train_subset(
-            dataset if dataset is not None else data_lib.load_dataset(cfg.data.dataset,
-                                                                      cfg.data.data),
-            cfg.data.train_subset)
+        ds = dataset or data_lib.load_dataset(cfg.data.dataset, cfg.data.data)
+        self.ds = data_lib.train_subset(ds, cfg.data.train_subset)
         # One ticket: batches split over a data-parallel mesh; K tickets: spread over
         # the devices, K/t on each of t (no mesh where t = 1).
         self.mesh = parallel.data_mesh(devices, batch_size=o.batch_size // o.accum_steps) \
@@ -114,6 +112,7 @@ class Engine:
         self.ticket_devices = 1 if self.ticket_mesh is None else self.ticket_mesh.size
         self.k_per_device = self.k // self.ticket_devices
         n_dev = 1 if self.mesh is None else self.mesh.size
+        self.device_count = n_dev if self.ticket_mesh is None else self.ticket_devices
         if o.batch_size % (n_dev * o.accum_steps):
             raise EngineError(f"--batch_size {o.batch_size} must be a multiple of {n_dev} "
                               f"devices x --accum_steps {o.accum_steps}; choose another batch "
@@ -156,10 +155,6 @@ class Engine:
                                   batch_axis=batch_axis)
 
     # ------------------------------------------------------------------ tickets
-    def hyper(self, cfg) -> train_lib.Hyper:
-        """Ticket ``cfg``'s schedule values."""
-        return hyper_of(cfg)
-
     def plan(self, cfg, masks, channel_masks=None) -> rounds.RoundPlan:
         """The plan of ticket ``cfg``'s round trained with kernel masks M = ``masks``,
         ending by applying ``channel_masks`` S where given (``rounds.plan_round``), its
@@ -168,27 +163,7 @@ class Engine:
         return rounds.plan_round(self.net, self.param_shapes, cfg.prune, masks, channel_masks,
                                  targets=lambda alive, alive_s: method.targets(
                                      cfg, self.net, alive, alive_s),
-                                 hyper=self.hyper(cfg))
-
-    def penalty_state(self, opt_state):
-        """The state of the method's transformation inside ``opt_state`` (first in the
-        chain, ``train.make_optimizer``), or None without a penalty."""
-        return None if self.penalty is None else opt_state[0]
-
-    def devices_text(self) -> str:
-        """Where the tickets train, for the start line: '1 device', 'K tickets over t
-        devices', 'batches split over n devices'."""
-        if self.ticket_mesh is not None:
-            return f"{self.k} tickets over {self.ticket_devices} device(s)"
-        n = 1 if self.mesh is None else self.mesh.size
-        return "1 device" if n == 1 else f"batches split over {n} devices"
-
-    @property
-    def device_count(self) -> int:
-        """How many devices the programs use (recorded in config.json)."""
-        if self.ticket_mesh is not None:
-            return self.ticket_devices
-        return 1 if self.mesh is None else self.mesh.size
+                                 hyper=hyper_of(cfg))
 
     def fresh_state(self, seed: int) -> train_lib.TrainState:
         """A ticket's initial state: W0 drawn from ``seed``, a fresh optimizer."""
@@ -209,18 +184,6 @@ class Engine:
         """The parameters' shapes and dtypes (for masks and plans without weights)."""
         return jax.eval_shape(lambda: self.fresh_state(0)).params
 
-    def epoch_perms(self, seeds: Sequence[int], round_idx: int, epoch: int) -> np.ndarray:
-        """[K, steps, B] batch indices of every ticket's epoch (from 0; drop_last)."""
-        n, bs = self.ds.train_x.shape[0], self.configs[0].optim.batch_size
-        return np.stack([rounds.epoch_indices(jax.random.PRNGKey(s), n, bs, round_idx, epoch)
-                         for s in seeds])
-
-    def score_batches(self, seed: int, round_idx: int, count: int):
-        """The criterion's (batches, key) of ticket ``seed`` after round ``round_idx``."""
-        return rounds.criteria_batches(jax.random.PRNGKey(seed), self.dev["train_x"],
-                                       self.dev["train_y"], self.configs[0].optim.batch_size,
-                                       round_idx, count)
-
     # ------------------------------------------------------------------ one ticket, your loop
     def step(self, state, batch, plan: train_lib.Plan):
         """One train step of a single ticket on a host ``batch`` (uint8 images, labels),
@@ -232,11 +195,6 @@ class Engine:
         states, m = self.train_step(trees.stack([state]), images, labels,
                                     parallel.shard_batch(idx, self.mesh, 1), trees.stack([plan]))
         return trees.ticket(states, 0), trees.ticket(m, 0)
-
-    def recalibrated(self, state, n: int):
-        """One ticket's ``state`` with its BatchNorm statistics re-estimated over ``n``
-        training batches (``recalibrate_bn``), as a run does where it applies S."""
-        return trees.ticket(recalibrate_bn(self, trees.stack([state]), n), 0)
 
     def accuracy(self, variables, split: str) -> float:
         """Accuracy (%) of one ticket's ``variables`` on the ``val`` or ``test`` split."""
@@ -280,6 +238,43 @@ class Engine:
         return train_lib.evaluate(self._eval, variables, x, y, bs)
 
 
+def epoch_perms(engine: Engine, seeds: Sequence[int], round_idx: int, epoch: int
+                ) -> np.ndarray:
+    """[K, steps, B] batch indices of every ticket's epoch (from 0; drop_last)."""
+    n, bs = engine.ds.train_x.shape[0], engine.configs[0].optim.batch_size
+    return np.stack([rounds.epoch_indices(jax.random.PRNGKey(s), n, bs, round_idx, epoch)
+                     for s in seeds])
+
+
+def score_batches(engine: Engine, seed: int, round_idx: int, count: int):
+    """The criterion's (batches, key) of ticket ``seed`` after round ``round_idx``."""
+    return rounds.criteria_batches(jax.random.PRNGKey(seed), engine.dev["train_x"],
+                                   engine.dev["train_y"], engine.configs[0].optim.batch_size,
+                                   round_idx, count)
+
+
+def penalty_state(engine: Engine, opt_state):
+    """The state of the method's transformation inside ``opt_state`` (first in the chain,
+    ``train.make_optimizer``), or None without a penalty."""
+    return None if engine.penalty is None else opt_state[0]
+
+
+def devices_text(engine: Engine) -> str:
+    """Where the tickets train, for the start line: '1 device', 'K tickets over t
+    device(s)', 'batches split over n devices' (``engine.device_count`` counts them)."""
+    if engine.ticket_mesh is not None:
+        return f"{engine.k} tickets over {engine.ticket_devices} device(s)"
+    return "1 device" if engine.device_count == 1 else \
+        f"batches split over {engine.device_count} devices"
+
+
+def recalibrated(engine: Engine, state, n: int):
+    """One ticket's ``state`` with its BatchNorm statistics re-estimated over ``n``
+    training batches (``recalibrate_bn``; an engine of one ticket), as a run does where it
+    applies S."""
+    return trees.ticket(recalibrate_bn(engine, trees.stack([state]), n), 0)
+
+
 def ticket_meta(engine: Engine, cfg) -> dict:
     """What a checkpoint of ticket ``cfg`` records about the network (for the loaders)."""
     return {"arch": cfg.model.arch, "dataset": cfg.data.dataset,
@@ -312,6 +307,7 @@ def recalibrate_bn(engine: Engine, states, n: int):
 
 
 __all__ = ["Engine", "EngineError", "build_model", "model_options", "hyper_of", "penalty_of",
+           "penalty_state", "devices_text", "recalibrated", "epoch_perms", "score_batches",
            "optimizer_of",
            "schedules_of", "ticket_meta",
            "step_config_of", "eval_program", "bn_batches", "recalibrate_bn"]

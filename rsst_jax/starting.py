@@ -145,7 +145,7 @@ def _startup_line(engine, tickets) -> str:
             f"{len(ds.test_y)} test images {'x'.join(map(str, ds.image_shape))}, "
             f"{ds.num_classes} classes; {cfg.model.arch}; {cfg.prune.pruning_times} round(s) x "
             f"{cfg.optim.epochs} epochs, struct {cfg.prune.struct}; {len(tickets)} ticket(s) "
-            f"on {engine.devices_text()} ({jax.default_backend()}) writing to {where}. "
+            f"on {engine_lib.devices_text(engine)} ({jax.default_backend()}) writing to {where}. "
             f"Compiling (a minute or two on a CPU)...")
 
 
@@ -253,7 +253,7 @@ def ticket_values(engine, t, state, plan, *, round_idx: int, epoch: int, history
     return methods.TicketValues(
         cfg=t.cfg, net=engine.net, round=round_idx, epoch=epoch, variables=state.variables,
         masks=plan.masks, channel_masks=plan.channel_masks if plan.applies_s else None,
-        targets=plan.step.targets, penalty_state=engine.penalty_state(state.opt_state),
+        targets=plan.step.targets, penalty_state=engine_lib.penalty_state(engine, state.opt_state),
         info=dict(p.method_info), history=tuple(p.history if history is None else history))
 
 
@@ -264,7 +264,7 @@ def next_round(engine, tickets, states, plan, rewind, r: int, teacher=None):
         t = tickets[k]
         method = methods.of(t.cfg)
         scoring = methods.Scoring(
-            batches=lambda: engine.score_batches(t.seed, r, t.cfg.prune.criteria_batches),
+            batches=lambda: engine_lib.score_batches(engine, t.seed, r, t.cfg.prune.criteria_batches),
             key=jax.random.PRNGKey(t.seed), mean=engine.ds.mean, std=engine.ds.std)
         masks, channel = method.next_masks(
             ticket_values(engine, t, state, plan_k, round_idx=r, epoch=t.progress.epoch),

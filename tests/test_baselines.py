@@ -12,6 +12,7 @@ import pytest
 from rsst_jax import masks as masks_lib
 from rsst_jax import methods, regularizers, rounds
 from rsst_jax.compact import compact
+from rsst_jax import engine as engine_lib
 from rsst_jax.engine import Engine
 from rsst_jax.methods import greg, group, slimming, ssl
 
@@ -170,7 +171,7 @@ def _res20s_round(tmp_path, struct):
         lambda p: p * (1 + jax.random.uniform(jax.random.PRNGKey(p.size), p.shape)),
         state.params))
     masks = rounds.initial_masks(eng.net, state.params, cfg.prune)
-    scoring = methods.Scoring(batches=lambda: eng.score_batches(0, 0, 1),
+    scoring = methods.Scoring(batches=lambda: engine_lib.score_batches(eng, 0, 0, 1),
                               key=jax.random.PRNGKey(0), mean=ds.mean, std=ds.std)
     nxt, _ = methods.get_method(struct).next_masks(_values(cfg, eng, state, masks), scoring)
     plan = eng.plan(cfg, nxt)  # --mask_bn: the removed channels' BatchNorm is masked too

@@ -9,6 +9,7 @@ import pytest
 
 from rsst_jax import checkpoint as ckpt
 from rsst_jax import driver
+from rsst_jax import engine as engine_lib
 from rsst_jax import masks as masks_lib
 from rsst_jax import methods
 
@@ -84,7 +85,7 @@ def test_refill_rounds_are_channelwise_with_spec_k(tmp_path, monkeypatch):
     m_next, _ = eng.method.next_masks(
         methods.TicketValues(cfg=cfg, net=eng.net, round=1, epoch=cfg.optim.epochs,
                              variables=variables, masks=masks),
-        methods.Scoring(batches=lambda: eng.score_batches(0, 1, 1), key=jax.random.PRNGKey(0),
+        methods.Scoring(batches=lambda: engine_lib.score_batches(eng, 0, 1, 1), key=jax.random.PRNGKey(0),
                         mean=eng.ds.mean, std=eng.ds.std))
     plan = eng.plan(cfg, m_next)
     for (path, _, m_imp), (_, _, m_s) in zip(

@@ -73,7 +73,7 @@ def test_channels_png_panels_differ_for_rsst(rsst_run):
     layers, rounds, panels = plot.channel_panels(run)
     assert rounds == [0, 1] and len(panels) == 2
     (_, channels), (title, trained) = panels
-    assert "magnitude mask M" in title
+    assert "kernel mask M" in title
     assert not np.array_equal(channels, trained)
     # the second panel is the mask M of round 1's best-validation checkpoint
     best, _, _ = tickets.read(tickets.resolve(run.path, round_idx=1, kind=paths_lib.BEST))
@@ -108,7 +108,7 @@ def test_analyze_says_why_an_rsst_ticket_keeps_zero_weights(rsst_run, capsys):
     assert analyze.main([str(rsst_run)]) == 0
     out = capsys.readouterr().out
     assert f"note: {kept - nonzero:,} of the {kept:,} kept weights are exactly zero" in out
-    assert "trained with the magnitude mask M" in out
+    assert "trained with the kernel mask M" in out
     assert analyze.main([str(rsst_run), "--round", "0"]) == 0  # dense: nothing to explain
     assert "exactly zero" not in capsys.readouterr().out
 
