@@ -12,10 +12,12 @@ whole run (epoch e of round r, from 1, is step ``r * epochs + e``).
 
 Nothing here names a column: a method that adds one to its rows is drawn as it is.
 
-A resumed run redoes what came after its checkpoint. Its TensorBoard writer opens a new
-event file that starts with ``purge_step`` (a ``SessionLog.START`` event): TensorBoard's
-reader drops every earlier event at that step or later, and the run writes them again,
-so an epoch redone after a resume appears once. W&B continues the same W&B run (its id
+A resumed run redoes what came after its checkpoint. Every run's TensorBoard writer opens
+a new event file that starts with ``purge_step`` (a ``SessionLog.START`` event at the
+first step it writes): TensorBoard drops every earlier event of the directory at that
+step or later, and the run writes them again, so an epoch redone after a resume appears
+once. (TensorBoard's readers take the first START of a directory as its start, not as
+a restart, hence one in every file, a fresh run's too.) W&B continues the same W&B run (its id
 is kept in ``wandb/run_id``); W&B keeps the first value logged at a step.
 """
 from __future__ import annotations
@@ -110,10 +112,10 @@ class TensorBoard(_Scalars):
     """TensorBoard event files in every ticket's run directory (``tensorboard --logdir``),
     through tensorboardX; flushed at the end of each epoch and round.
 
-    A run that finds event files in its directory (resumed, or restarted after a kill
-    before its first checkpoint) writes a new file starting with ``purge_step`` =
-    ``first_step`` of its progress, and writes again the epochs of its history at that
-    step or later (the last epoch of a round whose end is redone)."""
+    Each run (fresh, resumed, or restarted after a kill before its first checkpoint)
+    writes a new file starting with ``purge_step`` = ``first_step`` of its progress,
+    and writes again the epochs of its history at that step or later (the last epoch
+    of a round whose end is redone)."""
 
     def __init__(self):
         super().__init__()
@@ -123,14 +125,13 @@ class TensorBoard(_Scalars):
         from tensorboardX import SummaryWriter
         for t in run.live_tickets():
             root = t.paths.root
-            earlier = event_files(root)
-            purge = first_step(t.progress, run.epochs) if earlier else None
+            purge = first_step(t.progress, run.epochs)
             # tensorboardX names a file after the second it opens it; the number keeps a
             # resumed run's file after (and apart from) the earlier ones of that second.
             w = SummaryWriter(str(root), purge_step=purge, flush_secs=3600,
-                              filename_suffix=f".{len(earlier):04d}")
+                              filename_suffix=f".{len(event_files(root)):04d}")
             self.writers[root] = w
-            for row in t.progress.history if purge is not None else ():
+            for row in t.progress.history:
                 step = epoch_step(row["round"], row["epoch"], run.epochs)
                 if step >= purge:
                     self._add(w, step, epoch_scalars_of(row))

@@ -6,7 +6,9 @@ import sys
 
 import numpy as np
 import pytest
+from tensorboard.backend.event_processing import plugin_event_accumulator
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.util import tensor_util
 
 from rsst_jax import checkpoint as ckpt
 from rsst_jax import masks as masks_lib
@@ -20,13 +22,25 @@ def _rows(path):
 
 
 def tensorboard_scalars(logdir) -> dict:
-    """{(tag, step): [values]} as TensorBoard shows the run in ``logdir`` (purges done)."""
+    """{(tag, step): [values]} as TensorBoard shows the run in ``logdir`` (purges done),
+    read by both of its readers (the scalars' EventAccumulator, and the one behind
+    ``tensorboard --load_fast=false``; the default data server gives the same, see
+    README), which must agree."""
     acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})  # 0: keep every event
     acc.Reload()
     out = {}
     for tag in acc.Tags()["scalars"]:
         for event in acc.Scalars(tag):
             out.setdefault((tag, event.step), []).append(event.value)
+    plugin = plugin_event_accumulator.EventAccumulator(str(logdir),
+                                                       size_guidance={"tensors": 0})
+    plugin.Reload()
+    other = {}
+    for tag in plugin.Tags()["tensors"]:
+        for event in plugin.Tensors(tag):
+            other.setdefault((tag, event.step), []).append(
+                float(tensor_util.make_ndarray(event.tensor_proto)))
+    assert other == out
     return out
 
 
