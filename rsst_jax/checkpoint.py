@@ -60,24 +60,36 @@ class CheckpointError(RuntimeError):
 # --------------------------------------------------------------------------- stopping
 
 _WRITES = threading.RLock()
+_DEPTH = threading.local()  # how deep in writing() this thread is
+_STOPPING = threading.Event()
+_NEVER = threading.Event()
 
 
 @contextlib.contextmanager
 def writing():
     """Around checkpoint writes that belong together (the best and the resume checkpoint
     of an epoch; every ``save`` holds it too): a process told to stop waits until the
-    whole group is committed (``finish_writes``)."""
+    whole group is committed (``finish_writes``), and starts no group after that."""
+    depth = getattr(_DEPTH, "n", 0)
+    if depth == 0 and _STOPPING.is_set():
+        _NEVER.wait()  # the process is ending: this write never starts
     with _WRITES:
-        yield
+        _DEPTH.n = depth + 1
+        try:
+            yield
+        finally:
+            _DEPTH.n = depth
 
 
-def finish_writes(timeout: float = WRITE_GRACE_S) -> bool:
+def finish_writes(timeout: Optional[float] = None) -> bool:
     """For the thread that is about to end the process (never the one that writes): wait
-    at most ``timeout`` seconds for the checkpoint writes in flight to be committed, then
-    keep any new one from starting (the hold is never released). True when nothing was
-    left in flight; else the write goes on until the process ends, and since old steps
-    are dropped only after a new one is committed, the previous step stays intact."""
-    return _WRITES.acquire(timeout=timeout)
+    at most ``timeout`` seconds (default ``WRITE_GRACE_S``) for the checkpoint writes in
+    flight to be committed, and keep any new one from starting (for good). True when
+    nothing was left in flight; else the write goes on until the process ends, and since
+    old steps are dropped only after a new one is committed, the previous step stays
+    intact."""
+    _STOPPING.set()
+    return _WRITES.acquire(timeout=WRITE_GRACE_S if timeout is None else timeout)
 
 
 # --------------------------------------------------------------------------- orbax's event loops

@@ -51,8 +51,11 @@ TESTS = pathlib.Path(__file__).resolve().parent
 #   discard  half-way through deleting an old checkpoint (renamed into .deleting/, half its
 #            files gone)
 #   summary  right after summary.json was written at the end of a round
+# RSST_TEST_SLOW_COMMIT "suffix:seconds" holds the step-level commit of a checkpoint whose
+# final path ends with suffix for that long (the step still temporary): a checkpoint in
+# flight that a test can signal the process in.
 CHILD = r"""
-import os, signal, sys
+import os, signal, sys, time
 import numpy as np
 sys.path.insert(0, os.environ["RSST_TEST_DIR"])
 import tiny  # registers tiny_cnn
@@ -84,9 +87,12 @@ async def _create_tmp_directory(fn, tmp_dir, **kw):
     return out
 atomicity._create_tmp_directory = _create_tmp_directory
 
+slow_suffix, _, slow_s = os.environ.get("RSST_TEST_SLOW_COMMIT", "").partition(":")
 _finalize = atomicity.AtomicRenameTemporaryPath.finalize
 async def finalize(self, *a, **kw):
     hit("commit", self.get_final())
+    if slow_suffix and str(self.get_final()).endswith(slow_suffix):
+        time.sleep(float(slow_s))
     return await _finalize(self, *a, **kw)
 atomicity.AtomicRenameTemporaryPath.finalize = finalize
 
