@@ -29,7 +29,6 @@ import secrets
 import numpy as np
 
 from rsst_jax import trees
-from rsst_jax.callbacks import Callback
 
 EVENT_PREFIX = "events.out.tfevents."
 
@@ -67,14 +66,27 @@ def first_step(progress, epochs: int) -> int:
     return round_step(progress.round, epochs)
 
 
-class _Scalars(Callback):
+class _Scalars:
     """What TensorBoard and W&B share: the scalars of each epoch and round, handed to
     ``write(ticket, step, values)``. A round's densities are taken when its final ticket
     is known (``round_finished``); its scalars go out with its complete summary row
-    (``round_end``, which also has the round's times)."""
+    (``round_end``, which also has the round's times).
+
+    A callback of the driver (``rsst_jax.callbacks.Callback``'s events; that module
+    imports this one, so the events it does not use are spelled out here as nothing to
+    do; tests/test_monitoring.py checks that none is missing)."""
+
+    every_process = False  # process 0 alone writes a run's files
 
     def __init__(self):
         self.densities: dict = {}
+
+    def run_start(self, run): pass
+    def epoch_start(self, run, r, epoch, steps): pass
+    def chunk(self, run, done, total, metrics): pass
+    def epoch_trained(self, run, r, epoch, metrics): pass
+    def run_finished(self, run): pass
+    def run_end(self, run): pass
 
     def write(self, t, step: int, values: dict) -> None:
         raise NotImplementedError

@@ -112,6 +112,14 @@ def test_tensorboard_holds_every_number_of_the_log_and_summary_once_after_resume
     assert seen[0] != seen[1]  # two tickets, two different records
 
 
+def test_the_monitors_take_every_event_of_the_driver():
+    from rsst_jax.callbacks import Callback
+    events = {n for n in dir(Callback) if not n.startswith("_") and callable(getattr(Callback, n))}
+    for cls in (monitoring.TensorBoard, monitoring.Wandb):
+        assert events <= {n for n in dir(cls) if callable(getattr(cls, n))}, cls
+        assert cls.every_process is False
+
+
 def test_a_resume_purges_from_its_first_step(tmp_path):
     """``first_step``: the epoch after the checkpoint's; the round's own step when every
     epoch of the round is done but not its end (its last epoch is written again)."""
