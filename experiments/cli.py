@@ -450,9 +450,9 @@ def run_command(body: Callable[[], Optional[int]], *, resume: Optional[str] = No
                 imports: Sequence[str] = ()) -> int:
     """``body()`` under the exit-code contract of every command: its return value (None:
     0); bad input: one ``error:`` line on stderr and 2; a diverged run: one line and 3.
-    With ``resume`` (a command), Ctrl-C prints ``interrupted; resume with: RESUME`` and
-    ends the process with 130 at once (``on_interrupt`` first), also while XLA compiles
-    (see :class:`ExitOnInterrupt`). ``imports`` (``--import``) are imported first.
+    With ``resume`` (a command), Ctrl-C, SIGTERM or SIGUSR2 prints ``interrupted; resume
+    with: RESUME`` and ends the process with 130 (``on_interrupt`` first) as soon as no
+    checkpoint is being written, also while XLA compiles (see :class:`ExitOnInterrupt`). ``imports`` (``--import``) are imported first.
     ``--help``'s SystemExit passes through."""
     watch = ExitOnInterrupt(resume, on_interrupt) if resume else contextlib.nullcontext()
     try:
@@ -487,24 +487,38 @@ def _flush_streams() -> None:
             pass
 
 
+# What ends a command that can resume: Ctrl-C; a scheduler's SIGTERM (preemption, scancel,
+# the time limit); SIGUSR2 (SLURM's warning before the time limit, --signal=USR2@SECONDS,
+# which submitit asks for).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
+
+
 class ExitOnInterrupt:
-    """While active (a context manager), SIGINT ends the process: ``cleanup()``, then one
-    line on stderr naming the command that resumes, then ``os._exit(130)``.
+    """While active (a context manager), SIGINT, SIGTERM and SIGUSR2 end the process: the
+    checkpoint being written is committed first, then the run locks are released,
+    ``cleanup()`` runs, one line on stderr names the command that resumes, and
+    ``os._exit(130)``. A signal whose disposition was SIG_IGN at entry stays ignored (a
+    launcher that handles SIGUSR2 itself ignores it in the command it starts).
 
     Python runs signal handlers only between bytecodes of the main thread, so a Ctrl-C
     during an XLA compilation or a long device computation would wait for it to end.
     Here the C-level handler's wakeup byte (``signal.set_wakeup_fd``) wakes a watcher
-    thread, which exits at once (the compiler releases the GIL); the Python handler does
-    the same where it runs first. Exiting there is as safe as a kill: checkpoints are
-    written atomically (a half-written one is never counted), summaries are replaced
-    atomically, a torn last log line is dropped on reading, and the run locks this process
-    holds are released (``runlock.release_all``). Outside the main thread this does
-    nothing (KeyboardInterrupt then reaches ``run_command``)."""
+    thread, which does the stopping (the compiler releases the GIL); the Python handler
+    itself does nothing, so the main thread goes on with what it was doing, a checkpoint
+    write included. The watcher waits for checkpoint writes in flight
+    (``rsst_jax.checkpoint.finish_writes``: at most ``WRITE_GRACE_S``, 20 s, inside
+    SLURM's default KillWait of 30 s) and keeps new ones from starting; no write in
+    flight, it exits at once. Exiting there is as safe as a kill after a commit:
+    summaries are replaced atomically, a torn last log line is dropped on reading, and
+    the run locks this process holds are released (``runlock.release_all``) only after
+    the checkpoint is committed. Outside the main thread this does nothing
+    (KeyboardInterrupt then reaches ``run_command``)."""
 
     def __init__(self, resume: Optional[str], cleanup: Optional[Callable[[], None]] = None):
         self.line, self.cleanup = interrupted_line(resume), cleanup
         self.lock = threading.Lock()
         self.active = False
+        self.handled: dict = {}
 
     def __enter__(self) -> "ExitOnInterrupt":
         if threading.current_thread() is not threading.main_thread():
@@ -513,7 +527,9 @@ class ExitOnInterrupt:
         os.set_blocking(self.read_fd, False)
         os.set_blocking(self.write_fd, False)
         self.old_fd = signal.set_wakeup_fd(self.write_fd, warn_on_full_buffer=False)
-        self.old_handler = signal.signal(signal.SIGINT, lambda signum, frame: self.exit())
+        for sig in STOP_SIGNALS:
+            if sig == signal.SIGINT or signal.getsignal(sig) is not signal.SIG_IGN:
+                self.handled[sig] = signal.signal(sig, _noted)
         self.active = True
         self.thread = threading.Thread(target=self._watch, name="exit-on-interrupt", daemon=True)
         self.thread.start()
@@ -526,13 +542,17 @@ class ExitOnInterrupt:
                 data = os.read(self.read_fd, 512)
             except (BlockingIOError, OSError):
                 continue
-            if self.active and signal.SIGINT in data:
+            if self.active and any(sig in data for sig in self.handled):
                 self.exit()
 
     def exit(self) -> None:
-        """Clean up, print the line and end the process (once, whichever thread comes)."""
+        """Let the checkpoint in flight commit, clean up, print the line and end the
+        process (once, whichever thread comes; never from the thread that writes)."""
         self.lock.acquire()  # a second caller waits here until the process is gone
         try:
+            checkpoint = sys.modules.get("rsst_jax.checkpoint")  # not imported: no write
+            if checkpoint is not None:
+                checkpoint.finish_writes()
             from rsst_jax import runlock
             runlock.release_all()  # no run.lock left behind: the resume takes it quietly
             if self.cleanup is not None:
@@ -551,12 +571,18 @@ class ExitOnInterrupt:
         if not self.active:
             return
         self.active = False
-        signal.signal(signal.SIGINT, self.old_handler)
+        for sig, old in self.handled.items():
+            signal.signal(sig, old)
         signal.set_wakeup_fd(self.old_fd)
         os.write(self.write_fd, b"\0")  # wakes the watcher, which sees it is done
         self.thread.join(timeout=5)
         os.close(self.read_fd)
         os.close(self.write_fd)
+
+
+def _noted(signum, frame) -> None:
+    """The Python-level handler of the stop signals: nothing (the watcher thread acts on
+    the wakeup byte the C-level handler wrote)."""
 
 
 def flags_markdown() -> str:
@@ -577,4 +603,4 @@ __all__ = ["run_parser", "parse_run_args", "parse_run_values", "explicit_values"
            "check_paths", "check_save_dir", "check_out_dir", "flags_markdown", "HelpFormatter",
            "DocHelpFormatter", "OneLineParser", "help_text", "one_line", "fail", "BadInput",
            "exit_code_of", "run_command", "resume_command", "interrupted_line",
-           "ExitOnInterrupt", "EXIT_CODES"]
+           "ExitOnInterrupt", "STOP_SIGNALS", "EXIT_CODES"]

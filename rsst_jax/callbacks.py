@@ -25,7 +25,6 @@ import csv
 import io
 import json
 import os
-import secrets
 
 import numpy as np
 
@@ -180,7 +179,9 @@ class NanGuard(Callback):
 class Checkpointer(Callback):
     """Orbax checkpoints: after every epoch the resume checkpoint (newest two kept) and,
     at a new best validation accuracy, ``round_<r>/best``; each round's final ticket in
-    ``round_<r>/final``; after the next round is planned, the resume checkpoint again."""
+    ``round_<r>/final``; after the next round is planned, the resume checkpoint again.
+    An epoch's checkpoints are written as one group (``checkpoint.writing``): a process
+    told to stop lets the group finish, so it resumes after that epoch."""
 
     every_process = True  # orbax saves with every process of the run
 
@@ -188,6 +189,10 @@ class Checkpointer(Callback):
         self.saved = 0
 
     def epoch_end(self, run, r, epoch, rows):
+        with ckpt.writing():
+            self._epoch_end(run, r, epoch, rows)
+
+    def _epoch_end(self, run, r, epoch, rows):
         for k, (t, row) in enumerate(zip(run.tickets, rows)):
             if row is None:
                 continue
@@ -210,9 +215,13 @@ class Checkpointer(Callback):
                        "masks": plan.masks}, dict(run.ticket_meta(k), round=r, summary=row))
 
     def round_end(self, run, r, rows):
-        for k, row in enumerate(rows):
-            if row is not None:
-                self._resume_point(run, k)
+        with ckpt.writing():
+            for k, row in enumerate(rows):
+                if row is not None:
+                    self._resume_point(run, k)
+
+    def run_end(self, run):
+        ckpt.close_managers()
 
     def _resume_point(self, run, k):
         t = run.tickets[k]
@@ -276,112 +285,6 @@ class RunLocks(Callback):
             lock.release()
 
 
-def epoch_scalars() -> tuple[str, ...]:
-    """The epoch-row keys TensorBoard and W&B draw: every declared epoch metric."""
-    return tuple(m.key for m in metrics_lib.declared(metrics_lib.EPOCH_ROW))
-
-
-def round_scalars() -> tuple[str, ...]:
-    """The summary-row keys TensorBoard and W&B draw per round: every declared round
-    metric."""
-    return tuple(m.key for m in metrics_lib.declared(metrics_lib.ROUND_ROW))
-
-
-class TensorBoard(Callback):
-    """TensorBoard event files in every ticket's run directory (``rsst_jax.tensorboard``).
-
-    Per epoch, at step ``round * epochs + epoch``: ``epoch/<key>`` for the keys of
-    ``epoch_scalars()`` in the epoch's log row (RSST: lambda and the penalized weights' norm
-    relative to the round start). Per round, at step ``round``: ``round/<key>`` for
-    ``round_scalars()`` (RSST: test accuracy before and after S) and ``density/<layer>``,
-    each prunable layer's fraction of weights kept. Written at the end of each epoch and
-    round; a resumed run starts a new file and leaves out the (tag, step) pairs earlier
-    files of the directory hold, so an epoch redone after a resume is not drawn twice."""
-
-    def __init__(self):
-        self.writers: dict = {}
-
-    def run_start(self, run):
-        from rsst_jax import tensorboard
-        for t in run.live_tickets():
-            try:
-                done = {(s.tag, s.step) for s in tensorboard.read_scalars(t.paths.root)}
-            except (OSError, ValueError):  # a damaged file: write everything again
-                done = set()
-            self.writers[t.paths.root] = tensorboard.EventWriter(t.paths.root, skip=done)
-
-    def epoch_end(self, run, r, epoch, rows):
-        for t, row in zip(run.tickets, rows):
-            w = self.writers.get(t.paths.root)
-            if row is None or w is None:
-                continue
-            w.scalars(r * run.epochs + epoch, {f"epoch/{k}": row[k] for k in epoch_scalars()
-                                               if k in row})
-            w.flush()
-
-    def round_finished(self, run, r, rows):
-        from rsst_jax import masks as masks_lib
-        for k, (t, row) in enumerate(zip(run.tickets, rows)):
-            w = self.writers.get(t.paths.root)
-            if row is None or w is None:
-                continue
-            values = {f"round/{key}": row[key] for key in round_scalars() if key in row}
-            for layer in masks_lib.report(trees.ticket(run.plan.masks, k)):
-                values[f"density/{layer.path}"] = layer.density
-            w.scalars(r, values)
-            w.flush()
-
-
-class Wandb(Callback):
-    """``--wandb [ENTITY/]PROJECT``: the same scalars as :class:`TensorBoard` sent to
-    Weights & Biases, one W&B run per ticket: name the run directory's name, group its
-    parent's (a sweep's --out, a --num_seeds SAVE_DIR), config the run's flags. The W&B
-    run id is kept in ``wandb/run_id`` of the run directory, so a resumed run continues
-    the same W&B run. Needs ``pip install -e ".[wandb]"``; ``WANDB_MODE=offline`` writes
-    under the run directory only."""
-
-    def __init__(self, target: str):
-        entity, _, project = target.rpartition("/")
-        self.entity, self.project = entity or None, project
-        self.runs: dict = {}
-
-    def run_start(self, run):
-        import wandb
-        for t in run.live_tickets():
-            root = t.paths.root.resolve()
-            (root / "wandb").mkdir(parents=True, exist_ok=True)
-            id_file = root / "wandb" / "run_id"
-            run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
-            id_file.write_text(run_id + "\n")
-            try:
-                self.runs[t.paths.root] = wandb.init(
-                    project=self.project, entity=self.entity, group=root.parent.name,
-                    name=root.name, id=run_id, resume="allow", dir=str(root),
-                    config=t.cfg.to_dict(), reinit="create_new")
-            except Exception as e:  # noqa: BLE001  no account, no network: train anyway
-                run.log(f"note: W&B is not logging {root.name} ({e.__class__.__name__}: "
-                        f"{e}); the run goes on (WANDB_MODE=offline logs locally)")
-
-    def epoch_end(self, run, r, epoch, rows):
-        for t, row in zip(run.tickets, rows):
-            w = self.runs.get(t.paths.root)
-            if row is not None and w is not None:
-                w.log({f"epoch/{k}": row[k] for k in epoch_scalars() if k in row},
-                      step=r * run.epochs + epoch)
-
-    def round_finished(self, run, r, rows):
-        for t, row in zip(run.tickets, rows):
-            w = self.runs.get(t.paths.root)
-            if row is not None and w is not None:
-                w.log(dict({f"round/{k}": row[k] for k in round_scalars() if k in row}, round=r),
-                      step=(r + 1) * run.epochs)
-
-    def run_end(self, run):
-        for w in self.runs.values():
-            w.finish()
-        self.runs = {}
-
-
 class NextSteps(Callback):
     """At the end: where the results are and the commands that read them."""
 
@@ -399,12 +302,13 @@ class NextSteps(Callback):
 def default_callbacks(cfg, *, progress: bool = True) -> list[Callback]:
     """What ``python -m experiments.run`` does (the run lock is taken by the driver)."""
     # The summary before the checkpoint: a run killed between the two redoes the round's end.
+    from rsst_jax.monitoring import TensorBoard, Wandb
     extra = [Wandb(cfg.run.wandb)] if cfg.run.wandb else []
     return [NanGuard(cfg.run.nan_policy), ProgressBar(progress), EpochLog(), TensorBoard(),
             *extra, SummaryWriter(), Checkpointer(), NextSteps()]
 
 
 __all__ = ["Callback", "ProgressBar", "EpochLog", "NanGuard", "Checkpointer", "SummaryWriter",
-           "RunLocks", "NextSteps", "TensorBoard", "Wandb", "epoch_scalars", "round_scalars",
+           "RunLocks", "NextSteps",
            "TrainingDiverged", "Interrupted", "summary_fields", "epoch_line",
            "round_line", "write_summary", "atomic_write", "default_callbacks"]

@@ -1,20 +1,30 @@
 """Orbax checkpoints of a run: atomic writes, verified restores, fallback to the last good one.
 
 Where a run keeps its checkpoints (``init/``, ``checkpoints/<n>/``, ``round_<r>/final``
-and ``round_<r>/best``) is ``rsst_jax.paths``'s to say. Under a checkpoint directory,
-``<n>/`` is a committed step; ``save`` keeps the newest ``keep`` of them, deleting an older
-one only after the newer one is committed; ``<n>.bad/`` is a step found unusable on
-resume and set aside (never read nor deleted again).
+and ``round_<r>/best``) is ``rsst_jax.paths``'s to say. Each checkpoint directory is
+written by one ``orbax.checkpoint.CheckpointManager``, held for the life of the process
+(``_manager``): orbax writes a step into ``<n>.orbax-checkpoint-tmp`` and renames it to
+``<n>`` once complete, keeps the newest ``keep`` steps (its ``LatestN`` policy; the step
+just written counts as the newest), moves a step it drops into ``.deleting/`` (one
+rename) before that folder is deleted, and removes what a killed process left in
+temporary folders when a manager opens the directory. ``<n>.bad/`` is a step found
+unusable on resume and set aside (never read nor deleted again). ``steps()`` is orbax's
+own listing of the finished steps.
 
 A step holds ``state/`` (orbax's OCDBT database of the arrays) and ``meta/metadata``
 (JSON, with a crc32 of every array, written in the same atomic commit). Orbax reads only
 the arrays a restore asks for, and nothing in OCDBT or zarr/zstd checksums the bytes (a
 flipped byte inside a zstd block decodes to other numbers without an error), so every
 restore here compares what it read with those crc32s.
+
+A process about to end on a signal (``experiments.cli.ExitOnInterrupt``) calls
+``finish_writes``: the checkpoint being written is committed first (within
+``WRITE_GRACE_S``), and none starts after it.
 """
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -23,6 +33,7 @@ import pathlib
 import re
 import shutil
 import sys
+import threading
 import zlib
 from typing import Any, Callable, Optional
 
@@ -32,6 +43,9 @@ import numpy as np
 from rsst_jax import parallel
 
 LAYOUT_VERSION = 1
+# How long a process told to stop waits for the checkpoint it is writing: well inside
+# SLURM's default KillWait (30 s between SIGTERM and SIGKILL).
+WRITE_GRACE_S = 20.0
 
 
 class CheckpointError(RuntimeError):
@@ -43,38 +57,78 @@ class CheckpointError(RuntimeError):
         self.reason = reason or message
 
 
+# --------------------------------------------------------------------------- stopping
+
+_WRITES = threading.RLock()
+_DEPTH = threading.local()  # how deep in writing() this thread is
+_STOPPING = threading.Event()
+_NEVER = threading.Event()
+
+
+@contextlib.contextmanager
+def writing():
+    """Around checkpoint writes that belong together (the best and the resume checkpoint
+    of an epoch; every ``save`` holds it too): a process told to stop waits until the
+    whole group is committed (``finish_writes``), and starts no group after that."""
+    depth = getattr(_DEPTH, "n", 0)
+    if depth == 0 and _STOPPING.is_set():
+        _NEVER.wait()  # the process is ending: this write never starts
+    with _WRITES:
+        _DEPTH.n = depth + 1
+        try:
+            yield
+        finally:
+            _DEPTH.n = depth
+
+
+def finish_writes(timeout: Optional[float] = None) -> bool:
+    """For the thread that is about to end the process (never the one that writes): wait
+    at most ``timeout`` seconds (default ``WRITE_GRACE_S``) for the checkpoint writes in
+    flight to be committed, and keep any new one from starting (for good). True when
+    nothing was left in flight; else the write goes on until the process ends, and since
+    old steps are dropped only after a new one is committed, the previous step stays
+    intact."""
+    _STOPPING.set()
+    return _WRITES.acquire(timeout=WRITE_GRACE_S if timeout is None else timeout)
+
+
 # --------------------------------------------------------------------------- orbax's event loops
 
-def _run_until_all_done(coro):
-    """Orbax's ``asyncio_utils._run_sync_via_new_loop``, closing the loop only once every
-    task on it has finished.
+class _PatientLoop(asyncio.SelectorEventLoop):
+    """An event loop that, when closed, first lets every task on it finish.
 
     Orbax runs each save/restore in a fresh event loop and closes it as soon as the
-    top-level ``asyncio.gather`` returns; when one read fails the gather returns at once
-    while the other reads are still in flight in tensorstore. Their completion callbacks
-    then call ``loop.call_soon_threadsafe`` on the closed loop from tensorstore's threads,
-    each printing a ``RuntimeError: Event loop is closed`` traceback (at any time, often
-    at exit), and their tasks log ``Task exception was never retrieved``. Waiting for the
-    in-flight tasks (their errors collected, not raised), then one more turn of the loop
-    so that the callbacks of tasks that failed just before it stopped (gather's, which
-    mark their errors retrieved) run, removes both; a successful call has no task left.
-    """
-    loop = asyncio.new_event_loop()
-    try:
-        asyncio.set_event_loop(loop)
-        return loop.run_until_complete(coro)
-    finally:
-        try:
+    top-level ``asyncio.gather`` returns; when one read of a damaged checkpoint fails the
+    gather returns at once while the other reads are still in flight in tensorstore.
+    Their completion callbacks then call ``loop.call_soon_threadsafe`` on the closed loop
+    from tensorstore's threads, each printing a ``RuntimeError: Event loop is closed``
+    traceback (at any time, often at exit), and their tasks log ``Task exception was
+    never retrieved``. Waiting for the in-flight tasks (their errors collected, not
+    raised), then one more turn of the loop so that the callbacks of tasks that failed
+    just before it stopped (gather's, which mark their errors retrieved) run, removes
+    both; a successful call has no task left. ``closed`` counts the loops closed so (a
+    test checks that orbax's calls still get their loops from asyncio's policy)."""
+
+    closed = 0
+
+    def close(self) -> None:
+        if not self.is_closed() and not self.is_running():
+            _PatientLoop.closed += 1
             while True:
-                pending = asyncio.all_tasks(loop)
+                pending = asyncio.all_tasks(self)
                 if pending:
-                    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-                loop.run_until_complete(asyncio.sleep(0))
-                if not asyncio.all_tasks(loop):
+                    self.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+                self.run_until_complete(asyncio.sleep(0))
+                if not asyncio.all_tasks(self):
                     break
-        finally:
-            asyncio.set_event_loop(None)
-            loop.close()
+        super().close()
+
+
+class _PatientPolicy(asyncio.DefaultEventLoopPolicy):
+    """asyncio's default policy, whose new loops are :class:`_PatientLoop` s."""
+
+    def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        return _PatientLoop()
 
 
 def _orbax():
@@ -90,19 +144,22 @@ def _orbax():
     return ocp
 
 
-def _install_loop_fix() -> None:
-    from orbax.checkpoint._src import asyncio_utils
-    if callable(getattr(asyncio_utils, "_run_sync_via_new_loop", None)):
-        asyncio_utils._run_sync_via_new_loop = _run_until_all_done
+_QUIET = threading.local()
 
 
 @contextlib.contextmanager
 def _orbax_quietly():
-    """Around every orbax call here: orbax's event loops closed only when done (see
-    ``_run_until_all_done``; installed at the first checkpoint read or written, not at
-    import) and its INFO/WARNING logging of every save silenced for the call only (a run
-    prints its own progress; ``import rsst_jax`` changes no logger)."""
-    _install_loop_fix()
+    """Around every orbax call here: the loops orbax makes with ``asyncio.new_event_loop``
+    are :class:`_PatientLoop` s (asyncio's public policy hook, set for the call only; no
+    part of orbax is replaced), and its INFO/WARNING logging of every save is silenced
+    for the call only (a run prints its own progress; ``import rsst_jax`` changes no
+    logger)."""
+    if getattr(_QUIET, "depth", 0):  # already inside
+        yield
+        return
+    _QUIET.depth = 1
+    policy = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(_PatientPolicy())
     logger = logging.getLogger("absl")
     level = logger.level
     logger.setLevel(logging.ERROR)
@@ -110,6 +167,8 @@ def _orbax_quietly():
         yield
     finally:
         logger.setLevel(level)
+        asyncio.set_event_loop_policy(policy)
+        _QUIET.depth = 0
 
 
 # --------------------------------------------------------------------------- arrays by name
@@ -177,63 +236,80 @@ def _short(e: BaseException, within: Optional[pathlib.Path] = None) -> str:
 
 # --------------------------------------------------------------------------- writing
 
+_TRASH = ".deleting"  # orbax's todelete_subdir: where a dropped step is renamed to
+_BAD_SUFFIX = ".bad"
+_MANAGERS: "collections.OrderedDict[pathlib.Path, tuple[int, Any]]" = collections.OrderedDict()
+_MAX_MANAGERS = 8  # a run writes a few directories at a time; older rounds' are closed
+
+
+def _manager(directory: pathlib.Path, keep: int):
+    """This process's ``CheckpointManager`` of ``directory``, keeping ``keep`` steps
+    (opened at the first save there, held until ``close_managers``)."""
+    held = _MANAGERS.pop(directory, None)
+    if held is not None and held[0] == keep:
+        _MANAGERS[directory] = held
+        return held[1]
+    if held is not None:
+        held[1].close()
+    ocp = _orbax()
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=ocp.checkpoint_managers.LatestN(n=keep), create=True,
+        cleanup_tmp_directories=True, todelete_subdir=_TRASH,
+        enable_async_checkpointing=False)
+    mgr = ocp.CheckpointManager(directory, options=options)
+    _MANAGERS[directory] = (keep, mgr)
+    while len(_MANAGERS) > _MAX_MANAGERS:
+        _MANAGERS.popitem(last=False)[1][1].close()
+    return mgr
+
+
+def close_managers() -> None:
+    """Close every manager this process holds (the next save opens one again)."""
+    with _orbax_quietly():
+        while _MANAGERS:
+            _MANAGERS.popitem()[1][1].close()
+
+
+def _forget(directory: pathlib.Path) -> None:
+    held = _MANAGERS.pop(directory, None)
+    if held is not None:
+        with _orbax_quietly():
+            held[1].close()
+
+
 def save(directory: str | os.PathLike, step: int, tree: Any, meta: Optional[dict] = None,
          keep: int = 1) -> None:
-    """Write ``tree`` (arrays) and ``meta`` (JSON) as step ``step`` under ``directory``.
+    """Write ``tree`` (arrays) and ``meta`` (JSON) as step ``step`` under ``directory``,
+    keeping the newest ``keep`` steps (the new one and the ``keep - 1`` newest others).
 
-    Orbax writes into ``<step>.orbax-checkpoint-tmp`` and renames it to ``<step>`` once
-    complete (with ``commit_success.txt`` inside), so a killed process never leaves a
-    half-written checkpoint that ``steps()`` counts. Older steps are deleted only after
-    the new one is committed (the new step and the ``keep - 1`` newest others stay), each
-    renamed out of the step namespace first, so a kill during a deletion cannot leave a
-    half-deleted step either. A step that already exists (a run killed after writing it
+    Orbax commits the step atomically (a killed process never leaves a half-written step
+    that ``steps()`` counts) and drops older steps only after that, each renamed out of
+    the step namespace first. A step that already exists (a run killed after writing it
     and resumed from an earlier checkpoint recomputes the same step) is replaced. The
     meta also records a crc32 of every array, checked by every restore. Set-aside steps
-    (``<n>.bad``) are never touched.
+    (``<n>.bad``) are never touched. A process told to stop (``finish_writes``) lets a
+    save in flight finish and starts none after it.
     """
     directory = pathlib.Path(directory).absolute()
-    primary = parallel.is_primary()  # several processes: process 0 tidies, all write
-    if primary:
-        _remove_trash(directory)
-        if (directory / str(step)).exists():
-            _discard(directory / str(step))
-    parallel.sync(f"rsst_jax save {directory} {step}")
-    ocp = _orbax()
-    options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True,
-                                           enable_async_checkpointing=False)
     meta = dict(meta or {}, layout_version=LAYOUT_VERSION, checksums=checksums(tree))
-    with _orbax_quietly(), ocp.CheckpointManager(directory, options=options) as mgr:
-        mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_global(tree)),
+    tree = _global(tree)
+    ocp = _orbax()
+    with writing(), _orbax_quietly():
+        primary = parallel.is_primary()  # several processes: process 0 tidies, all write
+        if primary:
+            shutil.rmtree(directory / _TRASH, ignore_errors=True)  # a killed deletion
+        mgr = _manager(directory, keep)
+        if step in mgr.all_steps():
+            mgr.delete(step)
+        # force: also a step below the newest (a resumed run's, or another round's best)
+        mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
                                                meta=ocp.args.JsonSave(meta)), force=True)
         mgr.wait_until_finished()
-    if not is_committed(directory / str(step)):
-        raise CheckpointError(f"checkpoint {directory / str(step)} was not committed")
-    others = [s for s in steps(directory) if s != step]  # newest last
-    if primary:
-        for old in others[:max(0, len(others) - (keep - 1))]:
-            _discard(directory / str(old))
-    parallel.sync(f"rsst_jax saved {directory} {step}")
-
-
-
-_TRASH_PREFIX = ".deleting-"
-_BAD_SUFFIX = ".bad"
-
-
-def _discard(path: pathlib.Path) -> None:
-    """Delete a step directory: an atomic rename out of the step namespace, then rmtree."""
-    trash = path.with_name(f"{_TRASH_PREFIX}{path.name}-{os.getpid()}")
-    shutil.rmtree(trash, ignore_errors=True)
-    os.replace(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def _remove_trash(directory: pathlib.Path) -> None:
-    """Finish deletions that a killed process left behind."""
-    if directory.is_dir():
-        for child in directory.iterdir():
-            if child.name.startswith(_TRASH_PREFIX):
-                shutil.rmtree(child, ignore_errors=True)
+        if step not in mgr.all_steps() or not (directory / str(step)).is_dir():
+            raise CheckpointError(f"checkpoint {directory / str(step)} was not committed")
+        if primary:
+            shutil.rmtree(directory / _TRASH, ignore_errors=True)
+        parallel.sync(f"rsst_jax saved {directory} {step}")
 
 
 def set_aside(path: str | os.PathLike) -> pathlib.Path:
@@ -245,44 +321,27 @@ def set_aside(path: str | os.PathLike) -> pathlib.Path:
     while target.exists():
         target, n = path.with_name(f"bad-{path.name}-{n}"), n + 1
     os.rename(path, target)
+    _forget(path.parent.absolute())  # a manager held there lists the step no more
     return target
 
 
 # --------------------------------------------------------------------------- finding steps
 
-def is_committed(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a complete step: a plain number with ``meta`` and ``state``
-    inside, committed (orbax writes ``commit_success.txt`` at commit; a step without
-    orbax's ``_CHECKPOINT_METADATA`` comes from an older writer and counts as is)."""
-    path = pathlib.Path(path)
-    if not (path.name.isdigit() and path.is_dir() and (path / "meta").is_dir()
-            and (path / "state").is_dir()):
-        return False
-    return (path / "commit_success.txt").exists() or not (path / "_CHECKPOINT_METADATA").exists()
-
-
 def steps(directory: str | os.PathLike) -> list[int]:
-    """Committed steps under ``directory`` (sorted); [] if none. Temporary
-    (``*.orbax-checkpoint-tmp``), uncommitted, half-deleted and set-aside directories
-    never count."""
+    """The finished steps under ``directory`` (sorted), as orbax lists them; [] if none.
+    Temporary (``*.orbax-checkpoint-tmp``), dropped (``.deleting/``) and set-aside
+    (``<n>.bad``) directories never count."""
     directory = pathlib.Path(directory)
     if not directory.is_dir():
         return []
-    return sorted(int(child.name) for child in directory.iterdir() if is_committed(child))
+    with _orbax_quietly():
+        found = _orbax().path.step.standard_name_format().find_all(directory)
+        return sorted(m.step for m in found)
 
 
 def latest_step(directory) -> Optional[int]:
     s = steps(directory)
     return s[-1] if s else None
-
-
-def _damaged_steps(directory: pathlib.Path) -> list[int]:
-    """Steps orbax committed (``commit_success.txt``) that lost ``meta/`` or ``state/``
-    since: ``steps()`` skips them, a resume sets them aside."""
-    if not directory.is_dir():
-        return []
-    return [int(c.name) for c in directory.iterdir()
-            if c.name.isdigit() and (c / "commit_success.txt").is_file() and not is_committed(c)]
 
 
 # --------------------------------------------------------------------------- reading
@@ -462,13 +521,12 @@ def restore_newest_good(directory, template: Any, *,
     not match the checksums written at save, or ``check(tree, meta)`` returns a reason
     (a short string; None when the step is fine). An unusable step is set aside
     (``set_aside``: renamed to ``<step>.bad``, nothing deleted) with one line to ``log``
-    (default: stderr), and the one before it is tried. Committed steps that lost
-    ``meta/`` or ``state/`` are set aside the same way. Raises CheckpointError (one line
+    (default: stderr), and the one before it is tried. Raises CheckpointError (one line
     naming every step tried) when none is usable, or there is none.
     """
     directory = pathlib.Path(directory).absolute()
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
-    candidates = sorted(set(steps(directory)) | set(_damaged_steps(directory)), reverse=True)
+    candidates = sorted(steps(directory), reverse=True)
     if not candidates:
         raise CheckpointError(f"no checkpoint in {directory}")
     tried = []

@@ -46,9 +46,9 @@ SLOW_BOOT = BOOT + r"""
 from rsst_jax import checkpoint as _ckpt
 import time as _time
 _save, _saved = _ckpt.save, []
-def _slow_save(*a, **kw):
-    _save(*a, **kw)
-    if not _saved:
+def _slow_save(directory, *a, **kw):
+    _save(directory, *a, **kw)
+    if not _saved and str(directory).endswith("checkpoints"):  # not init/ nor best/
         _saved.append(1)
         _time.sleep(float(os.environ.get("RSST_TEST_SLOW_SAVE", "0")))
 _ckpt.save = _slow_save

@@ -1,107 +1,136 @@
-"""Watching runs: TensorBoard event files (written without TensorFlow, read back here)
-and Weights & Biases in offline mode."""
+"""Watching runs: TensorBoard event files (written by tensorboardX, read back with
+TensorBoard's own EventAccumulator) and Weights & Biases in offline mode."""
 import json
 import shutil
-import struct
 import sys
 
 import numpy as np
 import pytest
+from tensorboard.backend.event_processing import plugin_event_accumulator
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.util import tensor_util
 
 from rsst_jax import checkpoint as ckpt
 from rsst_jax import masks as masks_lib
-from rsst_jax import tensorboard as tb
+from rsst_jax import monitoring
 from rsst_jax import tickets
 from tiny import quiet_run, tiny_config, use_tiny_data
-
-
-def test_crc32c_and_the_record_framing_match_known_values():
-    assert tb.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
-    assert tb.crc32c(b"") == 0
-    assert tb.crc32c(bytes(32)) == 0x8A9136AA  # RFC 3720, B.4: 32 bytes of zeros
-    data = b"abc"
-    rec = tb.record(data)
-    assert len(rec) == 8 + 4 + 3 + 4
-    assert struct.unpack("<Q", rec[:8])[0] == 3 and rec[12:15] == data
-    crc = tb.crc32c(data)
-    assert struct.unpack("<I", rec[15:])[0] == ((((crc >> 15) | (crc << 17)) + 0xA282EAD8)
-                                                & 0xFFFFFFFF)
-
-
-def test_events_encode_and_decode_back(tmp_path):
-    body = tb.encode_event(1234.5, 7, scalars={"a/b": 0.25, "c": -3.0})
-    assert tb.decode_event(body) == (1234.5, 7, None, [("a/b", 0.25), ("c", -3.0)])
-    head = tb.encode_event(1.0, 0, file_version=tb.FILE_VERSION)
-    assert tb.decode_event(head) == (1.0, 0, b"brain.Event:2", [])
-    w = tb.EventWriter(tmp_path, skip={("x", 1)})
-    w.scalars(1, {"x": 1.0, "y": 2.0, "z": None})
-    w.scalars(300, {"x": 0.1})
-    assert tb.read_scalars(tmp_path) == []  # nothing on disk before the flush
-    w.flush()
-    assert w.path.name.startswith("events.out.tfevents.")
-    got = [(s.step, s.tag, s.value) for s in tb.read_scalars(tmp_path)]
-    assert got == [(1, "y", 2.0), (300, "x", np.float32(0.1))]
-    with open(w.path, "ab") as f:  # a torn last record (the process ended mid-write)
-        f.write(tb.record(b"x" * 40)[:20])
-    assert len(tb.read_scalars(tmp_path)) == 2
-    w.path.write_bytes(w.path.read_bytes()[:12] + b"\xff" + w.path.read_bytes()[13:])
-    with pytest.raises(ValueError, match="bad data CRC"):
-        tb.read_scalars(tmp_path)
 
 
 def _rows(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_each_ticket_writes_its_events_and_they_match_the_log_after_a_resume(tmp_path,
-                                                                             monkeypatch):
-    """Two RSST tickets as one program, stopped after round 0 and resumed from one epoch
-    earlier (its newest checkpoint lost): each ticket's events equal its log.jsonl and
-    summary.json, every (tag, step) once, in two files."""
+def tensorboard_scalars(logdir) -> dict:
+    """{(tag, step): [values]} as TensorBoard shows the run in ``logdir`` (purges done),
+    read by both of its readers (the scalars' EventAccumulator, and the one behind
+    ``tensorboard --load_fast=false``; the default data server gives the same, see
+    README), which must agree."""
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})  # 0: keep every event
+    acc.Reload()
+    out = {}
+    for tag in acc.Tags()["scalars"]:
+        for event in acc.Scalars(tag):
+            out.setdefault((tag, event.step), []).append(event.value)
+    plugin = plugin_event_accumulator.EventAccumulator(str(logdir),
+                                                       size_guidance={"tensors": 0})
+    plugin.Reload()
+    other = {}
+    for tag in plugin.Tags()["tensors"]:
+        for event in plugin.Tensors(tag):
+            other.setdefault((tag, event.step), []).append(
+                float(tensor_util.make_ndarray(event.tensor_proto)))
+    assert other == out
+    return out
+
+
+def expected_scalars(root, epochs: int) -> dict:
+    """{(tag, step): value} of every number of log.jsonl and summary.json, and each
+    round's layer densities, on the run's step axis (epochs trained so far)."""
+    want = {}
+    for row in _rows(root / "log.jsonl"):
+        for key, v in row.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                want[f"epoch/{key}", row["round"] * epochs + row["epoch"]] = v
+    for row in json.loads((root / "summary.json").read_text()):
+        step = (row["round"] + 1) * epochs
+        for key, v in row.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                want[f"round/{key}", step] = v
+        for layer in masks_lib.report(tickets.load(root, round_idx=row["round"]).masks):
+            want[f"density/{layer.path}", step] = layer.density
+    return want
+
+
+def _drop_newest_checkpoint(root):
+    newest = ckpt.latest_step(root / "checkpoints")
+    shutil.rmtree(root / "checkpoints" / str(newest))
+
+
+def test_tensorboard_holds_every_number_of_the_log_and_summary_once_after_resumes(
+        tmp_path, monkeypatch):
+    """Two RSST tickets as one program, stopped twice, each time as if killed before its
+    newest checkpoint: first after round 0's end (the resume redoes the round's end, and
+    its last epoch's scalars are written again from the checkpoint), then after round
+    1's first epoch (the resume redoes that epoch). TensorBoard's reader finds every
+    number of each ticket's log.jsonl and summary.json exactly once, at its step, and
+    nothing else; three event files, the later two starting with a purge step."""
     use_tiny_data(monkeypatch)
+    epochs = 2
     cfgs = [tiny_config(tmp_path / f"seed_{s}", seed=s, struct="rsst", criteria="l1",
-                        pruning_times=2, epochs=2) for s in (0, 1)]
+                        pruning_times=2, epochs=epochs) for s in (0, 1)]
     monkeypatch.setenv("RSST_JAX_STOP_AFTER", "3")  # round 0's two epochs and its end
     with pytest.raises(SystemExit):
         quiet_run(cfgs)
+    for c in cfgs:
+        _drop_newest_checkpoint(tmp_path / c.run.save_dir)  # newest: round 0, epoch 2
+    monkeypatch.setenv("RSST_JAX_STOP_AFTER", "2")  # round 0's end again, round 1 epoch 1
+    with pytest.raises(SystemExit):
+        quiet_run([c.replace(resume=True) for c in cfgs])
     monkeypatch.delenv("RSST_JAX_STOP_AFTER")
-    for c in cfgs:  # as if killed before the last checkpoint: resume redoes round 0's end
-        newest = ckpt.latest_step(tmp_path / c.run.save_dir / "checkpoints")
-        shutil.rmtree(tmp_path / c.run.save_dir / "checkpoints" / str(newest))
+    for c in cfgs:
+        _drop_newest_checkpoint(tmp_path / c.run.save_dir)  # newest: round 1, epoch 0
     quiet_run([c.replace(resume=True) for c in cfgs])
-    seen_values = []
+
+    seen = []
     for c in cfgs:
         root = tmp_path / c.run.save_dir
-        assert len(tb.event_files(root)) == 2
-        scalars = tb.read_scalars(root)
-        pairs = [(s.tag, s.step) for s in scalars]
-        assert len(pairs) == len(set(pairs))
-        got = {(s.tag, s.step): s.value for s in scalars}
-        want = {}
-        for row in _rows(root / "log.jsonl"):
-            step = row["round"] * 2 + row["epoch"]
-            for key in ("train_loss", "train_acc", "val_acc", "test_acc", "lr"):
-                want[f"epoch/{key}", step] = row[key]
-            if row["round"] == 1:  # RSST's penalty runs in round 1
-                want["epoch/reg_lambda", step] = row["reg_lambda"]
-                want["epoch/target_norm_rel", step] = row["target_norm_rel"]
-        summary = json.loads((root / "summary.json").read_text())
-        assert [r["round"] for r in summary] == [0, 1]
-        for row in summary:
-            for key in ("remaining_weight_pct", "channel_sparsity_pct", "best_val_acc",
-                        "final_test_acc"):
-                want[f"round/{key}", row["round"]] = row[key]
-            if row["round"] == 1:
-                want["round/acc_before_s", 1] = row["acc_before_s"]
-                want["round/acc_after_s", 1] = row["acc_after_s"]
-            final = tickets.load(root, round_idx=row["round"])
-            for layer in masks_lib.report(final.masks):
-                want[f"density/{layer.path}", row["round"]] = layer.density
-        assert {k: got[k] for k in want} == {k: np.float32(v) for k, v in want.items()}
-        assert len(_rows(root / "log.jsonl")) == 4 and ("epoch/val_loss", 4) in got
-        assert got["density/conv2/kernel", 1] < 1.0
-        seen_values.append(got)
-    assert seen_values[0] != seen_values[1]  # two tickets, two different records
+        assert len(monitoring.event_files(root)) == 3
+        got = tensorboard_scalars(root)
+        want = expected_scalars(root, epochs)
+        assert sorted(got) == sorted(want)  # every number, no other (tag, step)
+        assert {k: v for k, v in got.items() if len(v) != 1} == {}  # each once
+        assert {k: v[0] for k, v in got.items()} == {k: np.float32(v) for k, v in want.items()}
+        # The method's own columns are there without being named anywhere: RSST's
+        # penalty in round 1, its accuracy before and after S.
+        assert {("epoch/reg_scale", 3), ("epoch/target_count", 4), ("epoch/reg_lambda", 4),
+                ("round/round_time_s", 2), ("density/conv2/kernel", 4)} <= set(got)
+        assert any(t.startswith("round/") and "before" in t for t, _ in got)
+        assert got["density/conv2/kernel", 4][0] < 1.0
+        assert len(_rows(root / "log.jsonl")) == 4
+        seen.append(got)
+    assert seen[0] != seen[1]  # two tickets, two different records
+
+
+def test_the_monitors_take_every_event_of_the_driver():
+    from rsst_jax.callbacks import Callback
+    events = {n for n in dir(Callback) if not n.startswith("_") and callable(getattr(Callback, n))}
+    for cls in (monitoring.TensorBoard, monitoring.Wandb):
+        assert events <= {n for n in dir(cls) if callable(getattr(cls, n))}, cls
+        assert cls.every_process is False
+
+
+def test_a_resume_purges_from_its_first_step(tmp_path):
+    """``first_step``: the epoch after the checkpoint's; the round's own step when every
+    epoch of the round is done but not its end (its last epoch is written again)."""
+    from rsst_jax.driver import Progress
+    assert monitoring.first_step(Progress(round=0, epoch=0), 3) == 1
+    assert monitoring.first_step(Progress(round=1, epoch=2), 3) == 6
+    assert monitoring.first_step(Progress(round=1, epoch=3), 3) == 6 == \
+        monitoring.round_step(1, 3) == monitoring.epoch_step(1, 3, 3)
+    assert monitoring.row_numbers({"a": 1, "b": 2.5, "c": True, "d": "x", "e": None,
+                                   "f": np.float32(0.5), "g": np.bool_(False), "h": [1]}) == \
+        {"a": 1, "b": 2.5, "f": np.float32(0.5)}
 
 
 def test_wandb_flag_without_wandb_installed_is_bad_input(tmp_path, monkeypatch, capsys):

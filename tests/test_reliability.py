@@ -48,10 +48,14 @@ TESTS = pathlib.Path(__file__).resolve().parent
 #            tmp/state``: data written, step still temporary) or a whole step (``<n>``:
 #            complete, not yet renamed into place)
 #   saved    right after rsst_jax.checkpoint.save returned (committed, old ones deleted)
-#   discard  half-way through deleting an old checkpoint (renamed away, half its files gone)
+#   discard  half-way through deleting an old checkpoint (renamed into .deleting/, half its
+#            files gone)
 #   summary  right after summary.json was written at the end of a round
+# RSST_TEST_SLOW_COMMIT "suffix:seconds" holds the step-level commit of a checkpoint whose
+# final path ends with suffix for that long (the step still temporary): a checkpoint in
+# flight that a test can signal the process in.
 CHILD = r"""
-import os, signal, sys
+import os, signal, sys, time
 import numpy as np
 sys.path.insert(0, os.environ["RSST_TEST_DIR"])
 import tiny  # registers tiny_cnn
@@ -74,7 +78,7 @@ def hit(event, path=""):
             os.kill(os.getpid(), signal.SIGKILL)
 
 from rsst_jax import callbacks, checkpoint as ckpt, engine
-from orbax.checkpoint._src.path import atomicity
+from orbax.checkpoint.path import atomicity
 
 _create = atomicity._create_tmp_directory
 async def _create_tmp_directory(fn, tmp_dir, **kw):
@@ -83,9 +87,12 @@ async def _create_tmp_directory(fn, tmp_dir, **kw):
     return out
 atomicity._create_tmp_directory = _create_tmp_directory
 
+slow_suffix, _, slow_s = os.environ.get("RSST_TEST_SLOW_COMMIT", "").partition(":")
 _finalize = atomicity.AtomicRenameTemporaryPath.finalize
 async def finalize(self, *a, **kw):
     hit("commit", self.get_final())
+    if slow_suffix and str(self.get_final()).endswith(slow_suffix):
+        time.sleep(float(slow_s))
     return await _finalize(self, *a, **kw)
 atomicity.AtomicRenameTemporaryPath.finalize = finalize
 
@@ -98,7 +105,7 @@ ckpt.save = save
 import shutil
 _rmtree = shutil.rmtree
 def rmtree(path, *a, **kw):
-    if os.path.basename(str(path)).startswith(".deleting-") and os.path.isdir(path):
+    if os.path.basename(str(path)) == ".deleting" and os.path.isdir(path):
         files = [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs]
         for f in files[: len(files) // 2]:
             os.remove(f)
@@ -224,7 +231,7 @@ def test_sigkill_at_any_moment_resumes_to_the_uninterrupted_summary(tmp_path):
         if kill.startswith("commit"):  # the kill really left a temporary dir behind
             assert any(n.endswith(".orbax-checkpoint-tmp") for n in left), (kill, left)
         if kill.startswith("discard"):  # and a half-deleted one
-            assert any(n.startswith(".deleting-") for n in left), (kill, left)
+            assert ".deleting" in left and os.listdir(ckpts / ".deleting"), (kill, left)
         if expected is not None:
             # The newest committed checkpoint restores, and a kill never loses the one before.
             tree, meta = ckpt.restore_raw(ckpts)
@@ -257,7 +264,7 @@ def test_sigkill_at_any_moment_resumes_to_the_uninterrupted_summary(tmp_path):
     assert strip_times(read_rows(dir_ / "summary.json")) == reference
     assert strip_times(read_rows(dir_ / "log.jsonl")) == reference_log
     assert not (dir_ / runlock.LOCK_NAME).exists()
-    assert not list(ckpts.glob(".deleting-*"))
+    assert not (ckpts / ".deleting").exists()
     print(f"{len(KILL_CHAIN) + killed_mid_write} kill points, all resumed to the reference")
 
 
@@ -272,18 +279,21 @@ def test_steps_count_only_committed_checkpoints(tmp_path):
     ckpt.save(d, 1, _tree(1.0), {"k": 1}, keep=2)
     ckpt.save(d, 2, _tree(2.0), {"k": 2}, keep=2)
     # What a kill leaves behind: an orbax temporary dir (even a complete one), a step
-    # without commit marker, a half-deleted step in the trash.
-    for src, name in ((d / "2", "3.orbax-checkpoint-tmp"), (d / "2", "4"), (d / "1", ".deleting-1-9")):
+    # half-deleted in the trash; and a step set aside on resume.
+    for src, name in ((d / "2", "3.orbax-checkpoint-tmp"), (d / "1", ".deleting/1"),
+                      (d / "2", "4.bad")):
+        (d / name).parent.mkdir(exist_ok=True)
         os.system(f"cp -r {src} {d / name}")
-    (d / "4" / "commit_success.txt").unlink()
     assert ckpt.steps(d) == [1, 2] and ckpt.latest_step(d) == 2
     tree, meta = ckpt.restore(d, _tree(0.0))
     assert float(tree["w"][0]) == 2.0 and meta["k"] == 2
-    # The next save replaces the stale temporary dir, keeps the newest other step and
-    # finishes the interrupted deletion.
+    # The next save (in a new process: a new manager, as after a kill) removes the stale
+    # temporary dir, keeps the newest other step, finishes the interrupted deletion and
+    # leaves the set-aside step alone.
+    ckpt.close_managers()
     ckpt.save(d, 3, _tree(3.0), {"k": 3}, keep=2)
     assert ckpt.steps(d) == [2, 3]
-    assert not list(d.glob(".deleting-*"))
+    assert sorted(p.name for p in d.iterdir()) == ["2", "3", "4.bad"]
     assert float(ckpt.restore(d, _tree(0.0))[0]["w"][0]) == 3.0
 
 
