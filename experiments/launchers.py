@@ -163,8 +163,9 @@ class ProgramCall:
     def checkpoint(self, *args, **kwargs):
         """submitit's preemption and time-limit hook: stop, then requeue the same call."""
         import submitit  # optional (rsst-jax[cluster]): imported where a SLURM job runs only
-        if self._proc is not None:
-            interrupt([self._proc], wait=10.0)
+        if self._proc is not None:  # its checkpoint in flight commits within the grace
+            from rsst_jax.checkpoint import WRITE_GRACE_S  # in the job only, as submitit
+            interrupt([self._proc], wait=WRITE_GRACE_S + 2.0)
         return submitit.helpers.DelayedSubmission(ProgramCall(self.program))
 
 
