@@ -9,6 +9,7 @@ and that command ends with the numbers of an uninterrupted run.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import os
 import pathlib
@@ -29,7 +30,7 @@ from experiments import analyze, bench, cli, compact, compare, plot, sweep
 from rsst_jax import checkpoint as ckpt
 from rsst_jax import data as data_lib
 from rsst_jax import masks as masks_lib
-from rsst_jax import paths, runlock, tickets
+from rsst_jax import methods, paths, runlock, tickets
 
 import tiny
 
@@ -705,3 +706,54 @@ def test_the_baselines_page_command_runs(tmp_path, monkeypatch):
         assert f"| {title} |" in table, table
     assert table.count("(3 seeds)") == 7 and "acc@ch35%" in table
     assert (tmp_path / "baselines.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("struct, extra", [
+    ("slimming", "--slim_lambda 0.01"), ("ssl", "--ssl_lambda 0.05"),
+    ("greg", "--greg_delta 0.05 --greg_interval 1"), ("group", "")])
+def test_a_baseline_trains_resumes_after_sigkill_and_reads_everywhere(tmp_path, struct, extra):
+    """Each baseline through experiments.run: killed with SIGKILL in round 1 and resumed,
+    it ends with every number (summary and epoch rows) of a run never stopped; compare,
+    plot, analyze and compact read it; its flags are in --help."""
+    (tmp_path / "myplugin.py").write_text(PLUGIN)
+    flags = (f"--import myplugin --struct {struct} --dataset digits --arch plugin_cnn3 "
+             f"--epochs 2 --pruning_times 2 --batch_size 128 --lr 0.1 --warmup 0 "
+             f"--decreasing_lr 100 --eval_batch_size 270 --rate 0.3 {extra}")
+    runs = {}
+    for name, kill in (("whole", False), ("killed", True)):
+        proc = shell(f"experiments.run {flags} --save_dir {name}", tmp_path)
+        if kill:  # SIGKILL once round 1's first epoch is in log.jsonl
+            log = tmp_path / name / "log.jsonl"
+            deadline = time.time() + 900
+            while time.time() < deadline and proc.poll() is None and not (
+                    log.is_file() and '"round": 1' in log.read_text()):
+                time.sleep(0.2)
+            proc.kill()
+            proc.communicate(timeout=60)
+            assert '"round": 1, "epoch": 1' in log.read_text()
+            proc = shell(f"experiments.run {flags} --save_dir {name} --resume", tmp_path)
+        out, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, err[-3000:]
+        runs[name] = [[{k: v for k, v in r.items() if not k.endswith("time_s")} for r in rows]
+                      for rows in (json.loads((tmp_path / name / "summary.json").read_text()),
+                                   [json.loads(x) for x in (tmp_path / name / "log.jsonl")
+                                    .read_text().splitlines()])]
+    assert runs["killed"] == runs["whole"]
+    summary = runs["whole"][0]
+    assert len(summary) == 2 and summary[1]["channel_sparsity_pct"] > 0
+    title = methods.get_method(struct).title
+    for command in ("experiments.compare whole killed",
+                    "experiments.plot --import myplugin whole",
+                    "experiments.analyze --import myplugin whole",
+                    "experiments.compact --import myplugin whole --out small --runs 1 "
+                    "--batch_sizes 1 --eval_images 16"):
+        proc = shell(command, tmp_path)
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, (command, err[-2000:])
+        if command.startswith("experiments.compare"):
+            assert title in out, out
+    own = methods.get_method(struct).settings
+    if own:
+        help_text = cli.run_parser().format_help()
+        assert all(f"--{f.name}" in help_text for f in dataclasses.fields(own[1]))
