@@ -123,7 +123,8 @@ def run_parser(prog: str = "python -m experiments.run", *, defaults: bool = True
     ``defaults=False`` a flag not on the command line is absent from the result."""
     parser = argparse.ArgumentParser(
         prog=prog, formatter_class=HelpFormatter, epilog=EPILOG, allow_abbrev=False,
-        description="Find structurally sparse lottery tickets: IMP, Refill and RSST rounds. "
+        description="Find structurally sparse lottery tickets: IMP, Refill and RSST rounds, "
+                    "and the baselines slimming, SSL, GReg and DepGraph. "
                     "Quick start: --dataset digits.")
     allowed = config_lib.choices()
     sections = {}  # one --help section per configuration group

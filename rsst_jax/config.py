@@ -158,7 +158,8 @@ class PruneConfig:
     layer_rates: str = flag("", "(new) per-layer multipliers of --rate, REGEX=MULT,... over "
                             "parameter paths, e.g. layer1=0.5,layer3=1.5 (implies layerwise "
                             "ranking)")
-    struct: str = flag("rsst", "pruning method: none (IMP), refill or rsst, or any method "
+    struct: str = flag("rsst", "pruning method: none (IMP), refill, rsst, or a baseline "
+                       "(slimming, ssl, greg, group; docs/baselines.md), or any method "
                        "registered with rsst_jax.methods.register_method (docs/methods.md)",
                        choices="rsst_jax.methods.registry:available_methods",
                        registry="rsst_jax.methods.register_method")
