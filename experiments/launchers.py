@@ -258,9 +258,13 @@ class Subprocesses:
         self.free.append(slot)
         return proc.returncode, None
 
-    def stop(self, wait: float = 2.0) -> None:
-        """Ctrl-C: interrupt the children (each keeps its last checkpoint), kill what is
-        still running after ``wait`` seconds."""
+    def stop(self, wait: Optional[float] = None) -> None:
+        """Ctrl-C or SIGTERM: interrupt the children, each committing the checkpoint it is
+        writing (they end within a second when none is in flight), and kill what still
+        runs after ``wait`` seconds (default: the checkpoints' grace and 2 s more)."""
+        if wait is None:
+            from rsst_jax.checkpoint import WRITE_GRACE_S  # start-up: launchers loads no JAX
+            wait = WRITE_GRACE_S + 2.0
         interrupt([proc for proc, _, _ in self.active.values()], wait)
         for _, copy, _ in self.active.values():  # their last lines into the run.logs
             copy.join(timeout=0.5)

@@ -170,11 +170,15 @@ def test_channel_map_is_the_masks_channel_fraction(quick):
         assert ch[i, 1] == m.reshape(-1, m.shape[-1]).any(axis=0).mean() and wt[i, 1] == m.mean()
 
 
-def test_lambda_panel_reads_the_logged_penalty(quick):
+def test_method_panels_read_the_declared_metrics_as_logged(quick):
+    """method.png's panels are the plotted epoch metrics RSST declares, each read from the
+    rounds that logged it (round 1: round 0 penalizes nothing); IMP declares none."""
     run = runs.load_run(quick / "struct=rsst")
-    by_round = plot.rsst_epochs(run)
+    panels, by_round = plot.method_panels(run)
+    assert [m.key for m in panels] == ["reg_lambda", "target_norm_rel", "target_small_frac"]
     assert list(by_round) == [1]
-    assert by_round[1][0]["reg_lambda"] == run.summary[1]["final_lambda"]
+    assert by_round[1][-1]["reg_lambda"] == run.summary[1]["final_lambda"]
+    assert plot.method_panels(runs.load_run(quick / "struct=none")) == ([], {})
 
 
 # --------------------------------------------------------------------------- analyze

@@ -141,7 +141,7 @@ BAD_INPUT = [  # (command, argv with {run} {tmp} {file}, what the line says)
     ("compare", ["{run}", "--levels", "abc"], "--levels wants comma-separated percentages"),
     ("compare", ["{run}", "--names", "a,b"], "--names has 2 names for 1 runs"),
     ("compare", ["{run}", "--metric", "acc"], "argument --metric: invalid choice"),
-    ("plot", ["{run}", "--only", "pie"], "--only takes some of rounds, lambda, channels, epochs"),
+    ("plot", ["{run}", "--only", "pie"], "--only takes some of rounds, method, channels, epochs"),
     ("plot", ["{run}", "--out", "{file}"], "cannot write"),
     ("analyze", ["{run}", "--input_shape", "1,2"], "--input_shape wants H,W,C"),
     ("analyze", ["{run}", "--dataset", "imagenet"], "unknown --dataset 'imagenet'"),
