@@ -21,11 +21,17 @@ import json
 import sys
 from typing import Optional, Sequence
 
+import numpy as np
+
 from experiments import cli
+from rsst_jax import counting, tickets
+from rsst_jax import data as data_lib
 from rsst_jax import masks as masks_lib
 from rsst_jax import metrics as metrics_lib
 from rsst_jax import paths as paths_lib
 from rsst_jax import runs as runs_lib
+from rsst_jax.counting import compact_stats
+from rsst_jax.methods import find_method
 
 
 # --------------------------------------------------------------------------- numbers
@@ -34,8 +40,6 @@ from rsst_jax import runs as runs_lib
 def fallback_compact(params: dict, masks: dict) -> dict:
     """Parameters if pruned channels were removed, counted per layer without the graph
     (``rsst_jax.counting.layerwise_compact_params``, an upper bound); no FLOPs."""
-    from rsst_jax import counting
-
     return {"params": counting.count_params(params),
             "compact_params": counting.layerwise_compact_params(params, masks),
             "flops": None, "compact_flops": None,
@@ -44,8 +48,6 @@ def fallback_compact(params: dict, masks: dict) -> dict:
 
 def compact_numbers(model, variables: dict, masks: dict, input_shape, *, approximate: bool) -> dict:
     """``rsst_jax.counting.compact_stats`` where it can follow the network, else the per-layer count."""
-    from rsst_jax.counting import compact_stats
-
     if model is None or input_shape is None:
         return fallback_compact(variables["params"], masks)
     try:
@@ -119,10 +121,6 @@ def zero_weights_reason(summary_row: dict) -> Optional[str]:
 def analyze(path, *, round_idx=None, best=False, arch=None, dataset=None, input_shape=None,
             approximate=False) -> dict:
     """Everything ``main`` prints, as a JSON-able dict."""
-    import numpy as np
-
-    from rsst_jax import counting, tickets
-
     ticket = tickets.load(path, round_idx=round_idx, kind=paths_lib.BEST if best else paths_lib.FINAL,
                           arch=arch, dataset=dataset, image_shape=input_shape, need_model=False)
     ref, meta, params, net = ticket.ref, ticket.meta, ticket.params, ticket.network
@@ -145,7 +143,6 @@ def analyze(path, *, round_idx=None, best=False, arch=None, dataset=None, input_
     kept = sum(r.kept for r in rows)
     acc = accuracies(ref, meta)
     reason = zero_weights_reason(acc) if ref.kind == paths_lib.FINAL else None
-    from rsst_jax.methods import find_method
     declared = metrics_lib.of_method(find_method(ticket.config.get("struct")),
                                      metrics_lib.ROUND_ROW)
     row = metrics_lib.renamed(dict(meta.get("summary") or {}))
@@ -257,7 +254,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def run(args) -> int:
     """The command, parsed: analyze and print."""
-    from rsst_jax import data as data_lib
     shape = None
     if args.input_shape:
         try:

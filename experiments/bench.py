@@ -35,11 +35,22 @@ import statistics
 import sys
 import time
 
-from experiments.cli import BadInput
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import cli
+from experiments.cli import BadInput, HelpFormatter, add_import_flag, one_line_parse
+from rsst_jax import config as config_lib
+from rsst_jax import counting, methods, nets, parallel, rounds, trees
+from rsst_jax import data as data_lib
+from rsst_jax import engine as engine_lib
+from rsst_jax import masks as masks_lib
+from rsst_jax import train as train_lib
+from rsst_jax.config import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from experiments.cli import HelpFormatter, add_import_flag
     p = argparse.ArgumentParser(prog="python -m experiments.bench", formatter_class=HelpFormatter,
                                 allow_abbrev=False,
                                 description=__doc__.split("\n")[0])
@@ -117,14 +128,10 @@ def _shapes(text: str) -> list[tuple[int, int, int]]:
 def parse_args(argv=None):
     """Parsed and checked arguments: lists in ``archs``, ``batch_sizes``, ``shapes``,
     ``seed_counts``; BenchError (one line) on bad input."""
-    from experiments.cli import one_line_parse
-    from rsst_jax import nets
-    from rsst_jax.config import ConfigError
     try:
         args = one_line_parse(build_parser(), argv, "python -m experiments.bench")
     except ConfigError as e:
         raise BenchError(str(e)) from None
-    from rsst_jax import methods
     try:
         methods.get_method(args.struct)  # the message names the registered ones
     except ValueError as e:
@@ -168,7 +175,6 @@ def parse_args(argv=None):
 
 def method_variants() -> dict:
     """Step variant name (a method's title in lower case) -> the registered method."""
-    from rsst_jax import methods
     return {(m.title or m.name).lower(): m for m in methods.registered()}
 
 
@@ -178,9 +184,6 @@ def _median_ms(times):
 
 def generated_dataset(shape, n_train: int, num_classes: int, seed: int, n_eval: int = 270):
     """Random uint8 images and labels with the splits of a real data set."""
-    import numpy as np
-
-    from rsst_jax import data as data_lib
     rng = np.random.default_rng(seed)
 
     def split(n):
@@ -194,7 +197,6 @@ def generated_dataset(shape, n_train: int, num_classes: int, seed: int, n_eval: 
 def bench_config(args, arch: str, batch_size: int, **overrides):
     """The configuration a bench engine runs: a round of 120 epochs of ``--struct`` (RSST's
     lambda grows from its first step)."""
-    from rsst_jax import config as config_lib
     values = dict(arch=arch, batch_size=batch_size, precision=args.precision,
                   accum_steps=args.accum_steps, struct=args.struct, epochs=120, warmup=1,
                   RST_schedule="x", reg_granularity_prune=1e-3, update_reg_interval=1,
@@ -218,10 +220,6 @@ def example_masks(method, cfg, weight, channel) -> tuple:
 def _epoch_state(engine, cfgs):
     """Stacked states and plans of the method's typical round (``example_masks`` of
     random 50% weight masks and half the channels)."""
-    import jax
-
-    from rsst_jax import masks as masks_lib
-    from rsst_jax import rounds, trees
     states, plans = [], []
     for k, cfg in enumerate(cfgs):
         state = engine.fresh_state(cfg.run.resolved_seed + k)
@@ -236,8 +234,6 @@ def _epoch_state(engine, cfgs):
 
 
 def half_channels(masks, key):
-    import jax
-    import jax.numpy as jnp
     leaves, treedef = jax.tree_util.tree_flatten(masks, is_leaf=lambda x: x is None)
     out = []
     for i, m in enumerate(leaves):
@@ -255,9 +251,6 @@ def time_epochs(args, arch, batch_size, shape, setups, ds=None, memory: bool = F
     rounds in which the setups take turns (machine load hits them alike); the median per
     setup. ``devices``: how many of the visible devices the engine may use (None: all).
     ``memory``: also XLA's memory estimate of each train program (compiles it again)."""
-    import jax
-
-    from rsst_jax import engine as engine_lib
     ds = ds or generated_dataset(shape, args.train_size, args.num_classes, args.seed)
     ready = {}
     for label, mode, num_seeds, *devices in setups:
@@ -296,10 +289,6 @@ def time_epochs(args, arch, batch_size, shape, setups, ds=None, memory: bool = F
 
 def _program_memory(eng, states, plan, seeds):
     """XLA's estimate of the train program's memory (arguments + outputs + temporaries)."""
-    import numpy as np
-
-    from rsst_jax import engine as engine_lib
-    from rsst_jax import parallel
     perms = engine_lib.epoch_perms(eng, seeds, 0, 0)
     prog = eng.train_chunk if eng.fused else eng.train_step
     idx = perms[:, :min(eng.fused_steps, perms.shape[1])] if eng.fused else perms[:, 0]
@@ -315,7 +304,6 @@ def _program_memory(eng, states, plan, seeds):
 
 def epoch_table(args) -> list[dict]:
     """Seconds per epoch, fused against the step loop, and auto's choice, per combination."""
-    from rsst_jax import engine as engine_lib
     rows = []
     for arch in args.archs:
         for shape in args.shapes:
@@ -337,9 +325,6 @@ def epoch_table(args) -> list[dict]:
 
 
 def run(args) -> dict:
-    import jax
-
-    from rsst_jax import parallel
     result = {"device": str(jax.devices()[0]), "platform": jax.default_backend(),
               "device_kind": jax.devices()[0].device_kind, "device_count": jax.device_count(),
               "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
@@ -360,7 +345,6 @@ def run(args) -> dict:
     if args.epochs:
         t = time_epochs(args, arch, bs, shape, [("off", "off", 1), ("on", "on", 1)], ds)
         off, on = t["off"], t["on"]
-        from rsst_jax import engine as engine_lib
         auto = engine_lib.Engine([bench_config(args, arch, bs, fused="auto")], dataset=ds).fused
         result["epochs"] = {"off": off, "on": on, "speedup": round(off["epoch_s"] / on["epoch_s"], 3),
                             "auto": "on" if auto else "off"}
@@ -385,13 +369,6 @@ def run(args) -> dict:
 
 def bench_steps(args, arch, bs, shape, mesh, names) -> dict:
     """Interleaved single steps of the dense, IMP, Refill and RSST variants."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from rsst_jax import counting, engine as engine_lib, masks as masks_lib, parallel, rounds
-    from rsst_jax import train as train_lib
-    from rsst_jax import trees
     cfg = bench_config(args, arch, bs)
     model = engine_lib.build_model(cfg.model, args.num_classes)
     rng = np.random.default_rng(args.seed)
@@ -486,11 +463,6 @@ def bench_steps(args, arch, bs, shape, mesh, names) -> dict:
 
 
 def bench_eval(args, arch, shape, mesh) -> dict:
-    import jax
-    import numpy as np
-
-    from rsst_jax import engine as engine_lib, parallel
-    from rsst_jax import train as train_lib
     cfg = bench_config(args, arch, args.batch_sizes[0])
     model = engine_lib.build_model(cfg.model, args.num_classes)
     ebs = args.eval_batch_size
@@ -571,7 +543,6 @@ def format_table(r: dict) -> str:
 
 def main(argv=None) -> int:
     """Exit codes: 0 done, 2 bad input (one line on stderr)."""
-    from experiments import cli
 
     def body():
         cli.import_modules(cli.imports_of(sys.argv[1:] if argv is None else argv))
@@ -579,7 +550,6 @@ def main(argv=None) -> int:
             args = parse_args(argv)
         except SystemExit as e:  # --help
             return int(e.code or 0)
-        from rsst_jax import parallel
         parallel.split_cpu(args.cpu_devices)  # before any JAX operation
         result = run(args)
         print(json.dumps(result) if args.json else format_table(result))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import io
 import json
 import os
@@ -33,8 +34,15 @@ import tempfile
 import threading
 from typing import Any, Callable, Optional, Sequence
 
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
+
+import yaml
+
 from rsst_jax import config as config_lib
-from rsst_jax import paths
+from rsst_jax import methods, paths, runlock
 from rsst_jax.config import ConfigError
 
 
@@ -157,7 +165,6 @@ _SECTIONS = {"data": "data", "model": "network", "optim": "training",
 
 def _section_title(group: str) -> str:
     """The --help section of a configuration group; a method's own group names it."""
-    from rsst_jax import methods
     owner = [m.name for m in methods.registered() if (m.settings or (None,))[0] == group]
     return _SECTIONS.get(group) or (f"{group}: flags of --struct {owner[0]}" if owner else group)
 
@@ -173,7 +180,6 @@ def add_import_flag(parser, defaults: bool = True) -> None:
 
 def import_modules(modules: Sequence[str]) -> None:
     """Import each of ``modules`` (``--import``); BadInput (exit 2) on one that fails."""
-    import importlib
     for module in modules:
         try:
             importlib.import_module(module)
@@ -234,15 +240,10 @@ def load_config_file(path: str) -> dict[str, Any]:
     text = p.read_text()
     try:
         if p.suffix.lower() == ".toml":
-            try:
-                import tomllib
-            except ImportError:  # Python 3.10
-                import tomli as tomllib
             values = tomllib.loads(text)
         elif p.suffix.lower() == ".json":
             values = json.loads(text)
         else:
-            import yaml
             values = yaml.safe_load(text) or {}
     except Exception as e:  # parser errors differ per format; the message names the file
         raise ConfigError(f"--config {path}: cannot parse it ({e.__class__.__name__}: {e})") from None
@@ -354,7 +355,7 @@ def check_paths(cfg: config_lib.Config) -> None:
     check_save_dir(r.save_dir)
     if r.wandb is not None:
         try:
-            import wandb  # noqa: F401
+            import wandb  # noqa: F401  # start-up: optional (rsst-jax[wandb]), 0.3 s
         except ImportError:
             raise ConfigError(f"--wandb {r.wandb} needs the wandb package: "
                               f"pip install -e \".[wandb]\"") from None
@@ -554,7 +555,6 @@ class ExitOnInterrupt:
             checkpoint = sys.modules.get("rsst_jax.checkpoint")  # not imported: no write
             if checkpoint is not None:
                 checkpoint.finish_writes()
-            from rsst_jax import runlock
             runlock.release_all()  # no run.lock left behind: the resume takes it quietly
             if self.cleanup is not None:
                 self.cleanup()

@@ -24,9 +24,18 @@ import statistics
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from experiments import cli
+from rsst_jax import checkpoint as ckpt
+from rsst_jax import counting, nets, tickets
+from rsst_jax import data as data_lib
+from rsst_jax import masks as masks_lib
+from rsst_jax import train as train_lib
+from rsst_jax.compact import compact, model_from_description
+from rsst_jax.model_masks import masked_variables
 
 ARCHITECTURE = "architecture.json"
 VARIABLES = "variables"
@@ -37,10 +46,6 @@ VARIABLES = "variables"
 def load_ticket(path: str):
     """(model, variables, masks, info) of a ticket checkpoint (``rsst_jax.tickets.load``);
     info = checkpoint, arch, dataset, num_classes, sample_shape, data_dir, step, options."""
-    import jax
-    import jax.numpy as jnp
-
-    from rsst_jax import tickets
     ticket = tickets.load(path, need_model=True)
     net = ticket.network
     masks = ticket.masks  # None (an initialization): nothing is pruned
@@ -56,10 +61,6 @@ def load_ticket(path: str):
 
 def load(directory: str):
     """(model, variables) of a compact network written by this command."""
-    import jax
-    import jax.numpy as jnp
-    from rsst_jax import checkpoint as ckpt
-    from rsst_jax.compact import model_from_description
     d = pathlib.Path(directory)
     description = json.loads((d / ARCHITECTURE).read_text())
     model = model_from_description(description)
@@ -77,7 +78,6 @@ def measure_latencies(networks: dict, sample_shape, batch_sizes, runs: int, warm
     ``networks = {name: (fn, variables)}``. After ``warmup`` calls each (the first
     compiles), the networks are timed in turn ``runs`` times, so that a busy machine slows
     them alike."""
-    import jax
     out = {name: {} for name in networks}
     for bs in batch_sizes:
         x = jax.random.normal(jax.random.PRNGKey(0), (bs, *sample_shape))
@@ -97,8 +97,6 @@ def measure_latencies(networks: dict, sample_shape, batch_sizes, runs: int, warm
 
 def _eval_inputs(info: dict, n: int):
     """(images, labels or None, source): test images normalized, else random normals."""
-    import jax
-    from rsst_jax import data as data_lib
     try:
         ds = data_lib.load_dataset(info["dataset"], info.get("data_dir"))
     except Exception:
@@ -111,9 +109,6 @@ def _eval_inputs(info: dict, n: int):
 def fresh_statistics(model, variables, masks, info: dict, n: int) -> dict:
     """The ticket's variables (masks applied) with BatchNorm statistics re-estimated over
     n training batches of its data set (``rsst_jax.train.recalibrated``)."""
-    from rsst_jax import data as data_lib
-    from rsst_jax import train as train_lib
-    from rsst_jax.model_masks import masked_variables
     try:
         ds = data_lib.load_dataset(info["dataset"], info.get("data_dir"))
     except data_lib.DataError as e:
@@ -205,7 +200,6 @@ def compact_command(args) -> int:
     model, variables, masks, info = load_ticket(args.checkpoint)
     if args.bn_recalibrate:
         variables = fresh_statistics(model, variables, masks, info, args.bn_recalibrate)
-    from rsst_jax import nets
     try:
         nets.get_rebuild(model)
     except ValueError as e:
@@ -237,13 +231,6 @@ def compact_command(args) -> int:
 def run(model, variables, masks, info, *, out, approximate=False, batch_sizes=(1, 128),
         runs=10, eval_images=256, round_to=1) -> dict:
     """Compact, write, measure; returns the JSON-able result."""
-    import jax
-    from rsst_jax import checkpoint as ckpt
-    from rsst_jax import counting
-    from rsst_jax import masks as masks_lib
-    from rsst_jax.compact import compact
-    from rsst_jax.model_masks import masked_variables
-
     sample_shape = tuple(info["sample_shape"])
     cmodel, cvars, desc = compact(model, variables, masks, approximate=approximate,
                                   sample_shape=sample_shape, round_to=round_to)

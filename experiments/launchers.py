@@ -162,9 +162,9 @@ class ProgramCall:
 
     def checkpoint(self, *args, **kwargs):
         """submitit's preemption and time-limit hook: stop, then requeue the same call."""
-        import submitit  # optional (rsst-jax[cluster]): imported where a SLURM job runs only
+        import submitit  # start-up: optional (rsst-jax[cluster]); in a SLURM job only
         if self._proc is not None:  # its checkpoint in flight commits within the grace
-            from rsst_jax.checkpoint import WRITE_GRACE_S  # in the job only, as submitit
+            from rsst_jax.checkpoint import WRITE_GRACE_S  # start-up: the job's wrapper has no JAX
             interrupt([self._proc], wait=WRITE_GRACE_S + 2.0)
         return submitit.helpers.DelayedSubmission(ProgramCall(self.program))
 
@@ -332,7 +332,7 @@ def slurm_accounting() -> bool:
 
 def slurm_job(folder: pathlib.Path, job_id: str):
     """submitit's handle of job ``job_id`` whose files are in ``folder/<job id>/``."""
-    import submitit  # optional (rsst-jax[cluster]): imported for SLURM sweeps only
+    import submitit  # start-up: optional (rsst-jax[cluster]); SLURM sweeps only
     return submitit.SlurmJob(folder=pathlib.Path(folder) / "%j", job_id=str(job_id))
 
 
@@ -378,7 +378,7 @@ class Slurm:
                                     f"where SLURM's commands are (a login node), or use "
                                     f"--launcher local")
         extra = parse_sbatch(sbatch)
-        import submitit  # optional: imported once find_spec above found it
+        import submitit  # start-up: optional; imported once find_spec above found it
         if mem:
             extra["mem"] = mem
         self.folder = pathlib.Path(folder).resolve()
@@ -465,7 +465,7 @@ class Ray:
             raise LauncherError(f"--ray_address {address}: nothing answered within "
                                 f"{answer_s:.0f} s; start the cluster (ray start --head) or "
                                 f"correct the address")
-        import ray  # optional, and seconds of start-up: imported for Ray sweeps only
+        import ray  # start-up: optional (rsst-jax[cluster]), 0.2 s; Ray sweeps only
         ray.init(address=address, log_to_driver=False, logging_level="ERROR")
         self.ray = ray
         self.remote_call = ray.remote(_run_task).options(

@@ -31,21 +31,27 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
+import textwrap
 from typing import Optional, Sequence
 
+import numpy as np
+
 from experiments import cli
+from rsst_jax import masks as masks_lib
 from rsst_jax import metrics as metrics_lib
 from rsst_jax import paths as paths_lib
 from rsst_jax import runs as runs_lib
+from rsst_jax import tickets
+from rsst_jax.methods import find_method
 
 PLOTS = ("rounds", "method", "channels", "epochs")
 
 
 def _pyplot():
-    import matplotlib
+    import matplotlib  # start-up: 60 ms, for the figures only
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # order: after the Agg backend is chosen
 
     return plt
 
@@ -163,7 +169,7 @@ def rounds_figure(lines: dict, rounds: list[int], title: str, band: Optional[str
     h2, l2 = acc.get_legend_handles_labels()
     handles, labels = h1 + h2, l1 + l2
     if band is not None:
-        from matplotlib.patches import Patch
+        from matplotlib.patches import Patch  # start-up: matplotlib, for the figures only
         handles.append(Patch(color="grey", alpha=0.3))
         labels.append(band)
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8.5, frameon=False)
@@ -178,7 +184,6 @@ def rounds_figure(lines: dict, rounds: list[int], title: str, band: Optional[str
 def method_panels(run: runs_lib.Run) -> tuple[list, dict[int, list[dict]]]:
     """(the plotted epoch metrics the run's method declares, log rows by round of the
     rounds that logged one of them)."""
-    from rsst_jax.methods import find_method
     panels = [m for m in metrics_lib.of_method(find_method(run.config.get("struct")),
                                                metrics_lib.EPOCH_ROW) if m.plot]
     by_round = {}
@@ -196,8 +201,8 @@ def plot_method(run: runs_lib.Run, path: pathlib.Path) -> bool:
     if not by_round:
         return False
     plt = _pyplot()
-    from matplotlib import cm, colors
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib import cm, colors  # start-up: matplotlib, for the figures only
+    from matplotlib.ticker import MaxNLocator  # start-up: matplotlib, for the figures only
 
     fig, axes = plt.subplots(1, len(panels), figsize=(4.7 * len(panels), 4.4), squeeze=False)
     axes = list(axes[0])
@@ -245,11 +250,6 @@ def layer_table(run: runs_lib.Run, kind: str = paths_lib.FINAL) -> tuple:
     """(layers, rounds, channels kept, weights kept) from the ``kind`` (final or best)
     checkpoints: the last two are float arrays [layers, rounds] of fractions (NaN where a
     round lacks the layer)."""
-    import numpy as np
-
-    from rsst_jax import masks as masks_lib
-    from rsst_jax import tickets
-
     refs = [r for r in run.checkpoints() if r.kind == kind]
     if not refs:
         raise tickets.TicketError(f"{run.path} has no round_<r>/{kind} checkpoint to read masks "
@@ -283,8 +283,6 @@ def channel_panels(run: runs_lib.Run) -> tuple:
     shows the kernel mask M the round trained with (its best-validation checkpoint)
     where rounds ended by applying S (RSST), and there is no second panel where the two
     are the same (Refill)."""
-    import numpy as np
-
     layers, rounds, ch, wt = layer_table(run)
     panels = [("fraction of output channels kept", ch)]
     if any("acc_after_s" in row for row in run.summary):  # rounds that ended by applying S
@@ -320,7 +318,6 @@ def channels_figure(run: runs_lib.Run):
     if len(panels) == 1:
         panels = [(panels[0][0] + " (= fraction of weights kept: whole channels)",
                    panels[0][1])]
-    import textwrap
     wrap = max(30, int(12 * (width / len(panels) - 1.5)))  # characters per title line
     panels = [(textwrap.fill(title, wrap), data) for title, data in panels]
     title_lines = max(title.count("\n") + 1 for title, _ in panels)
@@ -370,7 +367,7 @@ def epochs_figure(run: runs_lib.Run):
     starts = [1] + [int(b + 0.5) for b in boundaries]
     for s in starts:
         ax.text(s, 101.5, f"round {rows[s - 1]['round']}", fontsize=8, color="dimgrey")
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator  # start-up: matplotlib, for the figures only
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs only
     ax.set_ylim(0, 107)
     ax.set_xlabel("epoch (all rounds, in order)")

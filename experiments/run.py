@@ -5,9 +5,18 @@ Exit codes: 0 done, 2 bad input (one-line message, no traceback), 3 training div
 """
 from __future__ import annotations
 
+import json
+import pathlib
 import sys
 
+import jax
+import numpy as np
+
 from experiments import cli
+from rsst_jax import checkpoint, driver, engine, methods, model_masks, parallel, runlock, starting
+from rsst_jax import data as data_lib
+from rsst_jax import masks as masks_lib
+from rsst_jax import train as train_lib
 
 
 def describe_plan(cfg, ds, n_params: int, n_prunable: int) -> str:
@@ -27,7 +36,6 @@ def describe_plan(cfg, ds, n_params: int, n_prunable: int) -> str:
         lines.append(f"  round {r}: expected remaining weights {100 * density:.2f}%{count}")
         density *= 1.0 - p.rate_at(r)
         kept -= int(round(p.rate_at(r) * kept))  # the count magnitude_prune removes
-    from rsst_jax import methods
     if methods.of(cfg).channels and p.pruning_times > 1:
         lines.append(f"  ({p.struct}: whole channels are kept per layer, so rounds after 0 "
                      f"keep about these densities, channel-wise)")
@@ -36,9 +44,6 @@ def describe_plan(cfg, ds, n_params: int, n_prunable: int) -> str:
 
 def _check_save_dir_state(cfg) -> str:
     """What --save_dir holds, raising what a real run would raise before training."""
-    import pathlib
-
-    from rsst_jax import checkpoint, runlock, starting
     save_dir = pathlib.Path(cfg.run.save_dir)
     if save_dir.is_dir():
         runlock.RunLock(save_dir).acquire().release()  # raises RunLocked while a run holds it
@@ -54,15 +59,6 @@ def _check_save_dir_state(cfg) -> str:
 def dry_run(cfg) -> None:
     """Print the resolved config and the plan; load the data and build the network
     abstractly (no parameters are computed)."""
-    import json
-
-    import jax
-    import numpy as np
-
-    from rsst_jax import data as data_lib
-    from rsst_jax import engine
-    from rsst_jax import masks as masks_lib
-    from rsst_jax import model_masks
     ds = data_lib.train_subset(data_lib.load_dataset(cfg.data.dataset, cfg.data.data),
                                cfg.data.train_subset)
     model = engine.build_model(cfg.model, ds.num_classes)
@@ -85,8 +81,6 @@ def dry_run(cfg) -> None:
 def penalty_lines(cfg, n_train: int) -> list[str]:
     """What the run would say before training about its method (``Method.start``;
     RSST: its penalty's stability and budget)."""
-    from rsst_jax import engine, methods
-    from rsst_jax import train as train_lib
     schedules = engine.schedules_of(cfg, train_lib.steps_per_epoch(n_train,
                                                                    cfg.optim.batch_size))
     return methods.of(cfg).start(cfg, schedules)[1]
@@ -95,7 +89,6 @@ def penalty_lines(cfg, n_train: int) -> list[str]:
 def seed_configs(cfg) -> list:
     """--num_seeds K: one configuration per ticket, seeds --seed .. --seed+K-1, each in
     SAVE_DIR/seed_<s> (and --init/seed_<s>)."""
-    import pathlib
     if cfg.run.num_seeds == 1:
         return [cfg]
     base = cfg.run.resolved_seed
@@ -111,9 +104,7 @@ def main(argv=None) -> int:
     0 done, 2 bad input, 3 diverged, 130 interrupted (Ctrl-C names the command that
     resumes; see ``cli.run_command``)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    from rsst_jax import parallel
     parallel.split_cpu()  # $RSST_JAX_CPU_DEVICES, before any JAX operation
-    from rsst_jax import driver
 
     def body() -> int:
         try:

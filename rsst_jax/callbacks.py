@@ -27,12 +27,14 @@ import json
 import os
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from rsst_jax import checkpoint as ckpt
 from rsst_jax import config as config_lib
 from rsst_jax import paths as paths_lib
 from rsst_jax import metrics as metrics_lib
 from rsst_jax import runlock, trees
+from rsst_jax.monitoring import TensorBoard, Wandb
 from rsst_jax.paths import atomic_write  # defined in paths (starting needs it too); kept importable here
 
 
@@ -104,7 +106,6 @@ class ProgressBar(Callback):
     def epoch_start(self, run, r, epoch, steps):
         if not self.enabled:
             return
-        from tqdm.auto import tqdm
         self.correct = 0
         self.bar = tqdm(total=steps, leave=False, dynamic_ncols=True, disable=None,
                         desc=f"round {r}/{run.rounds - 1} epoch {epoch}/{run.epochs}")
@@ -302,7 +303,6 @@ class NextSteps(Callback):
 def default_callbacks(cfg, *, progress: bool = True) -> list[Callback]:
     """What ``python -m experiments.run`` does (the run lock is taken by the driver)."""
     # The summary before the checkpoint: a run killed between the two redoes the round's end.
-    from rsst_jax.monitoring import TensorBoard, Wandb
     extra = [Wandb(cfg.run.wandb)] if cfg.run.wandb else []
     return [NanGuard(cfg.run.nan_policy), ProgressBar(progress), EpochLog(), TensorBoard(),
             *extra, SummaryWriter(), Checkpointer(), NextSteps()]

@@ -137,7 +137,7 @@ def _orbax():
     leaves logging as it was)."""
     root = logging.getLogger()
     before = list(root.handlers)
-    import orbax.checkpoint as ocp
+    import orbax.checkpoint as ocp  # order: adds a root logger handler, taken off below
     for handler in root.handlers[:]:
         if handler not in before:
             root.removeHandler(handler)

@@ -26,6 +26,9 @@ import types
 import typing
 from typing import Any, Mapping, Optional
 
+from rsst_jax import criteria, nets
+from rsst_jax.paths import command
+
 
 class ConfigError(ValueError):
     """A flag or config value that cannot work; the message says what to change."""
@@ -193,7 +196,7 @@ class PruneConfig:
         """``--mask_bn``, by default on for a method that keeps whole channels."""
         if self.mask_bn is not None:
             return self.mask_bn
-        from rsst_jax.methods.registry import get_method  # imports no library module
+        from rsst_jax.methods.registry import get_method  # cycle: rsst_jax.methods imports this one
         return get_method(self.struct).channels
 
     @property
@@ -406,7 +409,6 @@ class Config:
         ConfigError on unknown names."""
         unknown = sorted(set(values) - set(group_of_flags()))
         if unknown:
-            from rsst_jax.paths import command  # the error path only: paths runs a probe
             raise ConfigError(f"unknown settings {', '.join(unknown)} (see "
                               f"{command('experiments.run', ['--help'])}; a method's own flags "
                               f"need --import of the module that registers it)")
@@ -519,8 +521,7 @@ def choices() -> dict[str, tuple]:
 def plugin_modules(cfg: "Config") -> list[str]:
     """The modules outside rsst_jax that registered ``cfg``'s network, criterion, method or
     flags (what a printed command must ``--import`` to run or read it again)."""
-    from rsst_jax import criteria, nets
-    from rsst_jax.methods import registry as methods
+    from rsst_jax.methods import registry as methods  # cycle: rsst_jax.methods imports this one
     found = [nets.registered_module(cfg.model.arch),
              criteria.registered_module(cfg.prune.criteria),
              methods.registered_module(cfg.prune.struct),
@@ -586,8 +587,7 @@ def validate(cfg: Config) -> Config:
              f"--{name} {value} is out of range")
     need(p.pruning_times <= 1000, f"--pruning_times must be <= 1000, got {p.pruning_times}")
     need(r.save_dir.strip() != "", "--save_dir must name a directory")
-    from rsst_jax import nets
-    from rsst_jax.methods import registry as methods
+    from rsst_jax.methods import registry as methods  # cycle: rsst_jax.methods imports this one
     need(m.shortcut == "A" or "shortcut" in nets.net_options(m.arch),
          f"--shortcut applies to the CIFAR ResNets (res20s ... res110s), not to {m.arch}")
     need(0.0 <= p.rate < 1.0, f"--rate must be in [0, 1), got {p.rate}")

@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from rsst_jax import masks as masks_lib
+from rsst_jax.compact import compact
 from rsst_jax.model_masks import module_calls
 
 __all__ = ["count_params", "count_kept_params", "kernel_masks", "count_pruned_channels",
@@ -131,7 +132,6 @@ def compact_stats(model: nn.Module, variables: dict, masks: PyTree, sample_shape
     ``pruned_channels_kept`` (pruned but not removable, e.g. BatchNorm not zeroed),
     ``exact`` (False when ``approximate`` removed such channels). FLOPs = 2 * MACs.
     """
-    from rsst_jax.compact import compact  # the channel-flow graph: only when compacting
     cmodel, cvars, desc = compact(model, variables, masks, approximate=approximate,
                                   sample_shape=sample_shape, round_to=round_to)
     dense = count_flops(model, variables, sample_shape, masks)

@@ -112,7 +112,7 @@ def declared(per: str, methods: Optional[Sequence] = None) -> tuple[Metric, ...]
     registered method), without repeats: what summary.csv's columns and analyze's labels
     are made of."""
     if methods is None:
-        from rsst_jax.methods.registry import registered  # imports no library module
+        from rsst_jax.methods.registry import registered  # cycle: rsst_jax.methods imports this one
         methods = registered()
     core = EPOCH if per == EPOCH_ROW else ROUND
     extra = [m for method in methods for m in of_method(method, per)]

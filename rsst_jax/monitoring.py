@@ -28,6 +28,7 @@ import secrets
 
 import numpy as np
 
+from rsst_jax import masks as masks_lib
 from rsst_jax import trees
 
 EVENT_PREFIX = "events.out.tfevents."
@@ -97,7 +98,6 @@ class _Scalars:
                 self.write(t, epoch_step(r, epoch, run.epochs), epoch_scalars_of(row))
 
     def round_finished(self, run, r, rows):
-        from rsst_jax import masks as masks_lib
         for k, (t, row) in enumerate(zip(run.tickets, rows)):
             if row is not None:
                 self.densities[t.paths.root] = {
@@ -134,7 +134,7 @@ class TensorBoard(_Scalars):
         self.writers: dict = {}
 
     def run_start(self, run):
-        from tensorboardX import SummaryWriter
+        from tensorboardX import SummaryWriter  # start-up: it imports torch where installed
         for t in run.live_tickets():
             root = t.paths.root
             purge = first_step(t.progress, run.epochs)
@@ -181,7 +181,7 @@ class Wandb(_Scalars):
         self.runs: dict = {}
 
     def run_start(self, run):
-        import wandb
+        import wandb  # start-up: optional (rsst-jax[wandb]), 0.3 s; --wandb only
         for t in run.live_tickets():
             root = t.paths.root.resolve()
             (root / "wandb").mkdir(parents=True, exist_ok=True)

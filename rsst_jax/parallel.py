@@ -25,6 +25,7 @@ from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
@@ -139,7 +140,6 @@ def is_primary() -> bool:
 def sync(name: str) -> None:
     """Wait until every process of the run got here (nothing to wait for alone)."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
 
 

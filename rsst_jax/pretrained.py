@@ -39,9 +39,12 @@ import re
 from collections.abc import Mapping
 from typing import Any, Optional
 
+import jax.numpy as jnp
 import numpy as np
 
+from rsst_jax import checkpoint as ckpt
 from rsst_jax import masks as masks_lib
+from rsst_jax import tickets
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".tar")
 
@@ -56,7 +59,7 @@ class PretrainedError(ValueError):
 def read_torch_file(path: str | pathlib.Path) -> dict[str, np.ndarray]:
     """A PyTorch state_dict file as float32/int numpy arrays (needs torch installed)."""
     try:
-        import torch
+        import torch  # start-up: optional (not a dependency), seconds; PyTorch files only
     except ImportError:
         raise PretrainedError(
             f"reading the PyTorch file {path} needs torch, which rsst-jax does not install: "
@@ -315,8 +318,6 @@ def merge_pretrained(template_variables: Mapping, source: Mapping, *, what: str 
     common at all, raises ``PretrainedError``. ``stem``: the stem kernel's path in
     params (default: the first conv kernel in creation order).
     """
-    import jax.numpy as jnp
-
     template = {"params": template_variables["params"],
                 "batch_stats": template_variables.get("batch_stats", {})}
     flat_t = masks_lib.flat_dict(template)
@@ -359,9 +360,6 @@ def read_weights(path: str | pathlib.Path) -> tuple[dict, list]:
     if not p.exists():
         raise PretrainedError(f"--pretrained {p}: no such file or directory")
     if p.is_dir():
-        from rsst_jax import checkpoint as ckpt
-        from rsst_jax import tickets
-
         try:
             arrays, _, _ = tickets.read(p)
         except (tickets.TicketError, ckpt.CheckpointError) as e:

@@ -23,7 +23,9 @@ from rsst_jax import engine as engine_lib
 from rsst_jax import config as config_lib
 from rsst_jax import masks as masks_lib
 from rsst_jax import pretrained as pretrained_lib
+from rsst_jax import paths as paths_lib
 from rsst_jax import methods, parallel, rounds, trees
+from rsst_jax import train as train_lib
 from rsst_jax.paths import atomic_write
 
 
@@ -47,7 +49,6 @@ def resume_source(cfg) -> Optional[pathlib.Path]:
     ``--resume`` on a run killed before its first checkpoint starts afresh (None).
     The configuration is compared with the newest checkpoint whose metadata reads (an
     unreadable one is set aside when the run restores, see ``_resume``)."""
-    from rsst_jax import paths as paths_lib
     r = cfg.run
     ckpt_dir = paths_lib.RunPaths.of(r.save_dir).checkpoints
     if not r.resume:
@@ -82,7 +83,6 @@ def resume_source(cfg) -> Optional[pathlib.Path]:
 def _finite_state(tree, meta) -> Optional[str]:
     """``restore_newest_good``'s check: a resume checkpoint holds finite weights (a run
     stops before it writes NaN/Inf, so any there is damage)."""
-    from rsst_jax import train as train_lib
     for name in ("state", "rewind"):
         if not train_lib.tree_is_finite(tree[name]):
             return f"non-finite values in its {name}"

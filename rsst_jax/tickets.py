@@ -29,6 +29,14 @@ import json
 import pathlib
 from typing import Any, Optional, Sequence
 
+import jax
+import numpy as np
+
+from rsst_jax import checkpoint as ckpt
+from rsst_jax import config as config_lib
+from rsst_jax import data as data_lib
+from rsst_jax import engine, nets
+from rsst_jax import masks as masks_lib
 from rsst_jax import paths as paths_lib
 
 KINDS = (paths_lib.FINAL, paths_lib.BEST)
@@ -170,10 +178,6 @@ def _as_ref(path_or_ref) -> CheckpointRef:
 def _like_params(params: dict, masks) -> Any:
     """``masks`` as a tree of ``params``' structure: a bool array per masked leaf, None
     elsewhere (a checkpoint stores no None leaves)."""
-    import jax
-    import numpy as np
-
-    from rsst_jax import masks as masks_lib
     flat = {} if masks is None else masks_lib.flat_dict(masks)
     return jax.tree_util.tree_unflatten(
         jax.tree_util.tree_structure(params),
@@ -186,8 +190,6 @@ def read(path_or_ref) -> tuple[dict, dict, CheckpointRef]:
     ``params``, ``batch_stats``, ``masks`` and ``channel_masks`` (None where the
     checkpoint has none), masks shaped like ``params``; a resume checkpoint's training
     state is read the same way. Checks the layout version before reading any array."""
-    from rsst_jax import checkpoint as ckpt
-
     ref = _as_ref(path_or_ref)
     meta = ckpt.read_meta(ref.directory, ref.step)
     if meta.get("layout_version") != ckpt.LAYOUT_VERSION:
@@ -252,8 +254,6 @@ def run_config(ref: CheckpointRef) -> dict:
 
 def _final_meta(ref: CheckpointRef) -> dict:
     """The metadata of a final checkpoint of the same run (the round's own first)."""
-    from rsst_jax import checkpoint as ckpt
-
     if ref.run_dir is None:
         return {}
     finals = [r for r in list_checkpoints(ref.run_dir) if r.kind == paths_lib.FINAL]
@@ -270,8 +270,6 @@ def _config_options(arch: Optional[str], config: dict) -> Optional[dict]:
     """Network options from a run's config.json (``--shortcut``), None when it says none."""
     if not arch or "shortcut" not in config:
         return None
-    from rsst_jax import config as config_lib
-    from rsst_jax import engine, nets
     if arch not in nets.available_nets():
         return None
     return engine.model_options(config_lib.ModelConfig(arch=arch, shortcut=config["shortcut"]))
@@ -279,8 +277,6 @@ def _config_options(arch: Optional[str], config: dict) -> Optional[dict]:
 
 def _arrays_options(arch: Optional[str], params: dict) -> dict:
     """Network options read off the arrays: a ResNet with shortcut convolutions is 'B'."""
-    from rsst_jax import masks as masks_lib
-    from rsst_jax import nets
     if not arch or arch not in nets.available_nets() or "shortcut" not in nets.net_options(arch):
         return {}
     return {"shortcut": "B"} if any("shortcut_conv" in p for p in masks_lib.flat_dict(params)) else {}
@@ -290,11 +286,6 @@ def describe(ref: CheckpointRef, meta: dict, params: dict, *, arch: Optional[str
              dataset: Optional[str] = None, image_shape: Optional[Sequence[int]] = None,
              options: Optional[dict] = None) -> NetworkSpec:
     """The network of a checkpoint (see the module docstring for the order of sources)."""
-    import numpy as np
-
-    from rsst_jax import data as data_lib
-    from rsst_jax import masks as masks_lib
-
     config = run_config(ref)
     beside = {} if "arch" in meta else _final_meta(ref)
     sources = {}
@@ -326,12 +317,6 @@ def describe(ref: CheckpointRef, meta: dict, params: dict, *, arch: Optional[str
 
 def model_of(network: NetworkSpec, variables: dict, where: Any):
     """The registered network of ``network``, checked against the arrays' shapes."""
-    import jax
-    import numpy as np
-
-    from rsst_jax import masks as masks_lib
-    from rsst_jax import nets
-
     if network.arch not in nets.available_nets():
         raise TicketError(f"{where}: network {network.arch!r} is not registered here; import "
                           f"the module that registers it (--import MODULE; known: "

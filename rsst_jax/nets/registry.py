@@ -4,6 +4,7 @@ In a module of its own so that the model files import it without importing the p
 that imports them (no import cycle).
 """
 import functools
+import inspect
 from typing import Callable, Dict, List
 
 import flax.linen as nn
@@ -31,7 +32,6 @@ def get_net(name: str, num_classes: int, **kwargs) -> nn.Module:
 
 def net_options(name: str) -> List[str]:
     """Keyword options the factory of ``name`` accepts besides ``num_classes``."""
-    import inspect
     if name not in _REGISTRY:
         raise ValueError(f"unknown arch {name!r}; choose one of: {', '.join(available_nets())}")
     params = inspect.signature(_REGISTRY[name]).parameters
