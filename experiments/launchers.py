@@ -89,6 +89,13 @@ def copy_output(stream, files: Sequence, echo: bool = False) -> None:
     stream.close()
 
 
+def stop_grace() -> float:
+    """Seconds a stopped program gets before SIGKILL: the checkpoint write in flight
+    commits within ``rsst_jax.checkpoint.WRITE_GRACE_S``, then 2 s to exit."""
+    from rsst_jax.checkpoint import WRITE_GRACE_S  # start-up: a job's wrapper loads no JAX
+    return WRITE_GRACE_S + 2.0
+
+
 def interrupt(procs: Sequence[subprocess.Popen], wait: float) -> None:
     """SIGINT each process (a program ends within a second or two, its checkpoint
     intact); SIGKILL what still runs after ``wait`` seconds. Polls, never ``wait()``s:
@@ -164,8 +171,7 @@ class ProgramCall:
         """submitit's preemption and time-limit hook: stop, then requeue the same call."""
         import submitit  # start-up: optional (rsst-jax[cluster]); in a SLURM job only
         if self._proc is not None:  # its checkpoint in flight commits within the grace
-            from rsst_jax.checkpoint import WRITE_GRACE_S  # start-up: the job's wrapper has no JAX
-            interrupt([self._proc], wait=WRITE_GRACE_S + 2.0)
+            interrupt([self._proc], wait=stop_grace())
         return submitit.helpers.DelayedSubmission(ProgramCall(self.program))
 
 
@@ -262,10 +268,8 @@ class Subprocesses:
         """Ctrl-C or SIGTERM: interrupt the children, each committing the checkpoint it is
         writing (they end within a second when none is in flight), and kill what still
         runs after ``wait`` seconds (default: the checkpoints' grace and 2 s more)."""
-        if wait is None:
-            from rsst_jax.checkpoint import WRITE_GRACE_S  # start-up: launchers loads no JAX
-            wait = WRITE_GRACE_S + 2.0
-        interrupt([proc for proc, _, _ in self.active.values()], wait)
+        interrupt([proc for proc, _, _ in self.active.values()],
+                  stop_grace() if wait is None else wait)
         for _, copy, _ in self.active.values():  # their last lines into the run.logs
             copy.join(timeout=0.5)
 
