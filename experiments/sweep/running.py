@@ -56,10 +56,16 @@ def _names(cells: Sequence[Cell]) -> str:
 
 def finish(cells: Sequence[Cell], code: int, seconds: float, log, detail: str) -> None:
     """Each cell of an ended program: finished when its run is complete (a ticket of a
-    program can fail while the others finish), else failed."""
+    program can fail while the others finish); interrupted (exit 130: Ctrl-C, SIGTERM,
+    a preemption; its checkpoints intact), what its folder says now (partial or new);
+    else failed."""
     for cell in cells:
         done = code == 0 or (cell.cfg.run.num_seeds == 1 and complete(cell))
         cell.returncode, cell.seconds = (0 if done else code), round(seconds, 1)
+        if not done and code == 130:  # the exit code of an interrupted command
+            classify(cell)  # the same command resumes it
+            log(f"[sweep] interrupted {cell.name} ({cell.status.value})")
+            continue
         cell.move(State.FINISHED if done else State.FAILED)
         if done:
             log(f"[sweep] finished {cell.name} in {seconds:.0f} s")
