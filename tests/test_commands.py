@@ -704,7 +704,7 @@ def test_the_baselines_page_command_runs(tmp_path, monkeypatch):
     table = (out / "table.md").read_text()
     for title in ("IMP", "Refill", "RSST", "Slimming", "SSL", "GReg", "DepGraph"):
         assert f"| {title} |" in table, table
-    assert table.count("(3 seeds)") == 7 and "acc@ch35%" in table
+    assert table.count("(3 seeds)") == 7 and "acc@ch50%" in table
     assert (tmp_path / "baselines.png").stat().st_size > 10_000
 
 
