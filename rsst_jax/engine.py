@@ -260,12 +260,13 @@ def penalty_state(engine: Engine, opt_state):
 
 
 def devices_text(engine: Engine) -> str:
-    """Where the tickets train, for the start line: '1 device', 'K tickets over t
-    device(s)', 'batches split over n devices' (``engine.device_count`` counts them)."""
+    """Where the tickets train, for the start line: '1 device', 't devices (K/t tickets
+    each)', 'batches split over n devices' (``engine.device_count`` counts them)."""
+    if engine.device_count == 1:
+        return "1 device"
     if engine.ticket_mesh is not None:
-        return f"{engine.k} tickets over {engine.ticket_devices} device(s)"
-    return "1 device" if engine.device_count == 1 else \
-        f"batches split over {engine.device_count} devices"
+        return f"{engine.ticket_devices} devices ({engine.k_per_device} ticket(s) each)"
+    return f"batches split over {engine.device_count} devices"
 
 
 def recalibrated(engine: Engine, state, n: int):
