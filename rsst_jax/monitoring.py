@@ -10,7 +10,10 @@ whole run (epoch e of round r, from 1, is step ``r * epochs + e``).
   ``density/<layer>``, each prunable layer's fraction of weights kept by the round's
   ticket, at the step of the round's last epoch, ``(r + 1) * epochs``.
 
-Nothing here names a column: a method that adds one to its rows is drawn as it is.
+Nothing here names a column: a method that adds one to its rows is drawn as it is. The
+declarations (``rsst_jax.metrics``: the core's and the run's method's) give each tag its
+description in TensorBoard (the label, under the chart's information icon,
+:func:`descriptions`); a number nobody declared is written all the same, without one.
 
 A resumed run redoes what came after its checkpoint. Every run's TensorBoard writer opens
 a new event file that starts with ``purge_step`` (a ``SessionLog.START`` event at the
@@ -29,6 +32,7 @@ import secrets
 import numpy as np
 
 from rsst_jax import masks as masks_lib
+from rsst_jax import metrics as metrics_lib
 from rsst_jax import trees
 
 EVENT_PREFIX = "events.out.tfevents."
@@ -57,6 +61,27 @@ def round_scalars_of(row: dict, densities: dict) -> dict:
     values = {f"round/{k}": v for k, v in row_numbers(row).items()}
     values.update({f"density/{layer}": d for layer, d in densities.items()})
     return values
+
+
+DENSITY_LABEL = "fraction of the layer's weights the round's ticket keeps"
+
+
+def descriptions(method=None) -> dict:
+    """tag -> description of every declared metric (the core's and ``method``'s): its
+    label, with whether it is per epoch or per round; ``density/`` tags share one
+    (:data:`DENSITY_LABEL`, looked up by prefix)."""
+    out = {}
+    for per, prefix in ((metrics_lib.EPOCH_ROW, "epoch/"), (metrics_lib.ROUND_ROW, "round/")):
+        for m in metrics_lib.declared(per, [] if method is None else [method]):
+            out[prefix + m.key] = f"{m.label} (per {per})"
+    return out
+
+
+def description(tag: str, known: dict) -> str:
+    """``tag``'s description from :func:`descriptions`, "" for an undeclared number."""
+    if tag.startswith("density/"):
+        return DENSITY_LABEL
+    return known.get(tag, "")
 
 
 def first_step(progress, epochs: int) -> int:
@@ -132,9 +157,11 @@ class TensorBoard(_Scalars):
     def __init__(self):
         super().__init__()
         self.writers: dict = {}
+        self.known: dict = {}
 
     def run_start(self, run):
         from tensorboardX import SummaryWriter  # start-up: it imports torch where installed
+        self.known = descriptions(run.method)
         for t in run.live_tickets():
             root = t.paths.root
             purge = first_step(t.progress, run.epochs)
@@ -149,10 +176,10 @@ class TensorBoard(_Scalars):
                     self._add(w, step, epoch_scalars_of(row))
             w.flush()
 
-    @staticmethod
-    def _add(w, step: int, values: dict) -> None:
+    def _add(self, w, step: int, values: dict) -> None:
         for tag, v in values.items():
-            w.add_scalar(tag, float(v), step)
+            w.add_scalar(tag, float(v), step,
+                         summary_description=description(tag, self.known))
 
     def write(self, t, step, values):
         w = self.writers.get(t.paths.root)
@@ -209,4 +236,5 @@ class Wandb(_Scalars):
 
 
 __all__ = ["TensorBoard", "Wandb", "row_numbers", "epoch_step", "round_step",
-           "epoch_scalars_of", "round_scalars_of", "first_step", "event_files"]
+           "epoch_scalars_of", "round_scalars_of", "first_step", "event_files", "descriptions",
+           "description", "DENSITY_LABEL"]

@@ -62,6 +62,21 @@ def expected_scalars(root, epochs: int) -> dict:
     return want
 
 
+def assert_described(root, tags) -> None:
+    """Each tag's description, as TensorBoard shows it under the chart's information
+    icon, is the label declared for its key (the core's or RSST's), the densities' one
+    for every layer, and nothing for the row's indices, which nobody declares."""
+    plugin = plugin_event_accumulator.EventAccumulator(str(root))
+    plugin.Reload()
+    shown = {tag: plugin.SummaryMetadata(tag).summary_description for tag in tags}
+    assert shown["epoch/val_acc"] == "validation accuracy (%) (per epoch)"
+    assert shown["epoch/reg_lambda"] == "lambda (penalty coefficient) (per epoch)"
+    assert shown["round/final_test_acc"] == "final test accuracy (%) (per round)"
+    assert shown["density/conv2/kernel"] == monitoring.DENSITY_LABEL
+    assert {tag for tag, text in shown.items() if not text} == {
+        "epoch/round", "epoch/epoch", "round/round"}
+
+
 def _drop_newest_checkpoint(root):
     newest = ckpt.latest_step(root / "checkpoints")
     shutil.rmtree(root / "checkpoints" / str(newest))
@@ -108,6 +123,7 @@ def test_tensorboard_holds_every_number_of_the_log_and_summary_once_after_resume
         assert any(t.startswith("round/") and "before" in t for t, _ in got)
         assert got["density/conv2/kernel", 4][0] < 1.0
         assert len(_rows(root / "log.jsonl")) == 4
+        assert_described(root, {tag for tag, _ in got})
         seen.append(got)
     assert seen[0] != seen[1]  # two tickets, two different records
 
