@@ -30,6 +30,13 @@ from rsst_jax import criteria, nets
 from rsst_jax.paths import command
 
 
+# --bn_recalibrate's default re-estimates BatchNorm statistics over at least this many
+# training images: one batch of 32 was measured to cost RSST several points of accuracy
+# that 4 batches of 32 (and 1 of 128) keep (docs/comparison.md, "Fresh BatchNorm
+# statistics").
+BN_IMAGES = 128
+
+
 class ConfigError(ValueError):
     """A flag or config value that cannot work; the message says what to change."""
 
@@ -117,11 +124,13 @@ class OptimConfig:
                           "0.001)", choices="rsst_jax.train:OPTIMIZERS")
     eval_batch_size: int = flag(500, "(new) evaluation batch size", groupable=True,
                                 semantic=False)
-    bn_recalibrate: int = flag(
-        1, "(new) before each evaluation in rounds that end by removing channels (RSST, "
+    bn_recalibrate: Optional[int] = flag(
+        None, "(new) before each evaluation in rounds that end by removing channels (RSST, "
         "GReg: every epoch, and after applying S) re-estimate the BatchNorm running "
         "statistics as the mean over this many training batches (a fixed set, not "
-        "augmented); the saved tickets keep them; 0: off")
+        "augmented); the saved tickets keep them; 0: off; default: the fewest batches "
+        f"that hold {BN_IMAGES} images (1 at --batch_size 128, 4 at 32; at most the "
+        "training set's)")
     accum_steps: int = flag(1, "(new) gradient accumulation micro-batches per step")
     distill: bool = flag(False, "(new) distil from the dense round-0 network in later rounds")
     kd_alpha: float = flag(0.5, "(new) weight of the distillation loss", finite=True)
@@ -596,7 +605,8 @@ def validate(cfg: Config) -> Config:
     need(cfg.data.train_subset is None or cfg.data.train_subset >= 1,
          f"--train_subset must be >= 1 image, got {cfg.data.train_subset}")
     need(o.eval_batch_size >= 1, f"--eval_batch_size must be >= 1, got {o.eval_batch_size}")
-    need(o.bn_recalibrate >= 0, f"--bn_recalibrate must be >= 0 batches, got {o.bn_recalibrate}")
+    need(o.bn_recalibrate is None or o.bn_recalibrate >= 0,
+         f"--bn_recalibrate must be >= 0 batches, got {o.bn_recalibrate}")
     need(o.epochs >= 1, f"--epochs must be >= 1, got {o.epochs}")
     need(o.warmup >= 0, f"--warmup must be >= 0, got {o.warmup}")
     need(p.pruning_times >= 1, f"--pruning_times must be >= 1 (1 = dense training only), "

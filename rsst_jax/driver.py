@@ -120,7 +120,7 @@ class RunState:
         just applied it): every ticket's BatchNorm statistics re-estimated over N training
         batches (``engine.recalibrate_bn``), kept in the state (so in its checkpoints);
         returns the seconds it took, None when off or in another round."""
-        n = self.tickets[0].cfg.optim.bn_recalibrate
+        n = engine_lib.bn_count(self.engine, self.tickets[0].cfg.optim.bn_recalibrate)
         if not n or not (after_s or self.plan.applies_s):
             return None
         t0 = time.time()
@@ -136,7 +136,7 @@ def run(configs, *, callbacks: Optional[Sequence[cb.Callback]] = None, progress:
     configs = [configs] if isinstance(configs, config_lib.Config) else list(configs)
     log = log or starting.print_flushed
     engine = Engine(configs, dataset=dataset)
-    if configs[0].optim.bn_recalibrate:
+    if engine_lib.bn_count(engine, configs[0].optim.bn_recalibrate):
         engine_lib.bn_batches(engine, configs[0].optim.bn_recalibrate)  # fails before training
     tickets = [LiveTicket(c, paths_lib.RunPaths.of(c.run.save_dir), Progress()) for c in configs]
     callbacks = list(callbacks if callbacks is not None
@@ -314,7 +314,7 @@ def _apply_channel_masks(run: RunState, rows: list) -> None:
             row.update(final_val_acc=val[k]["acc"], final_test_acc=test[k]["acc"],
                        acc_after_s=test[k]["acc"])
             if recalibrated:
-                row["bn_recalibrate"] = ticks[k].cfg.optim.bn_recalibrate
+                row["bn_recalibrate"] = engine_lib.bn_count(eng, ticks[k].cfg.optim.bn_recalibrate)
 
 
 __all__ = ["run", "RunState", "LiveTicket", "Progress", "TrainingDiverged", "RunError"]

@@ -269,10 +269,10 @@ def devices_text(engine: Engine) -> str:
     return f"batches split over {engine.device_count} devices"
 
 
-def recalibrated(engine: Engine, state, n: int):
+def recalibrated(engine: Engine, state, n: Optional[int]):
     """One ticket's ``state`` with its BatchNorm statistics re-estimated over ``n``
-    training batches (``recalibrate_bn``; an engine of one ticket), as a run does where it
-    applies S."""
+    training batches (None: ``--bn_recalibrate``'s default, :func:`bn_count`;
+    ``recalibrate_bn``; an engine of one ticket), as a run does where it applies S."""
     return trees.ticket(recalibrate_bn(engine, trees.stack([state]), n), 0)
 
 
@@ -283,16 +283,26 @@ def ticket_meta(engine: Engine, cfg) -> dict:
             "model_options": model_options(cfg.model)}
 
 
-def bn_batches(engine: Engine, n: int) -> np.ndarray:
-    """[n, B] training indices of ``recalibrate_bn`` (``train.bn_batch_indices``)."""
+def bn_count(engine: Engine, n: Optional[int]) -> int:
+    """The batches ``--bn_recalibrate n`` re-estimates over (``train.bn_batch_count``):
+    ``n``, or for None the fewest that hold ``config.BN_IMAGES`` training images; 0: off."""
+    return train_lib.bn_batch_count(engine.ds.train_x.shape[0],
+                                    engine.configs[0].optim.batch_size, n,
+                                    config_lib.BN_IMAGES)
+
+
+def bn_batches(engine: Engine, n: Optional[int]) -> np.ndarray:
+    """[n, B] training indices of ``recalibrate_bn`` (``train.bn_batch_indices``; n as
+    :func:`bn_count` reads it)."""
     try:
         return train_lib.bn_batch_indices(engine.ds.train_x.shape[0],
-                                          engine.configs[0].optim.batch_size, n)
+                                          engine.configs[0].optim.batch_size,
+                                          bn_count(engine, n))
     except ValueError as e:
         raise EngineError(str(e)) from None
 
 
-def recalibrate_bn(engine: Engine, states, n: int):
+def recalibrate_bn(engine: Engine, states, n: Optional[int]):
     """``states`` (stacked [K, ...]) with every ticket's BatchNorm statistics re-estimated
     over ``bn_batches(engine, n)`` in one compiled program (``train.make_bn_recalibration``,
     compiled once per engine); weights and optimizer state unchanged."""
@@ -311,4 +321,4 @@ __all__ = ["Engine", "EngineError", "build_model", "model_options", "hyper_of", 
            "penalty_state", "devices_text", "recalibrated", "epoch_perms", "score_batches",
            "optimizer_of",
            "schedules_of", "ticket_meta",
-           "step_config_of", "eval_program", "bn_batches", "recalibrate_bn"]
+           "step_config_of", "eval_program", "bn_count", "bn_batches", "recalibrate_bn"]

@@ -465,6 +465,15 @@ def make_bn_recalibration(model, cfg: StepConfig):
     return recalibrate
 
 
+def bn_batch_count(n_train: int, batch_size: int, n: Optional[int], images: int) -> int:
+    """How many batches ``--bn_recalibrate n`` re-estimates over: ``n``, or, for None
+    (the default), the fewest batches of ``batch_size`` that hold ``images`` training
+    images, at most the training set's whole batches."""
+    if n is not None:
+        return n
+    return min(-(-images // batch_size), steps_per_epoch(n_train, batch_size))
+
+
 def bn_batch_indices(n_train: int, batch_size: int, n: int) -> np.ndarray:
     """[n, B] training indices of ``--bn_recalibrate n``: the first n batches of one
     fixed permutation (the same for every ticket, round and epoch); ValueError when the

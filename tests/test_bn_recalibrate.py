@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from rsst_jax import config as config_lib
 from rsst_jax import tickets
 from rsst_jax import train as train_lib
 from rsst_jax import engine as engine_lib
@@ -50,7 +51,7 @@ def test_a_run_with_fresh_statistics_trains_the_same_and_resumes_exactly(tmp_pat
     use_tiny_data(monkeypatch)
     kw = dict(struct="rsst", criteria="l1", pruning_times=2, epochs=2)
     off = tiny_config(tmp_path / "off", bn_recalibrate=0, **kw)
-    on = tiny_config(tmp_path / "on", bn_recalibrate=2, **kw)
+    on = tiny_config(tmp_path / "on", **kw)  # the default: 128 images, 2 batches of 64
     quiet_run(off)
     quiet_run(on)
     log_off, log_on = _rows(tmp_path / "off" / "log.jsonl"), _rows(tmp_path / "on" / "log.jsonl")
@@ -75,7 +76,8 @@ def test_a_run_with_fresh_statistics_trains_the_same_and_resumes_exactly(tmp_pat
         np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
     assert not all(np.array_equal(x, y) for x, y in zip(
         jax.tree_util.tree_leaves(a.batch_stats), jax.tree_util.tree_leaves(b.batch_stats)))
-    # Stopped mid-RSST-round and resumed: the same records as the run straight through.
+    # Stopped mid-RSST-round and resumed: the same records as the run straight through
+    # (which took the default; 2 batches given explicitly are the same).
     part = tiny_config(tmp_path / "part", bn_recalibrate=2, **kw)
     monkeypatch.setenv("RSST_JAX_STOP_AFTER", "4")  # round 1, epoch 1 done
     with pytest.raises(SystemExit):
@@ -88,6 +90,19 @@ def test_a_run_with_fresh_statistics_trains_the_same_and_resumes_exactly(tmp_pat
     assert strip(json.loads((tmp_path / "part" / "summary.json").read_text())) == \
            strip(summary_on)
     assert strip(_rows(tmp_path / "part" / "log.jsonl")) == strip(log_on)
+
+
+@pytest.mark.parametrize("n_train,batch_size,n,want", [
+    (1257, 128, None, 1), (1257, 64, None, 2), (1257, 32, None, 4), (1257, 100, None, 2),
+    (1257, 256, None, 1),
+    (100, 32, None, 3),    # 3 whole batches are all an epoch has (steps_per_epoch)
+    (20, 64, None, 1),     # one (repeating) batch is all there is
+    (1257, 32, 0, 0), (1257, 32, 3, 3),  # given: as given (0: off)
+])
+def test_the_default_takes_the_fewest_batches_holding_128_images(n_train, batch_size, n,
+                                                                  want):
+    assert config_lib.BN_IMAGES == 128
+    assert train_lib.bn_batch_count(n_train, batch_size, n, config_lib.BN_IMAGES) == want
 
 
 def test_more_batches_than_an_epoch_has_is_bad_input(tmp_path, monkeypatch, capsys):
