@@ -73,6 +73,32 @@ def shell(command: str, cwd, **env) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def whole_and_killed(flags: str, cwd) -> dict:
+    """``experiments.run FLAGS`` twice in ``cwd``: "whole" straight through, and "killed"
+    with SIGKILL once round 1's first epoch is in its log.jsonl, then resumed. Each name
+    -> [summary rows, epoch rows], without the times (``*time_s``)."""
+    runs = {}
+    for name, kill in (("whole", False), ("killed", True)):
+        proc = shell(f"experiments.run {flags} --save_dir {name}", cwd)
+        if kill:
+            log = cwd / name / "log.jsonl"
+            deadline = time.time() + 900
+            while time.time() < deadline and proc.poll() is None and not (
+                    log.is_file() and '"round": 1' in log.read_text()):
+                time.sleep(0.2)
+            proc.kill()
+            proc.communicate(timeout=60)
+            assert '"round": 1, "epoch": 1' in log.read_text()
+            proc = shell(f"experiments.run {flags} --save_dir {name} --resume", cwd)
+        out, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, err[-3000:]
+        runs[name] = [[{k: v for k, v in r.items() if not k.endswith("time_s")} for r in rows]
+                      for rows in (json.loads((cwd / name / "summary.json").read_text()),
+                                   [json.loads(x) for x in (cwd / name / "log.jsonl")
+                                    .read_text().splitlines()])]
+    return runs
+
+
 def finish_all(procs: dict) -> dict:
     return {name: (p.wait(timeout=300), p.communicate()[1]) for name, p in procs.items()}
 
@@ -623,28 +649,8 @@ def test_the_methods_page_example_runs_resumes_and_reads_everywhere(tmp_path):
              "--arch plugin_cnn3 --epochs 2 --pruning_times 2 --batch_size 128 --lr 0.1 "
              "--warmup 0 --decreasing_lr 100 --eval_batch_size 270 --rate 0.3 "
              "--taylor_skip 1")
-    runs = {}
-    for name, kill in (("whole", False), ("killed", True)):
-        proc = shell(f"experiments.run {flags} --save_dir {name}", tmp_path)
-        if kill:  # SIGKILL once round 1's first epoch is in log.jsonl (its state mid-sum)
-            log = tmp_path / name / "log.jsonl"
-            deadline = time.time() + 900
-            while time.time() < deadline and proc.poll() is None and not (
-                    log.is_file() and '"round": 1' in log.read_text()):
-                time.sleep(0.2)
-            proc.kill()
-            proc.communicate(timeout=60)
-            assert '"round": 1, "epoch": 1' in log.read_text()
-            proc = shell(f"experiments.run {flags} --save_dir {name} --resume", tmp_path)
-        out, err = proc.communicate(timeout=900)
-        assert proc.returncode == 0, err[-3000:]
-        runs[name] = (json.loads((tmp_path / name / "summary.json").read_text()),
-                      [json.loads(x) for x in (tmp_path / name / "log.jsonl").read_text()
-                       .splitlines()])
-    strip = lambda rows: [{k: v for k, v in r.items() if not k.endswith("time_s")}  # noqa: E731
-                          for r in rows]
-    assert strip(runs["killed"][0]) == strip(runs["whole"][0]) and len(runs["whole"][0]) == 2
-    assert strip(runs["killed"][1]) == strip(runs["whole"][1])
+    runs = whole_and_killed(flags, tmp_path)  # killed with its state mid-sum
+    assert runs["killed"] == runs["whole"] and len(runs["whole"][0]) == 2
     first, second = runs["whole"][0]
     assert first["channel_sparsity_pct"] == 0 and second["channel_sparsity_pct"] > 0
     config = json.loads((tmp_path / "whole" / "config.json").read_text())
@@ -720,25 +726,7 @@ def test_a_baseline_trains_resumes_after_sigkill_and_reads_everywhere(tmp_path, 
     flags = (f"--import myplugin --struct {struct} --dataset digits --arch plugin_cnn3 "
              f"--epochs 2 --pruning_times 2 --batch_size 128 --lr 0.1 --warmup 0 "
              f"--decreasing_lr 100 --eval_batch_size 270 --rate 0.3 {extra}")
-    runs = {}
-    for name, kill in (("whole", False), ("killed", True)):
-        proc = shell(f"experiments.run {flags} --save_dir {name}", tmp_path)
-        if kill:  # SIGKILL once round 1's first epoch is in log.jsonl
-            log = tmp_path / name / "log.jsonl"
-            deadline = time.time() + 900
-            while time.time() < deadline and proc.poll() is None and not (
-                    log.is_file() and '"round": 1' in log.read_text()):
-                time.sleep(0.2)
-            proc.kill()
-            proc.communicate(timeout=60)
-            assert '"round": 1, "epoch": 1' in log.read_text()
-            proc = shell(f"experiments.run {flags} --save_dir {name} --resume", tmp_path)
-        out, err = proc.communicate(timeout=900)
-        assert proc.returncode == 0, err[-3000:]
-        runs[name] = [[{k: v for k, v in r.items() if not k.endswith("time_s")} for r in rows]
-                      for rows in (json.loads((tmp_path / name / "summary.json").read_text()),
-                                   [json.loads(x) for x in (tmp_path / name / "log.jsonl")
-                                    .read_text().splitlines()])]
+    runs = whole_and_killed(flags, tmp_path)
     assert runs["killed"] == runs["whole"]
     summary = runs["whole"][0]
     assert len(summary) == 2 and summary[1]["channel_sparsity_pct"] > 0
