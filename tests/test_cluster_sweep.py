@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import re
 import shlex
 import signal
 import socket
@@ -141,6 +142,19 @@ def slurm(work):
     clusters.stop(root)
 
 
+def resume_point(log: str) -> str:
+    """"round R, epoch E" of the last epoch line printed before the run's first
+    interruption in ``log`` (a run.log), or "round R+1, epoch 0" where round R's end was
+    printed too: where a resume must start so that no epoch is redone."""
+    before = log.split("\ninterrupted", 1)[0]
+    epochs = re.findall(r"^round (\d+) epoch (\d+)/", before, re.MULTILINE)
+    assert epochs, log
+    r, e = map(int, epochs[-1])
+    if re.search(rf"^round {r}: ", before, re.MULTILINE):
+        return f"round {r + 1}, epoch 0"
+    return f"round {r}, epoch {e}"
+
+
 def squeue_state(job: str, env: dict) -> str:
     out = subprocess.run(["squeue", "-h", "-t", "all", "-j", job, "-o", "%T"], env=env,
                          capture_output=True, text=True)
@@ -194,8 +208,11 @@ def test_slurm_detached_sweep_with_a_preempted_job_ends_with_the_local_summaries
     assert "submitted" not in said and "2 of 2 cells finished" in said, said
     # the preempted job is collected while it runs, or found done if it already ended
     assert ("seed=0: job" in said and "collecting it" in said) or "seed=0  done" in said, said
-    assert f"resuming {first.relative_to(work[0])} at round 0, epoch 1" in \
-        paths.RunPaths.of(first).output.read_text()
+    # It resumes where the preempted job's last printed epoch ended: at epoch 1, or at
+    # epoch 2 where the signals came while that epoch's checkpoint was in flight (which
+    # the job then commits); no epoch is done twice.
+    log = paths.RunPaths.of(first).output.read_text()
+    assert f"resuming {first.relative_to(work[0])} at {resume_point(log)}" in log, log
     assert "Restarts=1" in subprocess.run(["scontrol", "show", "job", jobs[0]],
                                           env=dict(os.environ, **slurm), capture_output=True,
                                           text=True).stdout
