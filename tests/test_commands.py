@@ -99,6 +99,25 @@ def whole_and_killed(flags: str, cwd) -> dict:
     return runs
 
 
+def read_back(method_import: str, net_import: str, cwd) -> str:
+    """compare (of "whole" and "killed"), plot, analyze and compact on the runs of
+    :func:`whole_and_killed` in ``cwd``, each exiting 0; returns compare's output. The
+    method's module is imported with ``method_import``, the network's with
+    ``net_import`` (compare needs only the method's)."""
+    both = f"{method_import} {net_import}".strip()
+    compare = None
+    for command in (f"experiments.compare {method_import} whole killed",
+                    f"experiments.plot {both} whole",
+                    f"experiments.analyze {both} whole",
+                    f"experiments.compact {both} whole --out small --runs 1 "
+                    "--batch_sizes 1 --eval_images 16"):
+        proc = shell(command, cwd)
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, (command, err[-2000:])
+        compare = out if compare is None else compare
+    return compare
+
+
 def finish_all(procs: dict) -> dict:
     return {name: (p.wait(timeout=300), p.communicate()[1]) for name, p in procs.items()}
 
@@ -667,16 +686,8 @@ def test_the_methods_page_example_runs_resumes_and_reads_everywhere(tmp_path):
         assert np.all(m.all(0) | ~m.any(0)), layer
         kept_channels.append(int(m.any(0).sum()))
     assert sum(kept_channels) < 8 + 16
-    for command in ("experiments.compare --import examples.taylor whole killed",
-                    "experiments.plot --import examples.taylor --import myplugin whole",
-                    "experiments.analyze --import examples.taylor --import myplugin whole",
-                    "experiments.compact --import examples.taylor --import myplugin whole "
-                    "--out small --runs 1 --batch_sizes 1 --eval_images 16"):
-        proc = shell(command, tmp_path)
-        out, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, (command, err[-2000:])
-        if command.startswith("experiments.compare"):
-            assert "Taylor" in out and "Taylor (BatchNorm)" in out, out
+    out = read_back("--import examples.taylor", "--import myplugin", tmp_path)
+    assert "Taylor" in out and "Taylor (BatchNorm)" in out, out
     assert (tmp_path / "whole" / "plots" / "method.png").is_file()  # its declared metric
 
 
@@ -731,16 +742,8 @@ def test_a_baseline_trains_resumes_after_sigkill_and_reads_everywhere(tmp_path, 
     summary = runs["whole"][0]
     assert len(summary) == 2 and summary[1]["channel_sparsity_pct"] > 0
     title = methods.get_method(struct).title
-    for command in ("experiments.compare whole killed",
-                    "experiments.plot --import myplugin whole",
-                    "experiments.analyze --import myplugin whole",
-                    "experiments.compact --import myplugin whole --out small --runs 1 "
-                    "--batch_sizes 1 --eval_images 16"):
-        proc = shell(command, tmp_path)
-        out, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, (command, err[-2000:])
-        if command.startswith("experiments.compare"):
-            assert title in out, out
+    out = read_back("", "--import myplugin", tmp_path)
+    assert title in out, out
     own = methods.get_method(struct).settings
     if own:
         help_text = cli.run_parser().format_help()
